@@ -1,0 +1,25 @@
+// kernels/matmul.h — the linear layer, nn.Linear layout (weight is (OC, C)).
+//
+//   cpu::matmul_forward(out, inp, w, bias, N, C, OC);               // out = inp @ w^T + bias
+//   cpu::matmul_backward(dinp, dw, dbias, dout, inp, w, N, C, OC);  // dinp =, dw +=, dbias +=
+//
+// Invariants:
+//   1. fp32 everywhere; the cpu path is OpenBLAS sgemm, the cuda path cuBLAS sgemm.
+//   2. bias, dinp, dw, dbias are nullable.
+#pragma once
+#include <cstdint>
+
+namespace troupe::kernels {
+namespace cpu {
+// inp: (N, C)  weight: (OC, C)  bias: (OC) nullable  ->  out: (N, OC)
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t C,
+                    int64_t OC);
+// dout: (N, OC)  ->  dinp: (N, C) =   dweight: (OC, C) +=   dbias: (OC) +=   (all nullable)
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t C, int64_t OC);
+}  // namespace cpu
+namespace cuda {
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t C,
+                    int64_t OC, void* stream = nullptr);
+}  // namespace cuda
+}  // namespace troupe::kernels

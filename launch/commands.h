@@ -1,0 +1,18 @@
+// launch/commands.h — registration of the `troupe` subcommands (one file each).
+//
+//   CLI::App app;  troupe::launch::register_commands(app);  app.parse(argc, argv);
+//
+// Subcommands run inside app.parse() via their callbacks and throw runtime::error on
+// failure; main() prints it and exits 1.
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace troupe::launch {
+
+void register_commands(CLI::App& app);
+
+void register_info(CLI::App& app);      // cmd_info.cpp
+void register_inspect(CLI::App& app);   // cmd_inspect.cpp
+void register_generate(CLI::App& app);  // cmd_generate.cpp
+
+}  // namespace troupe::launch
