@@ -4,6 +4,9 @@ namespace troupe::launch {
 
 void register_commands(CLI::App& app) {
   register_info(app);
+  register_init(app);
+  register_inspect(app);
+  register_generate(app);
 }
 
 }  // namespace troupe::launch

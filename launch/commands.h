@@ -14,5 +14,6 @@ void register_commands(CLI::App& app);
 void register_info(CLI::App& app);      // cmd_info.cpp
 void register_inspect(CLI::App& app);   // cmd_inspect.cpp
 void register_generate(CLI::App& app);  // cmd_generate.cpp
+void register_init(CLI::App& app);      // cmd_init.cpp
 
 }  // namespace troupe::launch

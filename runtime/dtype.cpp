@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "runtime/error.h"
 
@@ -128,14 +129,25 @@ double load_as_double(const void* src, dtype t, int64_t i) {
   }
   return 0;
 }
+// Float -> integer truncates toward zero and saturates (NaN -> 0): a plain cast of an
+// out-of-range value is undefined behaviour.
+template <typename I>
+I saturate(double v) {
+  if (std::isnan(v)) return 0;
+  constexpr double lo = static_cast<double>(std::numeric_limits<I>::min());
+  constexpr double hi_excl = static_cast<double>(std::numeric_limits<I>::max()) + 1.0;  // a power of two: exact
+  if (v <= lo) return std::numeric_limits<I>::min();
+  if (v >= hi_excl) return std::numeric_limits<I>::max();
+  return static_cast<I>(v);
+}
 void store_from_double(void* dst, dtype t, int64_t i, double v) {
   switch (t) {
     case dtype::f32: static_cast<float*>(dst)[i] = static_cast<float>(v); break;
     case dtype::bf16: static_cast<uint16_t*>(dst)[i] = f32_to_bf16(static_cast<float>(v)); break;
     case dtype::f16: static_cast<uint16_t*>(dst)[i] = f32_to_f16(static_cast<float>(v)); break;
-    case dtype::i32: static_cast<int32_t*>(dst)[i] = static_cast<int32_t>(v); break;
-    case dtype::i64: static_cast<int64_t*>(dst)[i] = static_cast<int64_t>(v); break;
-    case dtype::u8: static_cast<uint8_t*>(dst)[i] = static_cast<uint8_t>(v); break;
+    case dtype::i32: static_cast<int32_t*>(dst)[i] = saturate<int32_t>(v); break;
+    case dtype::i64: static_cast<int64_t*>(dst)[i] = saturate<int64_t>(v); break;
+    case dtype::u8: static_cast<uint8_t*>(dst)[i] = saturate<uint8_t>(v); break;
   }
 }
 }  // namespace

@@ -97,7 +97,15 @@ void stream::enqueue(std::function<void()> task) {
     return;
   }
 #ifdef TROUPE_HAVE_CUDA
-  auto* heap = new std::function<void()>(std::move(task));
+  // An exception must not escape the CUDA callback (std::terminate): keep it for synchronize().
+  auto* heap = new std::function<void()>([task = std::move(task), p = impl_.get()] {
+    try {
+      task();
+    } catch (...) {
+      std::lock_guard<std::mutex> g(p->mu);
+      if (!p->failure) p->failure = std::current_exception();
+    }
+  });
   cudaError_t e = cudaLaunchHostFunc(impl_->cuda, run_host_task, heap);
   if (e != cudaSuccess) {
     delete heap;
@@ -120,6 +128,12 @@ void stream::synchronize() {
 #ifdef TROUPE_HAVE_CUDA
   cudaError_t e = cudaStreamSynchronize(impl_->cuda);
   TROUPE_CHECK(e == cudaSuccess, errc::cuda, "cudaStreamSynchronize on {}: {}", dev_.str(), cudaGetErrorString(e));
+  std::exception_ptr f;
+  {
+    std::lock_guard<std::mutex> g(impl_->mu);
+    std::swap(f, impl_->failure);
+  }
+  if (f) std::rethrow_exception(f);
 #endif
 }
 

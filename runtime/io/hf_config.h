@@ -10,7 +10,17 @@
 //      value (hidden % n_heads != 0, n_heads % n_kv_heads != 0, top_k > n_experts,
 //      rope factor <= 0, ...) throws errc::format naming the file and the key.
 //   2. Optional keys take HF's defaults for that family (e.g. rms_norm_eps, rope_theta,
-//      tie_word_embeddings = false, qwen2_moe attention bias = true).
+//      tie_word_embeddings = false, qwen2_moe attention bias = true). As in transformers,
+//      an absent key takes the config class's default while JSON null takes the derived
+//      value: num_key_value_heads absent -> llama n_heads, mistral/mixtral 8, qwen2_moe 16;
+//      null -> n_heads. sliding_window null or 0 -> no window. eos_token_id may be a list
+//      (the first is kept); bos/eos absent -> 1/2 (qwen2_moe: -1), null -> -1.
+//   3. RoPE comes from rope_theta + rope_scaling (transformers 4) or rope_parameters
+//      (transformers 5); rope.head_dim and rope.max_position_embeddings are filled in.
+//   4. Valid but unsupported settings (hidden_act other than silu, llama mlp_bias,
+//      qwen2_moe use_sliding_window, yarn truncate=false) throw errc::unsupported.
+//   5. hf_config_to_json writes transformers-4 style keys (rope_theta + rope_scaling,
+//      torch_dtype "float32"), loadable by transformers 4 and 5, and parses back equal.
 #pragma once
 #include <cstdint>
 #include <string>

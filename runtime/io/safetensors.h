@@ -13,9 +13,13 @@
 //      afterwards.
 //   2. get() returns a view that keeps the mapping alive (shared ownership); it is valid
 //      after the safetensors_file goes away.
-//   3. Writing is atomic: data goes to "<path>.tmp" and is renamed over <path>.
+//   3. Writing is atomic: data goes to "<path>.tmp", is fsync'ed and renamed over <path>.
+//      Tensors are laid out by decreasing dtype size, so every view is aligned; the
+//      header is padded with spaces to a multiple of 8 bytes (the Python library's layout).
 //   4. Sharded checkpoints: safetensors_index reads model.safetensors.index.json or a
 //      single model.safetensors in a directory and finds each tensor's file.
+//   5. The mapping is private copy-on-write: writing into a view never changes the file.
+//      A tensor whose bytes are not aligned to its dtype size (foreign writers) is copied.
 #pragma once
 #include <map>
 #include <memory>
@@ -47,6 +51,8 @@ class safetensors_file {
   const safetensors_entry& entry(const std::string& name) const;  // throws not_found
   std::vector<std::string> names() const;                         // in file order
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  size_t data_offset() const { return data_offset_; }  // file offset of the data section (8 + N)
+  size_t data_size() const { return data_size_; }      // bytes in the data section
 
   tensor get(const std::string& name) const;  // zero-copy view, the file's dtype
   // Checks the shape (when non-empty) and converts to dt (copy if the dtype differs).
@@ -56,6 +62,8 @@ class safetensors_file {
   std::string path_;
   std::shared_ptr<void> owner_;  // the mapping
   const char* data_ = nullptr;   // start of the data section
+  size_t data_offset_ = 0;
+  size_t data_size_ = 0;
   std::vector<safetensors_entry> entries_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
@@ -75,8 +83,10 @@ class safetensors_index {
   const safetensors_entry& entry(const std::string& name) const;
 
  private:
+  std::string dir_;
   std::vector<safetensors_file> files_;
-  std::map<std::string, size_t> where_;
+  std::map<std::string, size_t> where_;  // tensor -> index into files_
+  std::vector<std::string> names_;       // index (or file) order
 };
 
 }  // namespace troupe::runtime

@@ -1,0 +1,66 @@
+// kernels/cpu/matmul.cpp — the linear layer on OpenBLAS sgemm, nn.Linear layout.
+#include "kernels/matmul.h"
+
+#include <cblas.h>
+
+namespace troupe::kernels::cpu {
+
+// inp: (N, C)  weight: (OC, C)  bias: (OC) nullable  ->  out: (N, OC)
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t C,
+                    int64_t OC) {
+  if (N <= 0 || OC <= 0) return;
+  float beta = 0.0f;
+  if (bias != nullptr) {  // out = bias, then out += inp @ W^T
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < OC; ++o) out[n * OC + o] = bias[o];
+    beta = 1.0f;
+  }
+  if (C <= 0) {
+    if (bias == nullptr)
+      for (int64_t i = 0; i < N * OC; ++i) out[i] = 0.0f;
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
+              static_cast<int>(C), 1.0f, inp, static_cast<int>(C), weight, static_cast<int>(C), beta, out,
+              static_cast<int>(OC));
+}
+
+// dout: (N, OC)  ->  dinp: (N, C) =   dweight: (OC, C) +=   dbias: (OC) +=   (all nullable)
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t C, int64_t OC) {
+  if (N <= 0) return;
+  if (dinp != nullptr && C > 0) {
+    if (OC > 0) {  // dinp = dout @ W
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(N), static_cast<int>(C),
+                  static_cast<int>(OC), 1.0f, dout, static_cast<int>(OC), weight, static_cast<int>(C), 0.0f, dinp,
+                  static_cast<int>(C));
+    } else {
+      for (int64_t i = 0; i < N * C; ++i) dinp[i] = 0.0f;
+    }
+  }
+  if (dweight != nullptr && OC > 0 && C > 0) {  // dW += dout^T @ inp
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(OC), static_cast<int>(C),
+                static_cast<int>(N), 1.0f, dout, static_cast<int>(OC), inp, static_cast<int>(C), 1.0f, dweight,
+                static_cast<int>(C));
+  }
+  if (dbias != nullptr && OC > 0) {
+    // Column sums; each thread owns a block of columns and adds rows in order (deterministic).
+    constexpr int64_t col_block = 64;
+    const int64_t n_blocks = (OC + col_block - 1) / col_block;
+#pragma omp parallel for schedule(static)
+    for (int64_t ob = 0; ob < n_blocks; ++ob) {
+      const int64_t o0 = ob * col_block;
+      const int64_t o1 = o0 + col_block < OC ? o0 + col_block : OC;
+      float acc[col_block] = {};
+      for (int64_t n = 0; n < N; ++n) {
+        const float* row = dout + n * OC;
+#pragma omp simd
+        for (int64_t o = o0; o < o1; ++o) acc[o - o0] += row[o];
+      }
+      for (int64_t o = o0; o < o1; ++o) dbias[o] += acc[o - o0];
+    }
+  }
+}
+
+}  // namespace troupe::kernels::cpu

@@ -1,0 +1,169 @@
+// parallel/model/decoder.cpp — the whole model: embedding, layers, final norm, LM head.
+#include "parallel/model/decoder.h"
+
+#include <cstring>
+#include <numeric>
+
+#include "kernels/cross_entropy.h"
+#include "kernels/embedding.h"
+#include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+
+namespace troupe::parallel {
+
+namespace kc = troupe::kernels::cpu;
+using runtime::errc;
+using runtime::tensor;
+
+namespace {
+
+runtime::rope_config rope_of(const model_config& c) {
+  runtime::rope_config r = c.rope;
+  r.head_dim = c.head_dim;
+  if (r.max_position_embeddings <= 0) r.max_position_embeddings = c.max_position_embeddings;
+  return r;
+}
+
+}  // namespace
+
+decoder::decoder(const model_weights& w) : w_(&w) {
+  TROUPE_CHECK(!w.layers.empty() && w.embed.defined(), errc::invalid_argument,
+               "decoder: the weights are empty (use model_weights::load, allocate or random_init)");
+}
+
+tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, std::vector<layer_activations>* save,
+                    tensor* x_final, tensor* rstd_final, std::vector<float>* cos, std::vector<float>* sin) const {
+  const model_config& c = config();
+  TROUPE_CHECK(B > 0 && T > 0, errc::invalid_argument, "decoder: batch {} and tokens {} must be > 0", B, T);
+  const int64_t N = B * T, C = c.hidden;
+  const int64_t pos0 = cache ? cache->length() : 0;
+  if (cache) {
+    TROUPE_CHECK(cache->batch() == B, errc::invalid_argument, "decoder: cache batch {} != batch {}", cache->batch(),
+                 B);
+    cache->check_room(T);
+  }
+  // RoPE tables for positions [pos0, pos0 + T).
+  const kernels::rope_params rp = kernels::rope_compute_params(rope_of(c), pos0 + T);
+  std::vector<int64_t> positions(static_cast<size_t>(T));
+  std::iota(positions.begin(), positions.end(), pos0);
+  const size_t half = static_cast<size_t>(rp.rotary_dim / 2);
+  cos->assign(static_cast<size_t>(T) * half, 0.0f);
+  sin->assign(cos->size(), 0.0f);
+  kernels::rope_build_table(cos->data(), sin->data(), positions.data(), T, rp);
+  const attention_geom g = attention_geom::of(c, B, T, rp.rotary_dim);
+
+  tensor x = tensor::empty({N, C});
+  kc::embedding_forward(x.data<float>(), ids, w_->embed.data<float>(), N, C, c.vocab_size);
+  if (save) save->resize(static_cast<size_t>(c.n_layers));
+  layer_activations scratch;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    layer_activations& a = save ? (*save)[static_cast<size_t>(l)] : scratch;
+    layer_forward(x.data<float>(), a, w_->layers[static_cast<size_t>(l)], c, g, cos->data(), sin->data(), cache, l);
+  }
+  if (cache) cache->advance(T);
+  tensor h = tensor::empty({N, C});
+  tensor rstd = tensor::empty({N});
+  kc::rmsnorm_forward(h.data<float>(), rstd.data<float>(), x.data<float>(), w_->final_norm.data<float>(), N, C,
+                      static_cast<float>(c.rms_norm_eps));
+  if (x_final) *x_final = x;
+  if (rstd_final) *rstd_final = rstd;
+  return h;
+}
+
+tensor decoder::forward_logits(const int32_t* ids, int64_t B, int64_t T) const {
+  const model_config& c = config();
+  std::vector<float> cos, sin;
+  tensor h = run(ids, B, T, nullptr, nullptr, nullptr, nullptr, &cos, &sin);
+  tensor logits = tensor::empty({B, T, c.vocab_size});
+  kc::matmul_forward(logits.data<float>(), h.data<float>(), w_->lm_head_or_embed().data<float>(), nullptr, B * T,
+                     c.hidden, c.vocab_size);
+  return logits;
+}
+
+tensor decoder::forward_logits(const tensor& ids) const {
+  TROUPE_CHECK(ids.ndim() == 2, errc::invalid_argument, "forward_logits: ids must be (B, T), got {}", ids.describe());
+  tensor i32 = ids.dtype() == runtime::dtype::i32 ? ids.contiguous() : ids.to(runtime::dtype::i32);
+  return forward_logits(i32.data<int32_t>(), ids.size(0), ids.size(1));
+}
+
+tensor decoder::forward_cached(const int32_t* ids, int64_t B, int64_t T, kv_cache& cache) const {
+  const model_config& c = config();
+  std::vector<float> cos, sin;
+  tensor h = run(ids, B, T, &cache, nullptr, nullptr, nullptr, &cos, &sin);
+  const int64_t C = c.hidden;
+  std::vector<float> last(static_cast<size_t>(B * C));
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(last.data() + b * C, h.data<float>() + (b * T + T - 1) * C, static_cast<size_t>(C) * sizeof(float));
+  tensor logits = tensor::empty({B, c.vocab_size});
+  kc::matmul_forward(logits.data<float>(), last.data(), w_->lm_head_or_embed().data<float>(), nullptr, B, C,
+                     c.vocab_size);
+  return logits;
+}
+
+float decoder::forward_loss(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T) {
+  const model_config& c = config();
+  std::vector<float> cos, sin;
+  tensor h = run(ids, B, T, nullptr, &saved_, nullptr, nullptr, &cos, &sin);
+  const int64_t N = B * T;
+  std::vector<float> losses(static_cast<size_t>(N));
+  kc::classifier_forward_backward(losses.data(), nullptr, nullptr, h.data<float>(),
+                                  w_->lm_head_or_embed().data<float>(), targets, N, c.hidden, c.vocab_size, 1.0f);
+  int64_t n_valid = 0;
+  double sum = 0.0;
+  for (int64_t n = 0; n < N; ++n)
+    if (targets[n] >= 0) {
+      ++n_valid;
+      sum += losses[static_cast<size_t>(n)];
+    }
+  return n_valid > 0 ? static_cast<float>(sum / static_cast<double>(n_valid)) : 0.0f;
+}
+
+float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
+                                model_weights& grads) {
+  const model_config& c = config();
+  TROUPE_CHECK(grads.layers.size() == w_->layers.size() && grads.embed.defined() &&
+                   grads.embed.shape() == w_->embed.shape() &&
+                   grads.config().tie_word_embeddings == c.tie_word_embeddings,
+               errc::invalid_argument,
+               "forward_backward: the gradient set does not mirror the weights (use model_weights::zeros_like)");
+  const int64_t N = B * T, C = c.hidden, V = c.vocab_size;
+  int64_t n_valid = 0;
+  for (int64_t n = 0; n < N; ++n) n_valid += targets[n] >= 0 ? 1 : 0;
+  std::vector<float> cos, sin;
+  tensor x_final, rstd_final;
+  tensor h = run(ids, B, T, nullptr, &saved_, &x_final, &rstd_final, &cos, &sin);
+  if (n_valid == 0) return 0.0f;  // every target ignored: no loss, no gradient
+  std::vector<float> losses(static_cast<size_t>(N));
+  // LM head + cross-entropy, fused and chunked: dh = dloss/dh, dW_head += ...
+  std::vector<float> dh(static_cast<size_t>(N * C));
+  kc::classifier_forward_backward(losses.data(), dh.data(), grads.lm_head_or_embed().data<float>(), h.data<float>(),
+                                  w_->lm_head_or_embed().data<float>(), targets, N, C, V,
+                                  1.0f / static_cast<float>(n_valid));
+  double sum = 0.0;
+  for (int64_t n = 0; n < N; ++n)
+    if (targets[n] >= 0) sum += losses[static_cast<size_t>(n)];
+  // Final norm, then the layers in reverse, then the embedding.
+  std::vector<float> dx(dh.size());
+  kc::rmsnorm_backward(dx.data(), grads.final_norm.data<float>(), dh.data(), x_final.data<float>(),
+                       w_->final_norm.data<float>(), rstd_final.data<float>(), N, C);
+  const int64_t rotary_dim = static_cast<int64_t>(cos.size() / static_cast<size_t>(T)) * 2;
+  const attention_geom g = attention_geom::of(c, B, T, rotary_dim);
+  for (int64_t l = c.n_layers - 1; l >= 0; --l) {
+    const auto ul = static_cast<size_t>(l);
+    layer_backward(dx.data(), grads.layers[ul], saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
+  }
+  kc::embedding_backward(grads.embed.data<float>(), dx.data(), ids, N, C, V);
+  return static_cast<float>(sum / static_cast<double>(n_valid));
+}
+
+std::vector<int32_t> shift_targets(const std::vector<int32_t>& ids, int64_t B, int64_t T) {
+  TROUPE_CHECK(static_cast<int64_t>(ids.size()) == B * T, errc::invalid_argument,
+               "shift_targets: {} ids for (B={}, T={})", ids.size(), B, T);
+  std::vector<int32_t> t(ids.size(), -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i + 1 < T; ++i) t[static_cast<size_t>(b * T + i)] = ids[static_cast<size_t>(b * T + i + 1)];
+  return t;
+}
+
+}  // namespace troupe::parallel
