@@ -5,7 +5,7 @@
 //   rope_params p = rope_compute_params(rc, seq_len);          // inv_freq + attention scaling
 //   std::vector<float> cos(T * 32), sin(T * 32);
 //   rope_build_table(cos.data(), sin.data(), positions, T, p);  // (T, head_dim/2)
-//   cpu::rope_forward(q, q, cos.data(), sin.data(), B, T, NH, 64);   // in place
+//   cpu::rope_forward(q, q, cos.data(), sin.data(), B, T, NH, 64, p.rotary_dim);  // in place
 //
 // Invariants:
 //   1. Pairs are (i, i + head_dim/2), as HF's rotate_half; tables are (T, head_dim/2).
