@@ -132,10 +132,16 @@ void moe_unpermute(tensor& out, const tensor& yp, const tensor& topk_w, const te
 #endif
 }
 
-void moe_expert_ffn_forward(tensor& yp, tensor& h_gate, tensor& h_up, const tensor& xp,
-                            const std::vector<tensor>& w_gate, const std::vector<tensor>& w_up,
-                            const std::vector<tensor>& w_down, const tensor& expert_offsets) {
-  const char* op = "moe_expert_ffn_forward";
+namespace {
+struct ffn_dims {
+  int64_t R;  // permuted rows
+  size_t E;   // experts
+  int64_t C;  // hidden
+  int64_t I;  // expert width
+};
+// The checks both expert-FFN directions share: offsets, xp (R, C), and I from w_gate[0].
+ffn_dims check_ffn_input(const char* op, const tensor& xp, const std::vector<tensor>& w_gate,
+                         const tensor& expert_offsets) {
   const int64_t R = check_offsets(op, expert_offsets);
   const size_t E = static_cast<size_t>(expert_offsets.numel() - 1);
   check_arg(op, "xp", xp, f32);
@@ -144,7 +150,15 @@ void moe_expert_ffn_forward(tensor& yp, tensor& h_gate, tensor& h_up, const tens
   check_shape(op, "xp", xp, {R, C}, fmt::format("(R, C) with R = expert_offsets[E] = {}", R));
   TROUPE_CHECK(!w_gate.empty() && w_gate[0].defined() && w_gate[0].ndim() == 2, errc::invalid_argument,
                "{}: w_gate must hold E 2-d (I, C) tensors", op);
-  const int64_t I = w_gate[0].size(0);
+  return {R, E, C, w_gate[0].size(0)};
+}
+}  // namespace
+
+void moe_expert_ffn_forward(tensor& yp, tensor& h_gate, tensor& h_up, const tensor& xp,
+                            const std::vector<tensor>& w_gate, const std::vector<tensor>& w_up,
+                            const std::vector<tensor>& w_down, const tensor& expert_offsets) {
+  const char* op = "moe_expert_ffn_forward";
+  const auto [R, E, C, I] = check_ffn_input(op, xp, w_gate, expert_offsets);
   check_arg(op, "yp", yp, f32);
   check_shape(op, "yp", yp, {R, C}, "(as xp)");
   check_arg(op, "h_gate", h_gate, f32);
@@ -224,15 +238,7 @@ void moe_expert_ffn_backward(tensor& dxp, std::vector<tensor>& dw_gate, std::vec
                              const tensor& h_up, const std::vector<tensor>& w_gate, const std::vector<tensor>& w_up,
                              const std::vector<tensor>& w_down, const tensor& expert_offsets) {
   const char* op = "moe_expert_ffn_backward";
-  const int64_t R = check_offsets(op, expert_offsets);
-  const size_t E = static_cast<size_t>(expert_offsets.numel() - 1);
-  check_arg(op, "xp", xp, f32);
-  check_ndim(op, "xp", xp, 2);
-  const int64_t C = xp.size(1);
-  check_shape(op, "xp", xp, {R, C}, fmt::format("(R, C) with R = expert_offsets[E] = {}", R));
-  TROUPE_CHECK(!w_gate.empty() && w_gate[0].defined() && w_gate[0].ndim() == 2, errc::invalid_argument,
-               "{}: w_gate must hold E 2-d (I, C) tensors", op);
-  const int64_t I = w_gate[0].size(0);
+  const auto [R, E, C, I] = check_ffn_input(op, xp, w_gate, expert_offsets);
   for (auto [name, t, want] : {std::tuple<const char*, const tensor*, runtime::shape_t>{"dxp", &dxp, {R, C}},
                                {"dyp", &dyp, {R, C}}, {"h_gate", &h_gate, {R, I}}, {"h_up", &h_up, {R, I}}}) {
     check_arg(op, name, *t, f32);
