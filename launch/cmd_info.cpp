@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "launch/commands.h"
+#include "launch/rank_env.h"
 #include "runtime/device.h"
 #include "runtime/threads.h"
 
@@ -77,6 +78,10 @@ void register_info(CLI::App& app) {
     fmt::print("troupe {}\n", TROUPE_VERSION);
     fmt::print("features: {}\n", feature_line());
     fmt::print("threads:  {} (hardware {}; set TROUPE_NUM_THREADS to change)\n", num_threads(), hardware_threads());
+    const rank_info r = discover_rank();
+    fmt::print("rank:     {} of {} (local {} of {}; from {}){}\n", r.rank, r.world_size, r.local_rank,
+               r.local_world_size, r.source,
+               r.has_supervisor() ? fmt::format(", supervisor {}:{}", r.supervisor_host, r.supervisor_port) : "");
     cuda_state cs = cuda_status();
     fmt::print("cuda:     {}\n", cs.available ? fmt::format("{} device(s)", cs.device_count)
                                                : fmt::format("not usable ({})", cs.reason));
