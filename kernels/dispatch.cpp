@@ -16,12 +16,6 @@ namespace troupe::kernels {
 using namespace dispatch_detail;
 
 namespace {
-constexpr dtype f32 = dtype::f32;
-constexpr dtype i32 = dtype::i32;
-
-float* fp(const tensor& t) { return t.data<float>(); }
-float* fp(const tensor* t) { return t ? t->data<float>() : nullptr; }
-const int32_t* ip(const tensor& t) { return t.data<int32_t>(); }
 
 #ifdef TROUPE_HAVE_CUDA
 // Ids/targets of a cuda op are range-checked on the host (the device cannot throw).

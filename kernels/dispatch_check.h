@@ -33,6 +33,14 @@ using runtime::shape_t;
 using runtime::shape_str;
 using runtime::tensor;
 
+constexpr dtype f32 = dtype::f32;
+constexpr dtype i32 = dtype::i32;
+
+// Raw pointers of checked tensors (nullptr for an absent nullable argument).
+inline float* fp(const tensor& t) { return t.data<float>(); }
+inline float* fp(const tensor* t) { return t ? t->data<float>() : nullptr; }
+inline int32_t* ip(const tensor& t) { return t.data<int32_t>(); }
+
 inline void check_arg(const char* op, const char* name, const tensor& t, dtype dt) {
   TROUPE_CHECK(t.defined(), errc::invalid_argument, "{}: argument '{}' is an undefined tensor", op, name);
   TROUPE_CHECK(t.dtype() == dt, errc::invalid_argument, "{}: argument '{}' is {} but must be {}", op, name,

@@ -8,12 +8,6 @@ namespace troupe::kernels {
 using namespace dispatch_detail;
 
 namespace {
-constexpr dtype f32 = dtype::f32;
-constexpr dtype i32 = dtype::i32;
-
-float* fp(const tensor& t) { return t.data<float>(); }
-int32_t* ip(const tensor& t) { return t.data<int32_t>(); }
-
 // (N, K) routing tensors: returns {N, K}.
 std::pair<int64_t, int64_t> check_routing(const char* op, const char* name, const tensor& t, dtype dt) {
   check_arg(op, name, t, dt);
