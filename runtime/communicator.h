@@ -1,6 +1,7 @@
 // runtime/communicator.h — the data plane: collectives and point-to-point between ranks.
 // Tensors move here, never as actor messages. Backends: in-process threads (tests,
-// this file's make_inproc_group); MPI, UCX and NCCL come with issue #3.
+// this file's make_inproc_group); MPI (communicator_mpi.h), UCX (communicator_ucx.h),
+// NCCL (communicator_nccl.h). runtime/communicator_check.h checks any of them.
 //
 //   auto group = make_inproc_group(4);             // one communicator per thread
 //   std::thread t([&] { group[1]->all_reduce(x, reduce_op::sum); });
@@ -12,6 +13,9 @@
 //      every rank gets bitwise the same result, and integer results are exact.
 //   3. A rank that does not arrive within timeout_ms makes the others throw errc::io
 //      naming the operation and the missing ranks — never a silent hang.
+//   5. abort(reason) is the one thread-safe call: every pending and later operation on
+//      that rank throws errc::aborted carrying `reason` (the worker actor calls it when
+//      the supervisor tears the group down after a member died).
 //   4. Buffers are contiguous cpu tensors; dtypes f32, bf16, i32, i64 (max: any).
 #pragma once
 #include <memory>
@@ -46,9 +50,15 @@ class communicator {
   virtual void send(const tensor& t, int peer, int tag) = 0;
   virtual void recv(tensor& t, int peer, int tag) = 0;  // t's shape/dtype must match what was sent
   virtual void barrier() = 0;
+  virtual void abort(const std::string& reason) = 0;
+};
+
+struct communicator_options {
+  int timeout_ms = 60000;  // a peer silent this long makes the operation throw errc::io
 };
 
 // `size` communicators over shared memory; each must be used by its own thread.
+// (abort() on any of them aborts the whole group: they share one state.)
 std::vector<std::unique_ptr<communicator>> make_inproc_group(int size, int timeout_ms = 60000);
 
 }  // namespace troupe::runtime

@@ -34,6 +34,7 @@ struct shared_state {
   int arrived = 0;
   std::vector<bool> present;
   std::vector<posted> slots;
+  std::string aborted;  // non-empty once abort() was called: every wait throws errc::aborted
   std::map<std::tuple<int, int, int>, std::deque<std::vector<char>>> mail;  // (src, dst, tag)
   shared_state(int p, int t) : P(p), timeout_ms(t), present(static_cast<size_t>(p)), slots(static_cast<size_t>(p)) {}
 };
@@ -207,7 +208,8 @@ class inproc_communicator final : public communicator {
     std::unique_lock<std::mutex> lock(s_->mu);
     auto key = std::make_tuple(peer, rank_, tag);
     const bool got = s_->cv.wait_for(lock, std::chrono::milliseconds(s_->timeout_ms),
-                                     [&] { return !s_->mail[key].empty(); });
+                                     [&] { return !s_->mail[key].empty() || !s_->aborted.empty(); });
+    throw_if_aborted("recv");
     TROUPE_CHECK(got, errc::io, "recv: rank {} waited {} ms for a message from rank {} (tag {}); is rank {} alive?",
                  rank_, s_->timeout_ms, peer, tag, peer);
     std::vector<char> bytes = std::move(s_->mail[key].front());
@@ -216,6 +218,12 @@ class inproc_communicator final : public communicator {
                  "recv: rank {} sent {} bytes (tag {}) but rank {} expects {} ({})", peer, bytes.size(), tag, rank_,
                  t.nbytes(), t.describe());
     std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
+  }
+
+  void abort(const std::string& reason) override {
+    std::lock_guard<std::mutex> g(s_->mu);
+    if (s_->aborted.empty()) s_->aborted = reason.empty() ? "aborted" : reason;
+    s_->cv.notify_all();
   }
 
  private:
@@ -238,6 +246,7 @@ class inproc_communicator final : public communicator {
   // A generation barrier with a timeout; also checks that every rank is in the same op.
   void arrive(const char* op, bool check_op) {
     std::unique_lock<std::mutex> lock(s_->mu);
+    throw_if_aborted(op);
     const int64_t gen = s_->generation;
     s_->present[static_cast<size_t>(rank_)] = true;
     if (++s_->arrived == s_->P) {
@@ -247,7 +256,8 @@ class inproc_communicator final : public communicator {
       s_->cv.notify_all();
     } else {
       const bool ok = s_->cv.wait_for(lock, std::chrono::milliseconds(s_->timeout_ms),
-                                      [&] { return s_->generation != gen; });
+                                      [&] { return s_->generation != gen || !s_->aborted.empty(); });
+      throw_if_aborted(op);
       if (!ok) {
         std::string missing;
         for (int r = 0; r < s_->P; ++r)
@@ -264,6 +274,10 @@ class inproc_communicator final : public communicator {
                    "collective mismatch: rank {} is in {} while rank {} is in {}", rank_, op, r,
                    other ? other : "nothing");
     }
+  }
+
+  void throw_if_aborted(const char* op) const {  // with s_->mu held
+    if (!s_->aborted.empty()) TROUPE_THROW(errc::aborted, "{}: rank {}: group aborted: {}", op, rank_, s_->aborted);
   }
 
   std::shared_ptr<shared_state> s_;

@@ -13,6 +13,7 @@ const char* errc_name(errc code) {
     case errc::not_found: return "not_found";
     case errc::unsupported: return "unsupported";
     case errc::cuda: return "cuda";
+    case errc::aborted: return "aborted";
     case errc::internal: return "internal";
   }
   return "unknown";

@@ -26,6 +26,7 @@ enum class errc {
   not_found,         // a named thing is missing (tensor, key, file)
   unsupported,       // valid, but not supported by this build or device
   cuda,              // a CUDA/cuBLAS/NCCL call failed
+  aborted,           // stopped on purpose: a peer died or the group was torn down
   internal,          // a bug in troupe
 };
 

@@ -6,7 +6,10 @@
 #include <functional>
 #include <thread>
 
+#include "runtime/bootstrap.h"
 #include "runtime/communicator.h"
+#include "runtime/communicator_check.h"
+#include "runtime/error.h"
 
 using namespace troupe::runtime;
 
@@ -176,4 +179,56 @@ TEST(Communicator, MismatchedCollectivesAndCountsAreRejected) {
   auto g = make_inproc_group(2, 300);
   tensor t = tensor::zeros({2});
   EXPECT_THROW(g[0]->recv(t, 1, 0), error);  // nobody sent: times out with a message
+}
+
+// The shared conformance suite (runtime/communicator_check.h) on the in-process backend.
+TEST_P(CommunicatorRanks, ConformanceSuitePasses) {
+  const int P = GetParam();
+  run_ranks(P, [&](int rank, communicator& c) {
+    const auto results = check_communicator(c);
+    ASSERT_GT(results.size(), 40u);
+    for (const auto& r : results) EXPECT_TRUE(r.ok) << "rank " << rank << " " << r.name << ": " << r.detail;
+  });
+}
+
+TEST(Communicator, AbortWakesEveryWaiterWithTheReason) {
+  auto group = make_inproc_group(3, 20000);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> waiters;
+  for (int r = 0; r < 2; ++r)
+    waiters.emplace_back([&, r] {
+      try {
+        group[static_cast<size_t>(r)]->barrier();  // rank 2 never comes
+      } catch (const error& e) {
+        errors[static_cast<size_t>(r)] = std::string(errc_name(e.code())) + ": " + e.what();
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  group[2]->abort("rank 2 died (SIGKILL), reported by the supervisor");
+  for (auto& t : waiters) t.join();
+  for (const auto& e : errors) {
+    EXPECT_NE(e.find("aborted"), std::string::npos) << e;
+    EXPECT_NE(e.find("rank 2 died (SIGKILL)"), std::string::npos) << e;
+  }
+  tensor t = tensor::empty({4});
+  try {
+    group[0]->all_reduce(t, reduce_op::sum);
+    FAIL() << "an aborted group must refuse later operations";
+  } catch (const error& e) {
+    EXPECT_EQ(e.code(), errc::aborted);
+  }
+}
+
+TEST(Bootstrap, InprocAllGatherReturnsEveryBlobInRankOrder) {
+  auto boots = make_inproc_bootstraps(4);
+  std::vector<std::vector<std::string>> got(4);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 4; ++r)
+    threads.emplace_back([&, r] {
+      for (int round = 0; round < 3; ++round)
+        got[static_cast<size_t>(r)] = boots[static_cast<size_t>(r)]->all_gather(std::string(static_cast<size_t>(r + round), 'a' + static_cast<char>(r)));
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 4; ++r)
+    for (int s = 0; s < 4; ++s) EXPECT_EQ(got[static_cast<size_t>(r)][static_cast<size_t>(s)], std::string(static_cast<size_t>(s + 2), 'a' + static_cast<char>(s)));
 }

@@ -1,0 +1,28 @@
+// runtime/bootstrap.h — out-of-band exchange of small byte blobs among the ranks of a
+// job. A data-plane backend uses it once, at set-up: UCX worker addresses, the NCCL
+// unique id. Implementations: threads (make_inproc_bootstraps, for tests), MPI
+// (communicator_mpi.h: make_mpi_bootstrap), and the supervisor actor (actors/), which
+// is how ranks started by troupe-launch without mpirun find each other.
+//
+//   auto addrs = boot.all_gather(my_address);   // addrs[r] = rank r's blob, every rank
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace troupe::runtime {
+
+class bootstrap {
+ public:
+  virtual ~bootstrap() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Collective: every rank passes its blob and gets every rank's blob, in rank order.
+  // Throws errc::io naming the missing ranks when one does not arrive in time.
+  virtual std::vector<std::string> all_gather(const std::string& mine) = 0;
+};
+
+// `size` bootstraps over shared memory; each must be used by its own thread.
+std::vector<std::unique_ptr<bootstrap>> make_inproc_bootstraps(int size, int timeout_ms = 60000);
+
+}  // namespace troupe::runtime
