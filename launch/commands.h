@@ -15,5 +15,6 @@ void register_info(CLI::App& app);      // cmd_info.cpp
 void register_inspect(CLI::App& app);   // cmd_inspect.cpp
 void register_generate(CLI::App& app);  // cmd_generate.cpp
 void register_init(CLI::App& app);      // cmd_init.cpp
+void register_selftest(CLI::App& app);  // cmd_selftest.cpp
 
 }  // namespace troupe::launch

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <fmt/format.h>
 #include <fstream>
+#include <optional>
 
 #include "runtime/error.h"
 
@@ -202,6 +203,7 @@ launch_result run_local(const launch_options& o) {
   std::vector<child> kids(static_cast<size_t>(o.nprocs));
   launch_result res;
   bool tearing_down = false;
+  std::optional<clk::time_point> settle_until;  // after a failure: when the others get SIGTERM
   clk::time_point teardown_at{};
   for (int r = 0; r < o.nprocs; ++r) {
     int out_p[2], err_p[2];
@@ -259,12 +261,29 @@ launch_result run_local(const launch_options& o) {
       const bool failed = !c.exit.exited || c.exit.code != 0;
       if (failed && res.first_failed < 0 && !res.interrupted) {
         res.first_failed = c.rank;
-        write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} failed: {}; stopping the other {} rank(s)\n",
-                                             c.rank, c.exit.reason(), remaining));
-        signal_all(kids, SIGTERM);
-        tearing_down = true;
-        teardown_at = clk::now();
+        if (remaining == 0) {
+          write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} failed: {}\n", c.rank, c.exit.reason()));
+        } else if (o.settle_ms > 0) {
+          write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} failed: {}; the other {} rank(s) get {} ms to "
+                                               "stop on their own\n",
+                                               c.rank, c.exit.reason(), remaining, o.settle_ms));
+          settle_until = clk::now() + std::chrono::milliseconds(o.settle_ms);
+        } else {
+          write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} failed: {}; stopping the other {} rank(s)\n",
+                                               c.rank, c.exit.reason(), remaining));
+          signal_all(kids, SIGTERM);
+          tearing_down = true;
+          teardown_at = clk::now();
+        }
+      } else if (res.first_failed >= 0 || res.interrupted) {
+        write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} exited: {}\n", c.rank, c.exit.reason()));
       }
+    }
+    if (settle_until && !tearing_down && remaining > 0 && clk::now() > *settle_until) {
+      write_all(STDERR_FILENO, fmt::format("troupe-launch: stopping the remaining {} rank(s)\n", remaining));
+      signal_all(kids, SIGTERM);
+      tearing_down = true;
+      teardown_at = clk::now();
     }
     if (tearing_down && remaining > 0 &&
         clk::now() - teardown_at > std::chrono::milliseconds(o.grace_ms)) {

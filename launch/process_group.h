@@ -13,8 +13,11 @@
 //   2. Every line a rank writes to stdout/stderr is forwarded to the same stream as
 //      "[rank i] line" (whole lines, never interleaved mid-line).
 //   3. Each rank runs in its own process group. The first rank that exits non-zero or
-//      by a signal makes the group fail: the others get SIGTERM, then SIGKILL after
-//      grace_ms. SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to all ranks.
+//      by a signal makes the group fail: the others get settle_ms to stop on their own
+//      (troupe ranks do: the supervisor tears the group down and each exits with a
+//      message), then SIGTERM, then SIGKILL after grace_ms. Every later non-zero exit
+//      is reported too. SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to
+//      all ranks at once.
 //   4. Nothing outlives run_local(): every child is reaped before it returns.
 #pragma once
 #include <string>
@@ -27,6 +30,7 @@ struct launch_options {
   std::vector<std::string> command;   // argv of every rank
   std::string supervisor;             // host:port; empty = 127.0.0.1 and a free port
   std::string cluster_token;          // empty = random
+  int settle_ms = 5000;               // first failure -> SIGTERM to the others
   int grace_ms = 5000;                // SIGTERM -> SIGKILL delay at teardown
   bool prefix_output = true;
 };

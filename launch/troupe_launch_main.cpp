@@ -22,6 +22,9 @@ int main(int argc, char** argv) {
   app.add_option("-n,--nprocs", o.nprocs, "number of ranks")->required()->check(CLI::Range(1, 4096));
   app.add_option("--hosts", hosts, "comma-separated hosts: run through mpirun -H instead of local processes");
   app.add_option("--supervisor", o.supervisor, "host:port of the supervisor (default 127.0.0.1:<free port>)");
+  app.add_option("--settle-ms", o.settle_ms,
+                 "after a rank fails, how long the others get to stop on their own before SIGTERM")
+      ->check(CLI::Range(0, 3600000));
   app.add_option("--grace-ms", o.grace_ms, "delay between SIGTERM and SIGKILL when tearing down")
       ->check(CLI::Range(0, 600000));
   app.add_flag("--dry-run", dry_run, "print the mpirun command (with --hosts) and exit");

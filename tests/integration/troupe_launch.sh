@@ -18,13 +18,13 @@ grep -q '^\[rank 1\] rank: *1 of 2 (local 1 of 2; from troupe), supervisor 127.0
 
 # 3. one rank exits 7: the others (sleeping 60 s) are stopped, exit code 7, reason named
 start=$(date +%s)
-out=$(timeout 60 "$launch" -n 3 --grace-ms 2000 -- sh -c '[ "$TROUPE_RANK" = 1 ] && exit 7; exec sleep 60' 2>&1); rc=$?
+out=$(timeout 60 "$launch" -n 3 --settle-ms 500 --grace-ms 2000 -- sh -c '[ "$TROUPE_RANK" = 1 ] && exit 7; exec sleep 60' 2>&1); rc=$?
 [ $rc -eq 7 ] || fail "expected exit 7, got $rc: $out"
 grep -q 'rank 1 failed: exit code 7' <<<"$out" || fail "no failure reason: $out"
 [ $(( $(date +%s) - start )) -lt 20 ] || fail "teardown took too long"
 
 # 4. kill -9 of one rank: reported with the signal, exit 128+9
-out=$(timeout 60 "$launch" -n 3 -- sh -c '[ "$TROUPE_RANK" = 2 ] && kill -9 $$; exec sleep 60' 2>&1); rc=$?
+out=$(timeout 60 "$launch" -n 3 --settle-ms 0 -- sh -c '[ "$TROUPE_RANK" = 2 ] && kill -9 $$; exec sleep 60' 2>&1); rc=$?
 [ $rc -eq 137 ] || fail "expected 137, got $rc: $out"
 grep -q 'rank 2 failed: killed by signal 9 (SIGKILL)' <<<"$out" || fail "no SIGKILL reason: $out"
 

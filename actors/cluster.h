@@ -1,0 +1,74 @@
+// actors/cluster.h — one process's actor system: the worker on every rank, and on
+// rank 0 also the supervisor, published through the CAF middleman.
+//
+//   cluster_options o = ...;                 // from launch/rank_env (TROUPE_SUPERVISOR…)
+//   cluster_node node(o);                    // rank 0: spawns + publishes the supervisor
+//   node.local_worker().on(kind, handler);
+//   node.start();                            // connects (retrying) and joins
+//   if (node.is_supervisor()) drive(node.driver());
+//   return node.wait();                      // exit code
+//
+// Invariants:
+//   1. The supervisor listens on supervisor_host:supervisor_port. Loopback hosts bind
+//      127.0.0.1 only; any other host binds every interface (multi-host jobs).
+//   2. Joining retries the connection until join_timeout_ms (rank 0 may publish after
+//      the other ranks start), then fails naming the address.
+//   3. The CAF system uses scheduler_threads threads: control traffic is light, and the
+//      cores belong to compute threads.
+#pragma once
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "actors/supervisor.h"
+#include "actors/worker.h"
+
+namespace troupe::actors {
+
+struct cluster_options {
+  int rank = 0;
+  int world_size = 1;
+  std::string supervisor_host = "127.0.0.1";
+  int supervisor_port = 0;  // rank 0: 0 = any free port (then only this process knows it)
+  std::string cluster_token;
+  std::string host;         // this process's host name, for logs
+  std::string device = "cpu";
+  std::vector<std::string> backends;
+  int heartbeat_interval_ms = 500;
+  int heartbeat_timeout_ms = 5000;
+  int join_timeout_ms = 60000;
+  int max_restarts = 0;
+  int scheduler_threads = 2;
+};
+
+class cluster_node {
+ public:
+  explicit cluster_node(const cluster_options& options);
+  ~cluster_node();
+  cluster_node(const cluster_node&) = delete;
+  cluster_node& operator=(const cluster_node&) = delete;
+
+  bool is_supervisor() const { return o_.rank == 0; }
+  int supervisor_port() const { return port_; }  // the bound port (rank 0)
+  worker& local_worker() { return *worker_; }
+  supervisor_client& driver();                    // rank 0 only
+  caf::actor_system& system() { return *system_; }
+
+  void start();  // connect to the supervisor and join (throws on refusal / timeout)
+  int wait();    // until this rank is told to stop; the exit code
+
+ private:
+  struct config;
+  cluster_options o_;
+  std::unique_ptr<config> cfg_;
+  std::unique_ptr<caf::actor_system> system_;
+  caf::actor supervisor_;
+  int port_ = 0;
+  std::unique_ptr<worker> worker_;
+  std::unique_ptr<supervisor_client> driver_;
+};
+
+}  // namespace troupe::actors

@@ -1,0 +1,387 @@
+// actors/supervisor.cpp — see supervisor.h.
+#include "actors/supervisor.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <map>
+
+#include "runtime/error.h"
+#include "runtime/log.h"
+
+namespace troupe::actors {
+
+namespace log = runtime::log;
+using runtime::errc;
+using clock_type = std::chrono::steady_clock;
+
+namespace {
+
+struct member {
+  control::Join join;
+  caf::actor handle;
+  clock_type::time_point last_seen;
+  bool alive = true;
+};
+
+struct pending_exchange {
+  int64_t epoch = 0;
+  std::vector<std::string> blobs;
+  std::vector<bool> have;
+  std::vector<caf::response_promise> promises;
+};
+
+struct pending_command {
+  bool active = false;
+  control::Command cmd;
+  std::map<int, control::StatsReport> reports;  // by launcher rank
+  caf::response_promise promise;
+};
+
+struct supervisor_state {
+  supervisor_options o;
+  std::map<int, member> members;  // by launcher rank
+  int64_t epoch = 0;              // 0 while ranks are still joining
+  std::vector<int> group;         // launcher ranks of the current group, in group-rank order
+  int restarts_used = 0;
+  bool failed = false;
+  bool stopping = false;          // shut down (or torn down): members leaving is expected
+  std::string failure;            // why the job is over, once failed
+  clock_type::time_point started = clock_type::now();
+  std::vector<caf::response_promise> group_waiters;
+  std::map<std::string, pending_exchange> exchanges;
+  pending_command cmd;
+  static inline const char* name = "troupe.supervisor";
+};
+
+using sup_actor = caf::stateful_actor<supervisor_state>*;
+
+caf::error failure_error(const std::string& what) { return caf::make_error(caf::sec::runtime_error, what); }
+
+// Launcher rank of the member that sent the current message, or -1.
+int sender_rank(sup_actor self) {
+  const auto addr = caf::actor_cast<caf::actor_addr>(self->current_sender());
+  for (const auto& [r, m] : self->state.members)
+    if (m.alive && m.handle.address() == addr) return r;
+  return -1;
+}
+
+std::string describe(const supervisor_state& st, int rank) {
+  const auto it = st.members.find(rank);
+  if (it == st.members.end()) return fmt::format("rank {}", rank);
+  return fmt::format("rank {} (pid {} on {})", rank, it->second.join.pid(), it->second.join.host());
+}
+
+control::Scale group_message(const supervisor_state& st, const std::string& reason) {
+  control::Scale s;
+  s.set_epoch(st.epoch);
+  for (int r : st.group) s.add_members(r);
+  s.set_reason(reason);
+  return s;
+}
+
+void send_command_to_group(sup_actor self) {
+  auto& st = self->state;
+  st.cmd.cmd.set_epoch(st.epoch);
+  st.cmd.reports.clear();
+  for (int r : st.group) self->send(st.members[r].handle, st.cmd.cmd);
+}
+
+void end_exchanges(sup_actor self, const std::string& why) {
+  for (auto& [key, ex] : self->state.exchanges)
+    for (auto& p : ex.promises) p.deliver(failure_error(fmt::format("exchange '{}' abandoned: {}", key, why)));
+  self->state.exchanges.clear();
+}
+
+// The job is over: every survivor is told to stop with exit code 3.
+void fail_all(sup_actor self, int failed_rank, const std::string& what) {
+  auto& st = self->state;
+  if (st.failed) return;
+  st.failed = true;
+  st.stopping = true;
+  st.failure = what;
+  log::error("supervisor: tearing the group down: {}", what);
+  control::Shutdown s;
+  s.set_reason(what);
+  s.set_exit_code(exit_group_torn_down);
+  s.set_failed_rank(failed_rank);
+  for (auto& [r, m] : st.members)
+    if (m.alive) self->send(m.handle, s);
+  if (st.cmd.active) {
+    st.cmd.active = false;
+    st.cmd.promise.deliver(failure_error(what));
+  }
+  for (auto& w : st.group_waiters) w.deliver(failure_error(what));
+  st.group_waiters.clear();
+  end_exchanges(self, what);
+}
+
+void form_group(sup_actor self) {
+  auto& st = self->state;
+  st.epoch = 1;
+  st.group.clear();
+  for (const auto& [r, m] : st.members) st.group.push_back(r);
+  const auto scale = group_message(st, "group formed");
+  log::info("supervisor: all {} ranks joined; group epoch 1 formed", st.o.world_size);
+  for (int r : st.group) self->send(st.members[r].handle, scale);
+  for (auto& w : st.group_waiters) w.deliver(scale);
+  st.group_waiters.clear();
+}
+
+void lose(sup_actor self, int rank, const std::string& reason) {
+  auto& st = self->state;
+  auto it = st.members.find(rank);
+  if (it == st.members.end() || !it->second.alive) return;
+  it->second.alive = false;
+  const std::string who = describe(st, rank);
+  if (st.stopping) return log::debug("supervisor: {} left: {}", who, reason);
+  log::error("supervisor: {} lost: {}", who, reason);
+  if (st.failed) return;
+  const std::string what = fmt::format("{} lost: {}", who, reason);
+  if (st.epoch == 0) return fail_all(self, rank, what + " (before the group formed)");
+  if (std::find(st.group.begin(), st.group.end(), rank) == st.group.end()) return;
+  std::vector<int> survivors;
+  for (int r : st.group)
+    if (st.members[r].alive) survivors.push_back(r);
+  if (st.restarts_used >= st.o.max_restarts || survivors.empty())
+    return fail_all(self, rank,
+                    fmt::format("{}; restarts used {} of {}", what, st.restarts_used, st.o.max_restarts));
+  // Gang rebuild: the whole group ends; the survivors form the next epoch.
+  ++st.restarts_used;
+  ++st.epoch;
+  st.group = survivors;
+  end_exchanges(self, fmt::format("group rebuilt as epoch {}", st.epoch));
+  const auto scale = group_message(st, fmt::format("rebuilt after {}", what));
+  log::warn("supervisor: rebuilding the group as epoch {} with {} ranks (restart {} of {})", st.epoch,
+            survivors.size(), st.restarts_used, st.o.max_restarts);
+  for (int r : st.group) self->send(st.members[r].handle, scale);
+  if (st.cmd.active) send_command_to_group(self);
+}
+
+// A down_msg's reason in words.
+std::string down_reason(caf::actor_system& sys, const caf::error& reason) {
+  if (reason == caf::exit_reason::remote_link_unreachable)
+    return "connection lost (process killed, crashed or its host unreachable)";
+  if (reason == caf::exit_reason::user_shutdown) return "its worker actor was shut down";
+  if (reason == caf::exit_reason::normal || !reason) return "its worker actor stopped";
+  return fmt::format("its worker actor failed: {}", sys.render(reason));
+}
+
+bool token_matches(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;  // no early exit: the time does not depend on where they differ
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
+  self->state.o = o;
+  self->set_down_handler([=](caf::down_msg& dm) {
+    for (auto& [r, m] : self->state.members)
+      if (m.alive && m.handle.address() == dm.source) return lose(self, r, down_reason(self->system(), dm.reason));
+  });
+  self->send(self, check_tick_atom::value);
+  return {
+      [=](control::Join& j) -> control::JoinReply {
+        auto& st = self->state;
+        control::JoinReply reply;
+        reply.set_heartbeat_interval_ms(st.o.heartbeat_interval_ms);
+        std::string why;
+        if (!token_matches(j.cluster_token(), st.o.cluster_token)) why = "wrong cluster token";
+        else if (j.rank() < 0 || j.rank() >= st.o.world_size)
+          why = fmt::format("rank {} outside the world of {}", j.rank(), st.o.world_size);
+        else if (j.world_size() != st.o.world_size)
+          why = fmt::format("world size {} differs from the supervisor's {}", j.world_size(), st.o.world_size);
+        else if (st.members.count(j.rank())) why = fmt::format("rank {} has already joined", j.rank());
+        else if (st.failed) why = "the job has already failed: " + st.failure;
+        else if (st.epoch != 0) why = "the group has already formed";
+        if (!why.empty()) {
+          log::warn("supervisor: refused a join claiming rank {} from pid {} on {}: {}", j.rank(), j.pid(), j.host(),
+                    why);
+          reply.set_accepted(false);
+          reply.set_reason(why);
+          return reply;
+        }
+        j.clear_cluster_token();
+        auto handle = caf::actor_cast<caf::actor>(self->current_sender());
+        self->monitor(handle);
+        st.members[j.rank()] = member{j, handle, clock_type::now(), true};
+        log::info("supervisor: rank {} joined (pid {} on {}, {}); {} of {}", j.rank(), j.pid(), j.host(), j.device(),
+                  st.members.size(), st.o.world_size);
+        reply.set_accepted(true);
+        if (static_cast<int>(st.members.size()) == st.o.world_size) {
+          // Reply first so the worker knows it is in before the group message arrives.
+          self->send(self, wait_group_atom::value, true);
+        }
+        return reply;
+      },
+      [=](wait_group_atom, bool) { form_group(self); },
+      [=](control::Heartbeat& h) {
+        const int r = sender_rank(self);
+        if (r < 0 || r != h.rank()) return;
+        self->state.members[r].last_seen = clock_type::now();
+      },
+      [=](control::StatsReport& rep) {
+        auto& st = self->state;
+        const int r = sender_rank(self);
+        if (r < 0 || !st.cmd.active || rep.command_id() != st.cmd.cmd.id() || rep.epoch() != st.epoch) return;
+        rep.set_rank(r);
+        st.cmd.reports[r] = std::move(rep);
+        if (st.cmd.reports.size() < st.group.size()) return;
+        std::vector<control::StatsReport> out;
+        for (int g : st.group) out.push_back(st.cmd.reports[g]);
+        st.cmd.active = false;
+        st.cmd.promise.deliver(std::move(out));
+      },
+      [=](control::Exchange& e) -> caf::result<control::ExchangeResult> {
+        auto& st = self->state;
+        const int r = sender_rank(self);
+        if (r < 0) return failure_error("exchange from a non-member");
+        if (st.failed) return failure_error(st.failure);
+        const auto pos = std::find(st.group.begin(), st.group.end(), r);
+        const int group_rank = pos == st.group.end() ? -1 : static_cast<int>(pos - st.group.begin());
+        if (group_rank < 0 || e.rank() != group_rank || e.size() != static_cast<int>(st.group.size()))
+          return failure_error(fmt::format("exchange '{}' from rank {}: group rank {} of {} does not match epoch {} "
+                                           "(group rank {} of {})",
+                                           e.key(), r, e.rank(), e.size(), st.epoch, group_rank, st.group.size()));
+        auto& ex = st.exchanges[e.key()];
+        if (ex.blobs.empty()) {
+          ex.epoch = st.epoch;
+          ex.blobs.resize(st.group.size());
+          ex.have.assign(st.group.size(), false);
+        }
+        if (ex.have[static_cast<size_t>(group_rank)])
+          return failure_error(fmt::format("exchange '{}': group rank {} sent twice", e.key(), group_rank));
+        ex.have[static_cast<size_t>(group_rank)] = true;
+        ex.blobs[static_cast<size_t>(group_rank)] = e.blob();
+        auto rp = self->make_response_promise();
+        ex.promises.push_back(rp);
+        if (std::all_of(ex.have.begin(), ex.have.end(), [](bool b) { return b; })) {
+          control::ExchangeResult res;
+          res.set_key(e.key());
+          for (auto& b : ex.blobs) res.add_blobs(b);
+          for (auto& p : ex.promises) p.deliver(res);
+          st.exchanges.erase(e.key());
+        }
+        return rp;
+      },
+      [=](check_tick_atom) {
+        auto& st = self->state;
+        const auto now = clock_type::now();
+        if (!st.failed && st.epoch == 0 &&
+            now - st.started > std::chrono::milliseconds(st.o.join_timeout_ms)) {
+          std::string missing;
+          for (int r = 0; r < st.o.world_size; ++r)
+            if (!st.members.count(r)) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+          fail_all(self, -1, fmt::format("rank(s) {} never joined within {} ms", missing, st.o.join_timeout_ms));
+        }
+        std::vector<std::pair<int, int64_t>> silent;
+        for (const auto& [r, m] : st.members) {
+          const auto quiet = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count();
+          if (m.alive && quiet > st.o.heartbeat_timeout_ms) silent.emplace_back(r, quiet);
+        }
+        for (auto [r, quiet] : silent)
+          lose(self, r, fmt::format("no heartbeat for {} ms (timeout {} ms): stopped, wedged or cut off", quiet,
+                                    st.o.heartbeat_timeout_ms));
+        self->delayed_send(self, std::chrono::milliseconds(std::max(20, st.o.heartbeat_interval_ms / 2)),
+                           check_tick_atom::value);
+      },
+      [=](wait_group_atom) -> caf::result<control::Scale> {
+        auto& st = self->state;
+        if (st.failed) return failure_error(st.failure);
+        if (st.epoch != 0) return group_message(st, "group formed");
+        auto rp = self->make_response_promise();
+        st.group_waiters.push_back(rp);
+        return rp;
+      },
+      [=](run_command_atom, control::Command& c) -> caf::result<std::vector<control::StatsReport>> {
+        auto& st = self->state;
+        if (st.failed) return failure_error(st.failure);
+        if (st.epoch == 0) return failure_error("no group yet: wait_for_group first");
+        if (st.cmd.active) return failure_error("a command is already running");
+        st.cmd.active = true;
+        st.cmd.cmd = std::move(c);
+        st.cmd.promise = self->make_response_promise();
+        send_command_to_group(self);
+        return caf::delegated<std::vector<control::StatsReport>>{};
+      },
+      [=](members_atom) {
+        std::vector<control::Join> out;
+        for (const auto& [r, m] : self->state.members) out.push_back(m.join);
+        return out;
+      },
+      [=](shutdown_atom, const std::string& reason, int code) {
+        control::Shutdown s;
+        s.set_reason(reason);
+        s.set_exit_code(code);
+        s.set_failed_rank(-1);
+        for (auto& [r, m] : self->state.members)
+          if (m.alive) self->send(m.handle, s);
+        self->state.failed = true;  // nothing more to run
+        self->state.stopping = true;
+        self->state.failure = "shut down: " + reason;
+        return true;
+      },
+  };
+}
+
+std::string error_text(caf::actor_system& sys, const caf::error& e) {
+  if (e.context().match_elements<std::string>()) return e.context().get_as<std::string>(0);
+  return sys.render(e);
+}
+
+}  // namespace
+
+caf::actor spawn_supervisor(caf::actor_system& system, const supervisor_options& options) {
+  TROUPE_CHECK(options.world_size >= 1, errc::invalid_argument, "supervisor: world size {} must be >= 1",
+               options.world_size);
+  TROUPE_CHECK(!options.cluster_token.empty(), errc::invalid_argument,
+               "supervisor: an empty cluster token would admit anyone (set TROUPE_CLUSTER_TOKEN)");
+  return system.spawn(supervisor_actor, options);
+}
+
+supervisor_client::supervisor_client(caf::actor_system& system, caf::actor supervisor)
+    : system_(system), supervisor_(std::move(supervisor)) {}
+
+control::Scale supervisor_client::wait_for_group(int timeout_ms) {
+  caf::scoped_actor self{system_};
+  control::Scale out;
+  std::string err;
+  self->request(supervisor_, std::chrono::milliseconds(timeout_ms), wait_group_atom::value)
+      .receive([&](control::Scale& s) { out = std::move(s); },
+               [&](caf::error& e) { err = error_text(system_, e); });
+  TROUPE_CHECK(err.empty(), errc::io, "waiting for every rank to join: {}", err);
+  return out;
+}
+
+std::vector<control::StatsReport> supervisor_client::run(control::Command cmd, int timeout_ms) {
+  caf::scoped_actor self{system_};
+  std::vector<control::StatsReport> out;
+  std::string err;
+  self->request(supervisor_, std::chrono::milliseconds(timeout_ms), run_command_atom::value, std::move(cmd))
+      .receive([&](std::vector<control::StatsReport>& r) { out = std::move(r); },
+               [&](caf::error& e) { err = error_text(system_, e); });
+  TROUPE_CHECK(err.empty(), errc::aborted, "command failed: {}", err);
+  return out;
+}
+
+std::vector<control::Join> supervisor_client::members(int timeout_ms) {
+  caf::scoped_actor self{system_};
+  std::vector<control::Join> out;
+  std::string err;
+  self->request(supervisor_, std::chrono::milliseconds(timeout_ms), members_atom::value)
+      .receive([&](std::vector<control::Join>& r) { out = std::move(r); },
+               [&](caf::error& e) { err = error_text(system_, e); });
+  TROUPE_CHECK(err.empty(), errc::io, "asking the supervisor for its members: {}", err);
+  return out;
+}
+
+void supervisor_client::shutdown(const std::string& reason, int exit_code) {
+  caf::scoped_actor self{system_};
+  std::string err;
+  self->request(supervisor_, std::chrono::seconds(10), shutdown_atom::value, reason, exit_code)
+      .receive([&](bool) {}, [&](caf::error& e) { err = error_text(system_, e); });
+  TROUPE_CHECK(err.empty(), errc::io, "asking the supervisor to shut down: {}", err);
+}
+
+}  // namespace troupe::actors

@@ -1,0 +1,71 @@
+// actors/supervisor.h — the supervisor actor (rank 0): membership, monitoring,
+// heartbeats, gang teardown and rebuild, and the commands of a job.
+//
+//   caf::actor sup = spawn_supervisor(system, opts);         // then publish it
+//   supervisor_client driver(system, sup);                   // from a plain thread
+//   control::Scale group = driver.wait_for_group(60000);      // every rank joined
+//   auto reports = driver.run(cmd, 120000);                   // one per member
+//   driver.shutdown("done", 0);
+//
+// Invariants:
+//   1. A Join is accepted only with the cluster token, a rank in [0, world_size) and a
+//      rank not already taken; anything else gets JoinReply{accepted=false, reason} and
+//      is logged. Messages from actors that are not members are dropped.
+//   2. Every member is monitored. A member is lost when its down_msg arrives (process
+//      killed: the middleman reports the broken connection at once) or when no
+//      Heartbeat came for heartbeat_timeout_ms (a stopped or wedged process). The loss
+//      is logged once with the rank, host, pid and the reason.
+//   3. Gang semantics: losing a member of the current group ends that group. With
+//      restarts left (max_restarts), the survivors form epoch+1 (Scale to each, ranks
+//      renumbered densely in old-rank order) and a command in flight is re-issued to
+//      them; without, every survivor gets Shutdown{exit_code=3, failed_rank} and a
+//      pending run() throws errc::aborted naming the rank and reason.
+//   4. Exchange (runtime::bootstrap through the supervisor) completes when every member
+//      of the current epoch sent its blob for that key; stale epochs get an error.
+#pragma once
+#include <caf/all.hpp>
+
+#include <string>
+#include <vector>
+
+#include "actors/messages.h"
+
+namespace troupe::actors {
+
+struct supervisor_options {
+  int world_size = 1;
+  std::string cluster_token;
+  int heartbeat_interval_ms = 500;   // told to workers in JoinReply
+  int heartbeat_timeout_ms = 5000;   // silence longer than this = lost
+  int join_timeout_ms = 60000;       // every rank must have joined by then
+  int max_restarts = 0;              // group rebuilds allowed after losing members
+};
+
+// Exit codes a worker process uses after a Shutdown it did not ask for.
+constexpr int exit_group_torn_down = 3;
+constexpr int exit_supervisor_lost = 4;
+constexpr int exit_join_refused = 5;
+
+caf::actor spawn_supervisor(caf::actor_system& system, const supervisor_options& options);
+
+// Blocking access to the supervisor from a thread outside the actor system (the job
+// driver). Each call throws a runtime::error naming what failed.
+class supervisor_client {
+ public:
+  supervisor_client(caf::actor_system& system, caf::actor supervisor);
+  // Waits until every rank joined; returns the first group (epoch 1, all ranks).
+  control::Scale wait_for_group(int timeout_ms);
+  // Sends `cmd` to every member of the current group and returns their reports in
+  // group-rank order. Re-issued after a rebuild; throws errc::aborted when the group
+  // is lost for good.
+  std::vector<control::StatsReport> run(control::Command cmd, int timeout_ms);
+  // The members' Join messages, in rank order (host, pid, device, backends).
+  std::vector<control::Join> members(int timeout_ms = 10000);
+  void shutdown(const std::string& reason, int exit_code);
+
+ private:
+  caf::actor_system& system_;
+  caf::actor supervisor_;
+};
+
+}  // namespace troupe::actors

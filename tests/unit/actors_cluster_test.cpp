@@ -1,0 +1,224 @@
+// The actor runtime in one process: each "rank" is a cluster_node with its own CAF
+// actor system, talking to rank 0's supervisor through the middleman over loopback TCP
+// — the same path as separate processes. Group formation, refused joins, commands and
+// their reports, the supervisor-backed bootstrap, losing a member (gang teardown), and
+// rebuilding the group with the survivors (max_restarts).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <functional>
+#include <thread>
+
+#include "actors/cluster.h"
+#include "runtime/error.h"
+
+using namespace troupe;
+using control::Command;
+
+namespace {
+
+actors::cluster_options opts(int rank, int world, int port, const std::string& token = "s3cret-token") {
+  actors::cluster_options o;
+  o.rank = rank;
+  o.world_size = world;
+  o.supervisor_port = port;
+  o.cluster_token = token;
+  o.host = "test";
+  o.heartbeat_interval_ms = 100;
+  o.heartbeat_timeout_ms = 3000;
+  o.join_timeout_ms = 20000;
+  o.scheduler_threads = 1;
+  return o;
+}
+
+// A command that runs until its group ends (then throws) or `iterations` x 5 ms pass.
+void slow_command(const Command& c, actors::worker_context& ctx, control::StatsReport& rep) {
+  const int iterations = std::stoi(c.args().at("iterations"));
+  for (int i = 0; i < iterations; ++i) {
+    if (ctx.group_over()) TROUPE_THROW(runtime::errc::aborted, "group over");
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  rep.add_lines(fmt::format("done in epoch {} as {} of {}", ctx.epoch(), ctx.group_rank(), ctx.group_size()));
+}
+
+// Exchanges "r<rank>" with the whole group through the supervisor.
+void gather_command(const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
+  auto boot = ctx.bootstrap("test");
+  for (int round = 0; round < 2; ++round) {
+    const auto blobs = boot->all_gather(fmt::format("r{}.{}", ctx.rank(), round));
+    std::string joined;
+    for (const auto& b : blobs) joined += b + " ";
+    rep.add_lines(joined);
+  }
+}
+
+struct node_thread {
+  std::thread t;
+  std::atomic<int> code{-1};
+  std::string reason;
+};
+
+void register_handlers(actors::cluster_node& node) {
+  node.local_worker().on(Command::RUN_SELFTEST, gather_command);
+  node.local_worker().on(Command::COLLECTIVE_LOOP, slow_command);
+}
+
+// Starts ranks 1..world-1 on threads; each joins, then waits (or leaves early when
+// `leave_after_join` says so for its rank).
+std::vector<std::unique_ptr<node_thread>> start_workers(int world, int port,
+                                                        const std::function<bool(int)>& leave_after_join = nullptr,
+                                                        std::atomic<int>* joined = nullptr) {
+  std::vector<std::unique_ptr<node_thread>> out;
+  for (int r = 1; r < world; ++r) {
+    auto nt = std::make_unique<node_thread>();
+    node_thread* p = nt.get();
+    nt->t = std::thread([=] {
+      actors::cluster_node node(opts(r, world, port));
+      register_handlers(node);
+      node.start();
+      if (joined) ++*joined;
+      if (leave_after_join && leave_after_join(r)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        p->code = -2;  // destroyed without waiting: its actors go down
+        return;
+      }
+      p->code = node.wait();
+      p->reason = node.local_worker().exit_reason();
+    });
+    out.push_back(std::move(nt));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(ActorsCluster, GroupFormsAndCommandsReturnOneReportPerRank) {
+  actors::cluster_node sup(opts(0, 3, 0));
+  register_handlers(sup);
+  auto workers = start_workers(3, sup.supervisor_port());
+  sup.start();
+  auto group = sup.driver().wait_for_group(20000);
+  EXPECT_EQ(group.epoch(), 1);
+  ASSERT_EQ(group.members_size(), 3);
+  const auto members = sup.driver().members();
+  ASSERT_EQ(members.size(), 3u);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(members[static_cast<size_t>(r)].rank(), r);
+    EXPECT_TRUE(members[static_cast<size_t>(r)].cluster_token().empty()) << "the token must not be kept";
+  }
+
+  Command ping;
+  ping.set_id(1);
+  ping.set_kind(Command::PING);
+  auto reports = sup.driver().run(ping, 10000);
+  ASSERT_EQ(reports.size(), 3u);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(reports[static_cast<size_t>(r)].rank(), r);
+    EXPECT_TRUE(reports[static_cast<size_t>(r)].ok());
+  }
+
+  // The bootstrap through the supervisor: every rank sees every blob, in rank order.
+  Command gather;
+  gather.set_id(2);
+  gather.set_kind(Command::RUN_SELFTEST);
+  reports = sup.driver().run(gather, 10000);
+  ASSERT_EQ(reports.size(), 3u);
+  for (const auto& rep : reports) {
+    ASSERT_TRUE(rep.ok()) << rep.error();
+    ASSERT_EQ(rep.lines_size(), 2);
+    EXPECT_EQ(rep.lines(0), "r0.0 r1.0 r2.0 ");
+    EXPECT_EQ(rep.lines(1), "r0.1 r1.1 r2.1 ");
+  }
+
+  // An unknown command kind fails on every rank, with the reason.
+  Command stats;
+  stats.set_id(3);
+  stats.set_kind(Command::REPORT_STATS);
+  reports = sup.driver().run(stats, 10000);
+  for (const auto& rep : reports) {
+    EXPECT_FALSE(rep.ok());
+    EXPECT_NE(rep.error().find("no handler for command REPORT_STATS"), std::string::npos) << rep.error();
+  }
+
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
+  for (auto& w : workers) {
+    w->t.join();
+    EXPECT_EQ(w->code, 0);
+    EXPECT_EQ(w->reason, "test done");
+  }
+}
+
+TEST(ActorsCluster, AJoinWithTheWrongTokenIsRefused) {
+  actors::cluster_node sup(opts(0, 2, 0));
+  try {
+    actors::cluster_node intruder(opts(1, 2, sup.supervisor_port(), "guessed-token"));
+    intruder.start();
+    FAIL() << "a wrong token was accepted";
+  } catch (const runtime::error& e) {
+    EXPECT_EQ(e.code(), runtime::errc::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("wrong cluster token"), std::string::npos) << e.what();
+  }
+  // The real rank 1 still gets in afterwards.
+  auto workers = start_workers(2, sup.supervisor_port());
+  sup.start();
+  EXPECT_EQ(sup.driver().wait_for_group(20000).members_size(), 2);
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
+  for (auto& w : workers) w->t.join();
+}
+
+TEST(ActorsCluster, LosingAMemberTearsTheGroupDownAndNamesIt) {
+  actors::cluster_node sup(opts(0, 3, 0));
+  register_handlers(sup);
+  auto workers = start_workers(3, sup.supervisor_port(), [](int r) { return r == 2; });
+  sup.start();
+  sup.driver().wait_for_group(20000);
+  Command loop;
+  loop.set_id(7);
+  loop.set_kind(Command::COLLECTIVE_LOOP);
+  (*loop.mutable_args())["iterations"] = "4000";  // 20 s unless torn down
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    sup.driver().run(loop, 30000);
+    FAIL() << "the command survived losing rank 2";
+  } catch (const runtime::error& e) {
+    EXPECT_EQ(e.code(), runtime::errc::aborted);
+    EXPECT_NE(std::string(e.what()).find("rank 2 (pid"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("lost"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(15));
+  EXPECT_EQ(sup.wait(), actors::exit_group_torn_down);
+  workers[0]->t.join();
+  workers[1]->t.join();
+  EXPECT_EQ(workers[0]->code, actors::exit_group_torn_down);
+  EXPECT_NE(workers[0]->reason.find("rank 2"), std::string::npos) << workers[0]->reason;
+  EXPECT_EQ(workers[1]->code, -2);
+}
+
+TEST(ActorsCluster, WithARestartLeftTheSurvivorsRebuildTheGroupAndFinish) {
+  auto o = opts(0, 3, 0);
+  o.max_restarts = 1;
+  actors::cluster_node sup(o);
+  register_handlers(sup);
+  auto workers = start_workers(3, sup.supervisor_port(), [](int r) { return r == 2; });
+  sup.start();
+  sup.driver().wait_for_group(20000);
+  Command loop;
+  loop.set_id(8);
+  loop.set_kind(Command::COLLECTIVE_LOOP);
+  (*loop.mutable_args())["iterations"] = "200";  // 1 s: rank 2 leaves after 0.3 s
+  const auto reports = sup.driver().run(loop, 30000);
+  ASSERT_EQ(reports.size(), 2u);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(reports[static_cast<size_t>(r)].rank(), r);
+    EXPECT_EQ(reports[static_cast<size_t>(r)].epoch(), 2);
+    ASSERT_TRUE(reports[static_cast<size_t>(r)].ok()) << reports[static_cast<size_t>(r)].error();
+    EXPECT_EQ(reports[static_cast<size_t>(r)].lines(0), fmt::format("done in epoch 2 as {} of 2", r));
+  }
+  // A second failure exceeds max_restarts=1 — here we just end cleanly.
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
+  for (auto& w : workers) w->t.join();
+  EXPECT_EQ(workers[0]->code, 0);
+}
