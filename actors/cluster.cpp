@@ -1,6 +1,7 @@
 // actors/cluster.cpp — see cluster.h.
 #include "actors/cluster.h"
 
+#include <caf/openssl/all.hpp>
 #include <fmt/format.h>
 
 #include <chrono>
@@ -15,8 +16,18 @@ namespace log = runtime::log;
 using runtime::errc;
 
 struct cluster_node::config : caf::actor_system_config {
-  explicit config(int threads) {
+  config(int threads, const tls_options& tls) {
     load<caf::io::middleman>();
+    if (tls.enabled()) {
+      TROUPE_CHECK(!tls.key.empty() && !tls.cafile.empty(), errc::invalid_argument,
+                   "cluster TLS: certificate {} given without {}{}; without a CA and a key no peer is authenticated",
+                   tls.certificate, tls.key.empty() ? "a key" : "", tls.cafile.empty() ? " a CA file" : "");
+      load<caf::openssl::manager>();
+      openssl_certificate = tls.certificate;
+      openssl_key = tls.key;
+      openssl_passphrase = tls.passphrase;
+      openssl_cafile = tls.cafile;
+    }
     add_control_messages(*this);
     set("scheduler.max-threads", static_cast<size_t>(std::max(1, threads)));
   }
@@ -32,7 +43,7 @@ cluster_node::cluster_node(const cluster_options& options) : o_(options) {
   TROUPE_CHECK(!o_.cluster_token.empty(), errc::invalid_argument,
                "cluster: no cluster token (TROUPE_CLUSTER_TOKEN); troupe-launch sets one, mpirun jobs get one "
                "from rank 0");
-  cfg_ = std::make_unique<config>(o_.scheduler_threads);
+  cfg_ = std::make_unique<config>(o_.scheduler_threads, o_.tls);
   system_ = std::make_unique<caf::actor_system>(*cfg_);
   if (is_supervisor()) {
     supervisor_options so;
@@ -44,7 +55,9 @@ cluster_node::cluster_node(const cluster_options& options) : o_(options) {
     so.max_restarts = o_.max_restarts;
     supervisor_ = spawn_supervisor(*system_, so);
     const char* bind = is_loopback(o_.supervisor_host) ? "127.0.0.1" : nullptr;
-    auto port = system_->middleman().publish(supervisor_, static_cast<uint16_t>(o_.supervisor_port), bind, true);
+    auto port = o_.tls.enabled()
+                    ? caf::openssl::publish(supervisor_, static_cast<uint16_t>(o_.supervisor_port), bind, true)
+                    : system_->middleman().publish(supervisor_, static_cast<uint16_t>(o_.supervisor_port), bind, true);
     if (!port) {
       caf::anon_send_exit(supervisor_, caf::exit_reason::user_shutdown);
       TROUPE_THROW(errc::io, "supervisor: cannot listen on {}:{}: {}", bind ? bind : "*", o_.supervisor_port,
@@ -83,7 +96,9 @@ void cluster_node::start() {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(o_.join_timeout_ms);
     std::string last;
     for (;;) {
-      auto h = system_->middleman().remote_actor(o_.supervisor_host, static_cast<uint16_t>(o_.supervisor_port));
+      auto h = o_.tls.enabled()
+                   ? caf::openssl::remote_actor(*system_, o_.supervisor_host, static_cast<uint16_t>(o_.supervisor_port))
+                   : system_->middleman().remote_actor(o_.supervisor_host, static_cast<uint16_t>(o_.supervisor_port));
       if (h) {
         sup = *h;
         break;

@@ -15,6 +15,11 @@
 //      the other ranks start), then fails naming the address.
 //   3. The CAF system uses scheduler_threads threads: control traffic is light, and the
 //      cores belong to compute threads.
+//   4. With tls.certificate set, every connection is TLS (caf_openssl) and each side
+//      verifies the other's certificate against tls.cafile. Without TLS the cluster
+//      token authenticates joins but the TCP stream is plain. (caf_openssl without
+//      certificates falls back to anonymous Diffie-Hellman: encrypted, but it
+//      authenticates no one — troupe refuses that mode rather than pretend.)
 #pragma once
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
@@ -27,6 +32,14 @@
 #include "actors/worker.h"
 
 namespace troupe::actors {
+
+struct tls_options {
+  std::string certificate;  // PEM file: this node's certificate
+  std::string key;          // PEM file: its private key
+  std::string passphrase;   // of the key, if any
+  std::string cafile;       // PEM file: the CA that signed every node's certificate
+  bool enabled() const { return !certificate.empty(); }
+};
 
 struct cluster_options {
   int rank = 0;
@@ -42,6 +55,7 @@ struct cluster_options {
   int join_timeout_ms = 60000;
   int max_restarts = 0;
   int scheduler_threads = 2;
+  tls_options tls;
 };
 
 class cluster_node {

@@ -9,7 +9,7 @@ TROUPE_PACKAGES=(
   libopenblas-dev libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libnuma-dev libhwloc-dev libcaf-dev libopenmpi-dev openmpi-bin libucx-dev
-  libprotobuf-dev protobuf-compiler coinor-libcbc-dev libcpp-httplib-dev libyaml-cpp-dev
+  libssl-dev libprotobuf-dev protobuf-compiler coinor-libcbc-dev libcpp-httplib-dev libyaml-cpp-dev
 )
 
 troupe_install_packages() {

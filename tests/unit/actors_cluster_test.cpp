@@ -222,3 +222,76 @@ TEST(ActorsCluster, WithARestartLeftTheSurvivorsRebuildTheGroupAndFinish) {
   for (auto& w : workers) w->t.join();
   EXPECT_EQ(workers[0]->code, 0);
 }
+
+namespace {
+// A throwaway CA and node certificates (EC P-256) made with the openssl CLI.
+struct test_pki {
+  std::string dir;
+  bool ok = false;
+  explicit test_pki(const std::string& name) {
+    dir = ::testing::TempDir() + "troupe_pki_" + name + "_" + std::to_string(::getpid());
+    const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    const std::string cmd =
+        "set -e; rm -rf " + dir + "; mkdir -p " + dir + "; cd " + dir + "; " +
+        "openssl req -x509 " + ec + " -keyout ca.key -out ca.pem -days 1 -subj /CN=troupe-test-ca 2>/dev/null; " +
+        "for n in a b; do openssl req " + ec + " -keyout $n.key -out $n.csr -subj /CN=node-$n 2>/dev/null; " +
+        "openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 1 2>/dev/null; done";
+    ok = std::system(cmd.c_str()) == 0;
+  }
+  ~test_pki() { std::system(("rm -rf " + dir).c_str()); }
+  actors::tls_options node(const std::string& n) const {
+    return {dir + "/" + n + ".pem", dir + "/" + n + ".key", "", dir + "/ca.pem"};
+  }
+};
+}  // namespace
+
+TEST(ActorsCluster, OverTlsNodesWithCertificatesFromTheCaJoinAndOthersCannot) {
+  if (std::system("command -v openssl >/dev/null 2>&1") != 0) GTEST_SKIP() << "no openssl CLI to make certificates";
+  test_pki pki("main"), other("other");
+  ASSERT_TRUE(pki.ok && other.ok) << "openssl could not make test certificates";
+  auto o0 = opts(0, 2, 0);
+  o0.tls = pki.node("a");
+  actors::cluster_node sup(o0);
+  // A plain-TCP node and a node whose certificate another CA signed both fail to join.
+  for (int variant = 0; variant < 2; ++variant) {
+    auto o = opts(1, 2, sup.supervisor_port());
+    o.join_timeout_ms = 1500;
+    if (variant == 1) o.tls = other.node("b");
+    try {
+      actors::cluster_node intruder(o);
+      intruder.start();
+      ADD_FAILURE() << (variant ? "a foreign certificate" : "plain TCP") << " was let in";
+    } catch (const runtime::error& e) {
+      EXPECT_EQ(e.code(), runtime::errc::io) << e.what();
+    }
+  }
+  std::atomic<int> code{-1};
+  std::thread t([&] {
+    auto o1 = opts(1, 2, sup.supervisor_port());
+    o1.tls = pki.node("b");
+    actors::cluster_node node(o1);
+    node.start();
+    code = node.wait();
+  });
+  sup.start();
+  EXPECT_EQ(sup.driver().wait_for_group(20000).members_size(), 2);
+  Command ping;
+  ping.set_id(1);
+  ping.set_kind(Command::PING);
+  EXPECT_EQ(sup.driver().run(ping, 10000).size(), 2u);
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
+  t.join();
+  EXPECT_EQ(code, 0);
+}
+
+TEST(ActorsCluster, TlsWithoutAKeyOrCaIsRefusedUpFront) {
+  auto o = opts(0, 1, 0);
+  o.tls.certificate = "/nonexistent/cert.pem";
+  try {
+    actors::cluster_node node(o);
+    FAIL() << "TLS without a key and a CA must be refused";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("no peer is authenticated"), std::string::npos) << e.what();
+  }
+}
