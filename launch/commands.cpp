@@ -7,6 +7,7 @@ void register_commands(CLI::App& app) {
   register_init(app);
   register_inspect(app);
   register_generate(app);
+  register_selftest(app);
 }
 
 }  // namespace troupe::launch

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -98,21 +99,34 @@ struct runner {
     return fmt::format("element {}: got {} want {}", i, load(got, i, dt), want);
   }
 
+  // A bf16 sum under options.bf16_sum_tolerance: scale is sum_r |x_r| for element i.
+  std::string mismatch_bf16_sum(const tensor& got, int64_t i, double want, double scale) const {
+    const double g = load(got, i, dtype::bf16);
+    if (std::abs(g - want) <= o.bf16_sum_tolerance * scale) return "";
+    return fmt::format("element {}: got {} want {} (tolerance {} x {})", i, g, want, o.bf16_sum_tolerance, scale);
+  }
+  bool bf16_tolerant(dtype dt, reduce_op op) const { return dt == dtype::bf16 && op == reduce_op::sum && o.bf16_sum_tolerance > 0; }
+
   void all_reduce(dtype dt, reduce_op op, int64_t n, int salt) {
     run(fmt::format("all_reduce {} {} n={}", op == reduce_op::sum ? "sum" : "max", dtype_name(dt), n), [&] {
       tensor t = on_device(input(dt, me, n, salt));
       c.all_reduce(t, op);
       const tensor got = to_host(t);
       for (int64_t i = 0; i < n; ++i) {
-        double want = 0;
+        double want = 0, scale = 0;
         int64_t want_i = 0;
         for (int r = 0; r < P; ++r) {
           const int64_t p = payload(dt, r, i, salt);
           const double v = as_number(dt, p);
+          scale += std::abs(v);
           if (op == reduce_op::sum) want += v, want_i += p;
           else if (r == 0 || v > want) want = v, want_i = p;
         }
-        if (auto m = mismatch(got, i, dt, want, want_i); !m.empty()) return m;
+        if (bf16_tolerant(dt, op)) {
+          if (auto m = mismatch_bf16_sum(got, i, want, scale); !m.empty()) return m;
+        } else if (auto m = mismatch(got, i, dt, want, want_i); !m.empty()) {
+          return m;
+        }
       }
       return std::string();
     });
@@ -125,13 +139,18 @@ struct runner {
       c.reduce_scatter(o_, in, reduce_op::sum);
       const tensor got = to_host(o_);
       for (int64_t i = 0; i < n; ++i) {
-        double want = 0;
+        double want = 0, scale = 0;
         int64_t want_i = 0;
         for (int r = 0; r < P; ++r) {
           const int64_t p = payload(dt, r, me * n + i, salt);
           want += as_number(dt, p), want_i += p;
+          scale += std::abs(as_number(dt, p));
         }
-        if (auto m = mismatch(got, i, dt, want, want_i); !m.empty()) return m;
+        if (bf16_tolerant(dt, reduce_op::sum)) {
+          if (auto m = mismatch_bf16_sum(got, i, want, scale); !m.empty()) return m;
+        } else if (auto m = mismatch(got, i, dt, want, want_i); !m.empty()) {
+          return m;
+        }
       }
       return std::string();
     });
