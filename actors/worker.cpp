@@ -11,6 +11,8 @@
 #include <thread>
 
 #include "actors/supervisor.h"
+#include "runtime/allocator.h"
+#include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 
@@ -152,6 +154,18 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
   };
 }
 
+// What this process holds through troupe's allocators: the worker's device and the host.
+void fill_memory(const std::string& dev_name, control::MemoryStats& m) {
+  try {
+    auto& dev = runtime::allocator_for(runtime::parse_device(dev_name));
+    m.set_device_bytes_in_use(static_cast<int64_t>(dev.allocated_bytes()));
+    m.set_device_bytes_peak(static_cast<int64_t>(dev.peak_bytes()));
+    m.set_host_bytes_in_use(static_cast<int64_t>(runtime::cpu_allocator().allocated_bytes()));
+  } catch (const std::exception& e) {
+    log::warn("memory stats for {}: {}", dev_name, e.what());
+  }
+}
+
 void compute_loop(std::shared_ptr<worker_shared> sh) {
   for (;;) {
     control::Command cmd;
@@ -183,6 +197,7 @@ void compute_loop(std::shared_ptr<worker_shared> sh) {
       if (!ctx.group_over()) log::error("command {} failed: {}", control::Command::Kind_Name(cmd.kind()), e.what());
     }
     ctx.set_active(nullptr);
+    fill_memory(sh->o.device, *rep.mutable_memory());
     (*rep.mutable_timings_s())["command"] =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     caf::anon_send(sh->actor, report_atom::value, std::move(rep));

@@ -4,11 +4,11 @@
 # remote launcher (plm_rsh_agent, normally ssh) is a script that runs the command inside
 # host B's namespace. Both ranks must report their rank, and each must be the only rank
 # on its host (local 0 of 1), which shows they were placed on different nodes.
-#   tests/integration/two_hosts_netns.sh MPIRUN TROUPE_BIN
+#   tests/integration/two_hosts_netns.sh MPIRUN TROUPE_BIN [TROUPE_LAUNCH]
 # Needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN); exits 77 (skip) where namespaces are not
 # permitted. Removes every namespace it created, whatever happens.
 set -euo pipefail
-mpirun="$1"; troupe="$2"
+mpirun="$1"; troupe="$2"; launcher="${3:-}"
 
 skip() { echo "SKIP: $*"; exit 77; }
 [[ $(id -u) == 0 ]] || skip "needs root for ip netns (running as uid $(id -u))"
@@ -99,3 +99,22 @@ done
 grep -q "rank 1: pid [0-9]* on hostB" <<<"$out" || { echo "rank 1 is not on hostB:"; echo "$out"; exit 1; }
 grep -E "control plane|checks passed" <<<"$out"
 echo "troupe selftest across hostA and hostB: supervisor on $ip_a:$port, mpi and ucx pass between the hosts"
+
+# The same through troupe-launch --hosts (which execs mpirun -H ... -x TROUPE_*).
+if [[ -n "$launcher" ]]; then
+  port=$(( 20000 + RANDOM % 20000 ))
+  set +e
+  out=$(timeout 120 ip netns exec "$ns_a" unshare --uts bash -c 'hostname hostA; exec "$@"' _ \
+        env PATH="$(dirname "$mpirun"):$PATH" "$launcher" --hosts "$ip_a,$ip_b" -n 2 --supervisor "$ip_a:$port" -- \
+        "$troupe" selftest --backends mpi --pings 20 2>&1)
+  rc=$?
+  set -e
+  if [[ $rc != 0 ]]; then echo "troupe-launch --hosts across two namespaces failed (exit $rc):"; echo "$out"; exit 1; fi
+  for r in 0 1; do
+    if ! grep -Eq "rank $r: mpi: ([0-9]+)/\1 checks passed \(backend mpi, 2 ranks\)" <<<"$out"; then
+      echo "troupe-launch --hosts: rank $r did not pass mpi:"; echo "$out"; exit 1
+    fi
+  done
+  grep -q "rank 1: pid [0-9]* on hostB" <<<"$out" || { echo "troupe-launch --hosts: rank 1 not on hostB:"; echo "$out"; exit 1; }
+  echo "troupe-launch --hosts $ip_a,$ip_b -n 2: selftest passed with one rank per host"
+fi

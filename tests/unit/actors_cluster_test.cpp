@@ -11,6 +11,7 @@
 
 #include "actors/cluster.h"
 #include "runtime/error.h"
+#include "runtime/tensor.h"
 
 using namespace troupe;
 using control::Command;
@@ -43,6 +44,7 @@ void slow_command(const Command& c, actors::worker_context& ctx, control::StatsR
 
 // Exchanges "r<rank>" with the whole group through the supervisor.
 void gather_command(const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
+  const auto scratch = runtime::tensor::zeros({1 << 18});  // 1 MiB: shows in the report's peak
   auto boot = ctx.bootstrap("test");
   for (int round = 0; round < 2; ++round) {
     const auto blobs = boot->all_gather(fmt::format("r{}.{}", ctx.rank(), round));
@@ -128,6 +130,8 @@ TEST(ActorsCluster, GroupFormsAndCommandsReturnOneReportPerRank) {
     ASSERT_EQ(rep.lines_size(), 2);
     EXPECT_EQ(rep.lines(0), "r0.0 r1.0 r2.0 ");
     EXPECT_EQ(rep.lines(1), "r0.1 r1.1 r2.1 ");
+    EXPECT_GE(rep.memory().device_bytes_peak(), 1 << 20) << "the worker's allocations must show in its report";
+    EXPECT_GT(rep.timings_s().at("command"), 0.0);
   }
 
   // An unknown command kind fails on every rank, with the reason.
