@@ -1,0 +1,736 @@
+// runtime/job_spec.cpp — YAML -> job::JobSpec by protobuf reflection (so every field gets
+// unknown-key and type checks), then defaults, derived fields and semantic checks.
+#include "runtime/job_spec.h"
+
+#include <fmt/format.h>
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/message.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <vector>
+
+#include "runtime/error.h"
+
+#ifdef TROUPE_HAVE_YAML_CPP
+#include <yaml-cpp/yaml.h>
+#endif
+
+namespace troupe::runtime {
+namespace {
+
+namespace pb = google::protobuf;
+
+// ---------------------------------------------------------------- defaults (one place)
+
+[[maybe_unused]] void apply_create_preset(job::CreateModel& c, job::CreateModel::Preset preset) {
+  switch (preset) {
+    case job::CreateModel::SMALL:
+      c.set_hidden(256), c.set_layers(4), c.set_heads(8), c.set_kv_heads(4);
+      c.set_intermediate(704), c.set_max_position(1024);
+      break;
+    default:  // TINY
+      c.set_hidden(64), c.set_layers(2), c.set_heads(4), c.set_kv_heads(2);
+      c.set_intermediate(192), c.set_max_position(256);
+      break;
+  }
+  c.set_preset(preset);
+  c.set_vocab(258);  // the byte tokenizer's 256 bytes + BOS + EOS (parallel/data/byte_tokenizer.h)
+  c.set_rope_theta(10000.0);
+  c.set_rms_norm_eps(1e-5);
+  c.set_tie_embeddings(false);
+}
+
+// ---------------------------------------------------------------- helpers
+// ([[maybe_unused]]: only the YAML mapper uses them, and a build without yaml-cpp has none.)
+
+std::string lower(std::string s) {
+  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// "; did you mean `warmup_steps`?" or "": the closest known word by edit distance, or
+// one that contains the word (`warmup` -> `warmup_steps`).
+[[maybe_unused]] std::string did_you_mean(const std::string& word, const std::vector<std::string>& known) {
+  const std::string w = lower(word);
+  std::string best;
+  size_t best_d = std::numeric_limits<size_t>::max();
+  for (const auto& k : known) {
+    const size_t d = edit_distance(w, k);
+    const bool near = d <= std::max<size_t>(2, w.size() / 3);
+    const bool contains = w.size() >= 3 && k.size() >= 3 &&
+                          (k.find(w) != std::string::npos || w.find(k) != std::string::npos);
+    if ((near || contains) && d < best_d) best = k, best_d = d;
+  }
+  return best.empty() ? std::string() : fmt::format("; did you mean `{}`?", best);
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& s : v) out += (out.empty() ? "" : ", ") + s;
+  return out;
+}
+
+[[maybe_unused]] std::vector<std::string> enum_names(const pb::EnumDescriptor* e) {
+  std::vector<std::string> out;
+  for (int i = 0; i < e->value_count(); ++i) out.push_back(lower(e->value(i)->name()));
+  return out;
+}
+
+[[maybe_unused]] std::vector<std::string> field_names(const pb::Descriptor* d) {
+  std::vector<std::string> out;
+  for (int i = 0; i < d->field_count(); ++i) out.push_back(d->field(i)->name());
+  return out;
+}
+
+// Where each key path was written: "file:line:col", absent for defaults.
+struct spec_locations {
+  std::string source;
+  std::map<std::string, std::string> at;
+  std::map<std::string, std::string> overrides;  // key path -> "--set key=value"
+
+  std::string of(const std::string& key) const {
+    auto it = at.find(key);
+    return it != at.end() ? it->second : fmt::format("{} (default)", source);
+  }
+  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
+    TROUPE_THROW(errc::invalid_argument, "`{}` at {} {}", key, of(key), what);
+  }
+};
+
+// ---------------------------------------------------------------- semantic checks
+
+int64_t checked_mul(const spec_locations& L, const std::string& key, int64_t a, int64_t b) {
+  int64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) L.fail(key, fmt::format("overflows: {} * {}", a, b));
+  return r;
+}
+
+void validate_model(job::JobSpec& s, const spec_locations& L) {
+  const auto& m = s.model();
+  if (m.source_case() == job::Model::SOURCE_NOT_SET) {
+    if (!L.at.count("model")) {
+      TROUPE_THROW(errc::invalid_argument, "`model` is missing in {}; add `model: {{path: HF_DIR}}` or "
+                   "`model: {{create: {{preset: tiny}}}}`", L.source);
+    }
+    L.fail("model", "needs one of `path` (a HF directory: config.json + *.safetensors) or "
+                    "`create` (a new model, e.g. `create: {preset: tiny}`)");
+  }
+  if (m.has_path() && m.path().empty()) L.fail("model.path", "is empty; give a HF model directory");
+  if (m.has_create()) {
+    const auto& c = m.create();
+    auto positive = [&](const char* name, double v) {
+      if (!(v > 0)) L.fail(fmt::format("model.create.{}", name), fmt::format("must be positive, got {}", v));
+    };
+    positive("hidden", static_cast<double>(c.hidden()));
+    positive("layers", static_cast<double>(c.layers()));
+    positive("heads", static_cast<double>(c.heads()));
+    positive("kv_heads", static_cast<double>(c.kv_heads()));
+    positive("intermediate", static_cast<double>(c.intermediate()));
+    positive("vocab", static_cast<double>(c.vocab()));
+    positive("max_position", static_cast<double>(c.max_position()));
+    positive("rope_theta", c.rope_theta());
+    positive("rms_norm_eps", c.rms_norm_eps());
+    if (c.hidden() % c.heads() != 0 || (c.hidden() / c.heads()) % 2 != 0) {
+      L.fail("model.create.hidden",
+             fmt::format("= {} must be a multiple of 2 * heads = {} (head_dim must be even for RoPE); "
+                         "change hidden or heads", c.hidden(), 2 * c.heads()));
+    }
+    if (c.heads() % c.kv_heads() != 0) {
+      L.fail("model.create.kv_heads", fmt::format("= {} must divide heads = {}", c.kv_heads(), c.heads()));
+    }
+    if (s.data().format() == job::Data::TEXT && c.vocab() < 258) {
+      L.fail("model.create.vocab",
+             fmt::format("= {} is too small for data.format text (byte-level: 256 bytes + BOS + EOS); set vocab >= 258",
+                         c.vocab()));
+    }
+    if (s.data().format() == job::Data::TOKENS_U16 && c.vocab() > 65536) {
+      L.fail("model.create.vocab",
+             fmt::format("= {} cannot be reached by data.format tokens_u16 (at most 65536); "
+                         "use tokens_u32 or a smaller vocab", c.vocab()));
+    }
+  }
+  const auto& r = m.rope_scaling();
+  const std::string type = lower(job::RopeScaling::Type_Name(r.type()));
+  if (r.type() == job::RopeScaling::NONE) {
+    if (r.factor() != 1.0) {
+      L.fail("model.rope_scaling.factor",
+             fmt::format("= {} has no effect with type none; set model.rope_scaling.type to linear, "
+                         "yarn or llama3", r.factor()));
+    }
+    return;
+  }
+  if (!(r.factor() >= 1.0)) {
+    L.fail("model.rope_scaling.factor",
+           fmt::format("must be >= 1 for type {} (new context / trained context), got {}", type, r.factor()));
+  }
+  if (r.original_max_position() < 0) {
+    L.fail("model.rope_scaling.original_max_position",
+           fmt::format("must be >= 0 (0 = the model's max_position), got {}", r.original_max_position()));
+  }
+  if (r.type() == job::RopeScaling::YARN && !(r.beta_fast() > r.beta_slow() && r.beta_slow() > 0)) {
+    L.fail("model.rope_scaling.beta_fast",
+           fmt::format("= {} and beta_slow = {} must satisfy beta_fast > beta_slow > 0 (default 32 and 1)",
+                       r.beta_fast(), r.beta_slow()));
+  }
+  if (r.type() == job::RopeScaling::LLAMA3 &&
+      !(r.high_freq_factor() > r.low_freq_factor() && r.low_freq_factor() > 0)) {
+    L.fail("model.rope_scaling.high_freq_factor",
+           fmt::format("= {} and low_freq_factor = {} must satisfy high > low > 0 (default 4 and 1)",
+                       r.high_freq_factor(), r.low_freq_factor()));
+  }
+}
+
+void validate_batch_and_parallel(job::JobSpec& s, const spec_locations& L) {
+  auto* b = s.mutable_batch();
+  const auto& p = s.parallel();
+  if (p.dp() < 1) L.fail("parallel.dp", fmt::format("must be >= 1, got {}", p.dp()));
+  if (p.cp() < 1) L.fail("parallel.cp", fmt::format("must be >= 1, got {}", p.cp()));
+  if (b->seq_len() <= 0) L.fail("batch.seq_len", fmt::format("must be positive, got {}", b->seq_len()));
+  if (b->micro_batch() <= 0) L.fail("batch.micro_batch", fmt::format("must be positive, got {}", b->micro_batch()));
+  if (b->global_batch() < 0) {
+    L.fail("batch.global_batch", fmt::format("must be >= 0 (0 = derived), got {}", b->global_batch()));
+  }
+  if (b->grad_accum() < 0) L.fail("batch.grad_accum", fmt::format("must be >= 0 (0 = derived), got {}", b->grad_accum()));
+  if (b->seq_len() % p.cp() != 0) {
+    L.fail("batch.seq_len", fmt::format("= {} must be divisible by parallel.cp = {}, which splits each sequence",
+                                        b->seq_len(), p.cp()));
+  }
+  // global = micro * accum * dp
+  const int64_t per_step = checked_mul(L, "batch.micro_batch", b->micro_batch(), p.dp());
+  if (b->global_batch() == 0) {
+    if (b->grad_accum() == 0) b->set_grad_accum(1);
+    b->set_global_batch(checked_mul(L, "batch.grad_accum", per_step, b->grad_accum()));
+  } else if (b->grad_accum() == 0) {
+    if (b->global_batch() % per_step != 0) {
+      L.fail("batch.global_batch",
+             fmt::format("= {} is not divisible by batch.micro_batch * parallel.dp = {} * {} = {}; "
+                         "make it a multiple of {}", b->global_batch(), b->micro_batch(), p.dp(), per_step,
+                         per_step));
+    }
+    b->set_grad_accum(b->global_batch() / per_step);
+  } else if (checked_mul(L, "batch.grad_accum", per_step, b->grad_accum()) != b->global_batch()) {
+    L.fail("batch.global_batch",
+           fmt::format("= {} differs from batch.micro_batch * batch.grad_accum * parallel.dp = {} * {} * {} = {}; "
+                       "give only one of global_batch and grad_accum", b->global_batch(), b->micro_batch(),
+                       b->grad_accum(), p.dp(), per_step * b->grad_accum()));
+  }
+  if (s.model().has_create()) {
+    const auto& c = s.model().create();
+    const auto& r = s.model().rope_scaling();
+    int64_t limit = c.max_position();
+    if (r.type() != job::RopeScaling::NONE) {
+      const int64_t orig = r.original_max_position() > 0 ? r.original_max_position() : c.max_position();
+      limit = std::max(limit, static_cast<int64_t>(static_cast<double>(orig) * r.factor()));
+    }
+    if (b->seq_len() > limit) {
+      L.fail("batch.seq_len", fmt::format("= {} exceeds the model's context {} (model.create.max_position{}); "
+                                          "raise max_position or use model.rope_scaling", b->seq_len(), limit,
+                                          r.type() != job::RopeScaling::NONE ? " with rope_scaling" : ""));
+    }
+    if (p.cp_mode() == job::Parallel::ULYSSES && (c.heads() % p.cp() != 0 || c.kv_heads() % p.cp() != 0)) {
+      L.fail("parallel.cp", fmt::format("= {} must divide model.create.heads = {} and kv_heads = {} with "
+                                        "cp_mode ulysses (it splits heads); use cp_mode ring",
+                                        p.cp(), c.heads(), c.kv_heads()));
+    }
+  }
+}
+
+void validate_optimizer_and_rest(job::JobSpec& s, const spec_locations& L) {
+  const auto& o = s.optimizer();
+  const auto& t = s.train();
+  if (t.max_steps() <= 0) L.fail("train.max_steps", fmt::format("must be positive, got {}", t.max_steps()));
+  if (t.eval_every_steps() < 0) {
+    L.fail("train.eval_every_steps", fmt::format("must be >= 0 (0 = only at the end), got {}", t.eval_every_steps()));
+  }
+  if (t.eval_batches() <= 0) L.fail("train.eval_batches", fmt::format("must be positive, got {}", t.eval_batches()));
+  if (!(o.lr() > 0)) L.fail("optimizer.lr", fmt::format("must be positive, got {}", o.lr()));
+  if (!(o.min_lr() >= 0 && o.min_lr() <= o.lr())) {
+    L.fail("optimizer.min_lr", fmt::format("must be in [0, optimizer.lr = {}], got {}", o.lr(), o.min_lr()));
+  }
+  if (o.warmup_steps() < 0) L.fail("optimizer.warmup_steps", fmt::format("must be >= 0, got {}", o.warmup_steps()));
+  if (o.warmup_steps() > t.max_steps()) {
+    L.fail("optimizer.warmup_steps",
+           fmt::format("= {} exceeds train.max_steps = {} (at {}); lower warmup_steps or raise max_steps",
+                       o.warmup_steps(), t.max_steps(), L.of("train.max_steps")));
+  }
+  if (o.betas_size() != 2) {
+    L.fail("optimizer.betas", fmt::format("must hold exactly two values [beta1, beta2], got {}", o.betas_size()));
+  }
+  for (double beta : o.betas()) {
+    if (!(beta >= 0 && beta < 1)) L.fail("optimizer.betas", fmt::format("values must be in [0, 1), got {}", beta));
+  }
+  if (!(o.eps() > 0)) L.fail("optimizer.eps", fmt::format("must be positive, got {}", o.eps()));
+  if (!(o.weight_decay() >= 0)) L.fail("optimizer.weight_decay", fmt::format("must be >= 0, got {}", o.weight_decay()));
+  if (!(o.grad_clip() >= 0)) L.fail("optimizer.grad_clip", fmt::format("must be >= 0 (0 = off), got {}", o.grad_clip()));
+
+  const auto& d = s.data();
+  if (d.train().empty()) L.fail("data.train", "is missing; give the training file (text or a .bin of tokens)");
+  const bool bin = d.train().size() >= 4 && d.train().compare(d.train().size() - 4, 4, ".bin") == 0;
+  if (d.format() == job::Data::TEXT && bin) {
+    L.fail("data.format", fmt::format("is text but data.train {} looks like a token file; set data.format to "
+                                      "tokens_u16 or tokens_u32", d.train()));
+  }
+  if (d.format() != job::Data::TEXT && !bin) {
+    L.fail("data.format", fmt::format("is {} but data.train {} is not a .bin token file; set data.format to "
+                                      "text for raw text", lower(job::Data::Format_Name(d.format())), d.train()));
+  }
+  if (!(d.val_fraction() >= 0 && d.val_fraction() < 1)) {
+    L.fail("data.val_fraction", fmt::format("must be in [0, 1), got {}", d.val_fraction()));
+  }
+  if (s.checkpoint().every_steps() < 0) {
+    L.fail("checkpoint.every_steps",
+           fmt::format("must be >= 0 (0 = only at the end), got {}", s.checkpoint().every_steps()));
+  }
+  if (s.checkpoint().keep() < 0) {
+    L.fail("checkpoint.keep", fmt::format("must be >= 0 (0 = keep all), got {}", s.checkpoint().keep()));
+  }
+  if (s.logging().every_steps() < 1) {
+    L.fail("logging.every_steps", fmt::format("must be >= 1, got {}", s.logging().every_steps()));
+  }
+  if (s.run_dir().empty()) L.fail("run_dir", "is empty; give the directory for checkpoints and metrics");
+  if (s.checkpoint().dir().empty()) s.mutable_checkpoint()->set_dir(s.run_dir() + "/checkpoints");
+  if (s.logging().metrics_jsonl().empty()) s.mutable_logging()->set_metrics_jsonl(s.run_dir() + "/metrics.jsonl");
+}
+
+void validate(job::JobSpec& spec, const spec_locations& L) {
+  validate_model(spec, L);
+  validate_batch_and_parallel(spec, L);
+  validate_optimizer_and_rest(spec, L);
+}
+
+// ---------------------------------------------------------------- YAML -> proto
+
+#ifdef TROUPE_HAVE_YAML_CPP
+
+std::string mark_str(const std::string& source, const YAML::Mark& m) {
+  if (m.is_null()) return source;
+  return fmt::format("{}:{}:{}", source, m.line + 1, m.column + 1);
+}
+
+const char* kind_name(const YAML::Node& n) {
+  if (n.IsMap()) return "a mapping";
+  if (n.IsSequence()) return "a list";
+  if (n.IsNull()) return "nothing";
+  return "a scalar";
+}
+
+class yaml_mapper {
+ public:
+  explicit yaml_mapper(spec_locations& L) : L_(L) {}
+
+  // "file:line:col", or the `--set` that wrote the key or a key above it.
+  std::string where(const std::string& kp, const YAML::Mark& m) const {
+    for (size_t end = 0; end != std::string::npos;) {
+      end = kp.find('.', end + 1);
+      if (auto it = L_.overrides.find(kp.substr(0, end)); it != L_.overrides.end()) return it->second;
+    }
+    return mark_str(L_.source, m);
+  }
+
+  void map_message(const YAML::Node& node, pb::Message& msg, const std::string& path,
+                   const YAML::Mark& mark) {
+    const pb::Descriptor* desc = msg.GetDescriptor();
+    if (!node.IsNull() && !node.IsMap()) {
+      fail(path.empty() ? "the job spec" : fmt::format("`{}`", path), path, mark,
+           fmt::format("must be a mapping of keys ({}: ...), got {}", field_names(desc)[0], describe_node(node)));
+    }
+    if (desc == job::CreateModel::descriptor()) {
+      auto preset = job::CreateModel::TINY;
+      if (node.IsMap() && node["preset"]) {
+        preset = static_cast<job::CreateModel::Preset>(
+            parse_enum(node["preset"], job::CreateModel::Preset_descriptor(), path + ".preset"));
+      }
+      apply_create_preset(static_cast<job::CreateModel&>(msg), preset);
+    }
+    if (node.IsNull()) return;
+    std::map<std::string, std::string> seen;  // key -> where
+    for (const auto& kv : node) {
+      const YAML::Node& key = kv.first;
+      const YAML::Node& value = kv.second;
+      if (!key.IsScalar()) {
+        fail(fmt::format("a key of `{}`", path.empty() ? "the job spec" : path), path, key.Mark(),
+             "must be a plain name");
+      }
+      const std::string name = key.Scalar();
+      const std::string kp = path.empty() ? name : path + "." + name;
+      const std::string key_at = where(kp, key.Mark());
+      if (auto it = seen.find(name); it != seen.end()) {
+        TROUPE_THROW(errc::invalid_argument, "`{}` at {} is given twice (first at {}); keep one", kp, key_at,
+                     it->second);
+      }
+      const pb::FieldDescriptor* field = desc->FindFieldByName(name);
+      if (field == nullptr) {
+        const auto known = field_names(desc);
+        TROUPE_THROW(errc::invalid_argument, "unknown key `{}` at {}{} ({} takes: {})", kp, key_at,
+                     did_you_mean(name, known), path.empty() ? "the top level" : fmt::format("`{}`", path),
+                     join(known));
+      }
+      if (const pb::OneofDescriptor* oneof = field->containing_oneof()) {
+        for (int i = 0; i < oneof->field_count(); ++i) {
+          const auto* other = oneof->field(i);
+          if (other != field && seen.count(other->name())) {
+            TROUPE_THROW(errc::invalid_argument,
+                         "`{}` at {} conflicts with `{}.{}` at {}: give only one of {}", kp, key_at, path,
+                         other->name(), seen[other->name()], join(oneof_names(oneof)));
+          }
+        }
+      }
+      seen[name] = key_at;
+      // A null value (`lr:`) has its mark where the parser next stopped: point at the key.
+      const YAML::Mark vm = value.IsNull() || value.Mark().is_null() ? key.Mark() : value.Mark();
+      L_.at[kp] = where(kp, vm);
+      set_field(value, vm, msg, field, kp);
+    }
+  }
+
+ private:
+  static std::vector<std::string> oneof_names(const pb::OneofDescriptor* o) {
+    std::vector<std::string> out;
+    for (int i = 0; i < o->field_count(); ++i) out.push_back(o->field(i)->name());
+    return out;
+  }
+
+  static std::string describe_node(const YAML::Node& n) {
+    return n.IsScalar() ? fmt::format("'{}'", n.Scalar()) : kind_name(n);
+  }
+
+  [[noreturn]] void fail(const std::string& what, const std::string& kp, const YAML::Mark& m,
+                         const std::string& problem) const {
+    TROUPE_THROW(errc::invalid_argument, "{} at {} {}", what, where(kp, m), problem);
+  }
+  [[noreturn]] void fail_key(const std::string& kp, const YAML::Node& n, const std::string& problem) const {
+    fail(fmt::format("`{}`", kp), kp, n.Mark(), problem);
+  }
+
+  const std::string& scalar(const YAML::Node& n, const std::string& kp, const char* expected) const {
+    if (!n.IsScalar()) fail_key(kp, n, fmt::format("must be {}, got {}", expected, kind_name(n)));
+    return n.Scalar();
+  }
+
+  template <typename Int>
+  Int parse_int(const YAML::Node& n, const std::string& kp) const {
+    const bool is_unsigned = std::is_unsigned_v<Int>;
+    const char* expected = is_unsigned ? "a non-negative integer" : "an integer";
+    const std::string& s = scalar(n, kp, expected);
+    const char* first = s.data();
+    if (!s.empty() && s[0] == '+') ++first;
+    Int v{};
+    auto [ptr, ec] = std::from_chars(first, s.data() + s.size(), v);
+    if (ec == std::errc::result_out_of_range) {
+      fail_key(kp, n, fmt::format("must be {} in [{}, {}], got '{}'", expected, std::numeric_limits<Int>::min(),
+                                  std::numeric_limits<Int>::max(), s));
+    }
+    if (s.empty() || ec != std::errc() || ptr != s.data() + s.size()) {
+      fail_key(kp, n, fmt::format("must be {}, got '{}'", expected, s));
+    }
+    return v;
+  }
+
+  double parse_double(const YAML::Node& n, const std::string& kp) const {
+    const std::string& s = scalar(n, kp, "a number");
+    char* end = nullptr;
+    const double v = s.empty() ? 0.0 : std::strtod(s.c_str(), &end);
+    if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v)) {
+      fail_key(kp, n, fmt::format("must be a finite number, got '{}'", s));
+    }
+    return v;
+  }
+
+  bool parse_bool(const YAML::Node& n, const std::string& kp) const {
+    const std::string s = lower(scalar(n, kp, "true or false"));
+    if (s == "true") return true;
+    if (s == "false") return false;
+    fail_key(kp, n, fmt::format("must be true or false, got '{}'", n.Scalar()));
+  }
+
+  int parse_enum(const YAML::Node& n, const pb::EnumDescriptor* e, const std::string& kp) const {
+    const auto names = enum_names(e);
+    const std::string& s = scalar(n, kp, fmt::format("one of {}", join(names)).c_str());
+    for (int i = 0; i < e->value_count(); ++i) {
+      if (names[static_cast<size_t>(i)] == s) return e->value(i)->number();
+    }
+    fail_key(kp, n, fmt::format("must be one of {}, got '{}'{}", join(names), s, did_you_mean(s, names)));
+  }
+
+  void set_field(const YAML::Node& value, const YAML::Mark& mark, pb::Message& msg,
+                 const pb::FieldDescriptor* f, const std::string& kp) {
+    const pb::Reflection* r = msg.GetReflection();
+    if (f->is_repeated()) {
+      if (!value.IsSequence()) {
+        fail(fmt::format("`{}`", kp), kp, mark, fmt::format("must be a list like [a, b], got {}", describe_node(value)));
+      }
+      r->ClearField(&msg, f);
+      for (const auto& item : value) {
+        switch (f->cpp_type()) {
+          case pb::FieldDescriptor::CPPTYPE_DOUBLE: r->AddDouble(&msg, f, parse_double(item, kp)); break;
+          case pb::FieldDescriptor::CPPTYPE_INT64: r->AddInt64(&msg, f, parse_int<int64_t>(item, kp)); break;
+          case pb::FieldDescriptor::CPPTYPE_STRING: r->AddString(&msg, f, scalar(item, kp, "a string")); break;
+          default: TROUPE_THROW(errc::internal, "job_spec: repeated field `{}` of this type is not mapped", kp);
+        }
+      }
+      return;
+    }
+    if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      map_message(value, *r->MutableMessage(&msg, f), kp, mark);
+      return;
+    }
+    if (value.IsNull()) {
+      fail(fmt::format("`{}`", kp), kp, mark, "has no value; write one, or remove the key to take the default");
+    }
+    switch (f->cpp_type()) {
+      case pb::FieldDescriptor::CPPTYPE_INT32: r->SetInt32(&msg, f, parse_int<int32_t>(value, kp)); break;
+      case pb::FieldDescriptor::CPPTYPE_INT64: r->SetInt64(&msg, f, parse_int<int64_t>(value, kp)); break;
+      case pb::FieldDescriptor::CPPTYPE_UINT32: r->SetUInt32(&msg, f, parse_int<uint32_t>(value, kp)); break;
+      case pb::FieldDescriptor::CPPTYPE_UINT64: r->SetUInt64(&msg, f, parse_int<uint64_t>(value, kp)); break;
+      case pb::FieldDescriptor::CPPTYPE_DOUBLE: r->SetDouble(&msg, f, parse_double(value, kp)); break;
+      case pb::FieldDescriptor::CPPTYPE_FLOAT:
+        r->SetFloat(&msg, f, static_cast<float>(parse_double(value, kp)));
+        break;
+      case pb::FieldDescriptor::CPPTYPE_BOOL: r->SetBool(&msg, f, parse_bool(value, kp)); break;
+      case pb::FieldDescriptor::CPPTYPE_STRING: r->SetString(&msg, f, scalar(value, kp, "a string")); break;
+      case pb::FieldDescriptor::CPPTYPE_ENUM:
+        r->SetEnumValue(&msg, f, parse_enum(value, f->enum_type(), kp));
+        break;
+      default: TROUPE_THROW(errc::internal, "job_spec: field `{}` of this type is not mapped", kp);
+    }
+  }
+
+  spec_locations& L_;
+};
+
+// `--set optimizer.lr=1e-3`: writes the value (YAML: `[0.9, 0.99]`, `{lr: 1}` work) into
+// the tree before mapping, creating the mappings on the way; errors name the `--set`.
+// Setting one member of a oneof (model.path) drops the others (model.create) from the file.
+void apply_override(YAML::Node& root, const std::string& assignment, spec_locations& L) {
+  const std::string where = fmt::format("--set {}", assignment);
+  const size_t eq = assignment.find('=');
+  TROUPE_CHECK(eq != std::string::npos && eq > 0, errc::invalid_argument,
+               "{}: expected KEY=VALUE with a dotted key, e.g. --set optimizer.lr=1e-3", where);
+  const std::string kp = assignment.substr(0, eq);
+  YAML::Node value;
+  try {
+    value = YAML::Load(assignment.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    TROUPE_THROW(errc::format, "{}: the value is not valid YAML: {}", where, e.msg);
+  }
+  if (!root.IsDefined() || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  YAML::Node cur = root;
+  std::string done;
+  const pb::Descriptor* desc = job::JobSpec::descriptor();  // of `cur`, while known
+  for (size_t start = 0; start <= kp.size();) {
+    size_t end = kp.find('.', start);
+    if (end == std::string::npos) end = kp.size();
+    const std::string comp = kp.substr(start, end - start);
+    TROUPE_CHECK(!comp.empty(), errc::invalid_argument, "{}: `{}` has an empty key part", where, kp);
+    TROUPE_CHECK(cur.IsMap() || cur.IsNull() || !cur.IsDefined(), errc::invalid_argument,
+                 "{}: `{}` is {}, not a mapping with key `{}`", where, done, kind_name(cur), comp);
+    const pb::FieldDescriptor* field = desc != nullptr ? desc->FindFieldByName(comp) : nullptr;
+    if (field != nullptr && field->containing_oneof() != nullptr && cur.IsMap()) {
+      const pb::OneofDescriptor* oneof = field->containing_oneof();
+      for (int i = 0; i < oneof->field_count(); ++i) {
+        if (oneof->field(i) != field) cur.remove(oneof->field(i)->name());
+      }
+    }
+    desc = field != nullptr ? field->message_type() : nullptr;
+    done += (done.empty() ? "" : ".") + comp;
+    cur.reset(cur[comp]);
+    start = end + 1;
+  }
+  cur = value;
+  L.overrides[kp] = where;
+}
+
+#endif  // TROUPE_HAVE_YAML_CPP
+
+// ---------------------------------------------------------------- proto -> YAML
+
+std::string yaml_quote(const std::string& s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    switch (ch) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(ch) < 0x20) {
+          out += fmt::format("\\x{:02x}", static_cast<unsigned char>(ch));
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+std::string scalar_text(const pb::Message& m, const pb::FieldDescriptor* f, int index) {
+  const pb::Reflection* r = m.GetReflection();
+  const bool rep = f->is_repeated();
+  switch (f->cpp_type()) {
+    case pb::FieldDescriptor::CPPTYPE_INT32:
+      return fmt::format("{}", rep ? r->GetRepeatedInt32(m, f, index) : r->GetInt32(m, f));
+    case pb::FieldDescriptor::CPPTYPE_INT64:
+      return fmt::format("{}", rep ? r->GetRepeatedInt64(m, f, index) : r->GetInt64(m, f));
+    case pb::FieldDescriptor::CPPTYPE_UINT32:
+      return fmt::format("{}", rep ? r->GetRepeatedUInt32(m, f, index) : r->GetUInt32(m, f));
+    case pb::FieldDescriptor::CPPTYPE_UINT64:
+      return fmt::format("{}", rep ? r->GetRepeatedUInt64(m, f, index) : r->GetUInt64(m, f));
+    case pb::FieldDescriptor::CPPTYPE_DOUBLE:
+      return fmt::format("{}", rep ? r->GetRepeatedDouble(m, f, index) : r->GetDouble(m, f));
+    case pb::FieldDescriptor::CPPTYPE_FLOAT:
+      return fmt::format("{}", rep ? r->GetRepeatedFloat(m, f, index) : r->GetFloat(m, f));
+    case pb::FieldDescriptor::CPPTYPE_BOOL:
+      return (rep ? r->GetRepeatedBool(m, f, index) : r->GetBool(m, f)) ? "true" : "false";
+    case pb::FieldDescriptor::CPPTYPE_STRING:
+      return yaml_quote(rep ? r->GetRepeatedString(m, f, index) : r->GetString(m, f));
+    case pb::FieldDescriptor::CPPTYPE_ENUM:
+      return lower((rep ? r->GetRepeatedEnum(m, f, index) : r->GetEnum(m, f))->name());
+    default: return "~";
+  }
+}
+
+void emit(const pb::Message& m, int indent, std::string& out) {
+  const pb::Descriptor* d = m.GetDescriptor();
+  const pb::Reflection* r = m.GetReflection();
+  const std::string pad(static_cast<size_t>(indent), ' ');
+  for (int i = 0; i < d->field_count(); ++i) {
+    const pb::FieldDescriptor* f = d->field(i);
+    if (f->containing_oneof() != nullptr && !r->HasField(m, f)) continue;
+    out += fmt::format("{}{}:", pad, f->name());
+    if (f->is_repeated()) {
+      std::vector<std::string> items;
+      for (int j = 0; j < r->FieldSize(m, f); ++j) items.push_back(scalar_text(m, f, j));
+      out += fmt::format(" [{}]\n", join(items));
+    } else if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      out += "\n";
+      emit(r->GetMessage(m, f), indent + 2, out);
+    } else {
+      out += fmt::format(" {}\n", scalar_text(m, f, -1));
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- public API
+
+job::JobSpec job_spec_defaults() {
+  job::JobSpec s;
+  auto* rope = s.mutable_model()->mutable_rope_scaling();
+  rope->set_type(job::RopeScaling::NONE);
+  rope->set_factor(1.0);
+  rope->set_original_max_position(0);
+  rope->set_beta_fast(32.0);
+  rope->set_beta_slow(1.0);
+  rope->set_low_freq_factor(1.0);
+  rope->set_high_freq_factor(4.0);
+
+  auto* d = s.mutable_data();
+  d->set_format(job::Data::TEXT);
+  d->set_val_fraction(0.1);
+  d->set_seed(1234);
+
+  auto* b = s.mutable_batch();
+  b->set_seq_len(256);
+  b->set_micro_batch(1);
+  b->set_global_batch(0);  // derived
+  b->set_grad_accum(0);    // derived
+
+  auto* o = s.mutable_optimizer();
+  o->set_lr(3e-4);
+  o->set_min_lr(0.0);
+  o->set_warmup_steps(0);
+  o->add_betas(0.9);
+  o->add_betas(0.95);
+  o->set_eps(1e-8);
+  o->set_weight_decay(0.1);
+  o->set_grad_clip(1.0);
+
+  auto* t = s.mutable_train();
+  t->set_max_steps(1000);
+  t->set_eval_every_steps(100);
+  t->set_eval_batches(8);
+
+  auto* p = s.mutable_parallel();
+  p->set_dp(1);
+  p->set_cp(1);
+  p->set_cp_mode(job::Parallel::ULYSSES);
+
+  s.mutable_checkpoint()->set_every_steps(500);
+  s.mutable_checkpoint()->set_keep(2);
+  s.mutable_logging()->set_every_steps(10);
+  s.set_seed(1234);
+  s.set_run_dir("runs/train");
+  return s;
+}
+
+void validate_job_spec(job::JobSpec& spec, const std::string& source_name) {
+  validate(spec, spec_locations{source_name, {}, {}});
+}
+
+int64_t job_world_size(const job::JobSpec& spec) { return spec.parallel().dp() * spec.parallel().cp(); }
+
+std::string describe(const job::JobSpec& spec) {
+  std::string out = "# troupe job spec, defaults filled in\n";
+  emit(spec, 0, out);
+  return out;
+}
+
+job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& source_name,
+                            const std::vector<std::string>& overrides) {
+#ifdef TROUPE_HAVE_YAML_CPP
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    TROUPE_THROW(errc::format, "{} is not valid YAML: {}", mark_str(source_name, e.mark), e.msg);
+  }
+  job::JobSpec spec = job_spec_defaults();
+  spec_locations L{source_name, {}, {}};
+  for (const auto& o : overrides) apply_override(root, o, L);
+  yaml_mapper(L).map_message(root, spec, "", root.Mark());
+  validate(spec, L);
+  return spec;
+#else
+  (void)yaml_text, (void)overrides;
+  TROUPE_THROW(errc::unsupported, "{}: job specs need yaml-cpp, which this build lacks; install libyaml-cpp-dev "
+               "and reconfigure", source_name);
+#endif
+}
+
+job::JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    TROUPE_CHECK(std::filesystem::exists(path), errc::not_found, "job file {} not found", path);
+    TROUPE_THROW(errc::io, "job file {} cannot be read", path);
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_job_spec(text.str(), path, overrides);
+}
+
+}  // namespace troupe::runtime

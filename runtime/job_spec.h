@@ -1,0 +1,54 @@
+// runtime/job_spec.h — the training job spec: YAML for humans, a job::JobSpec
+// (runtime/proto/job.proto) for the program.
+//
+//   job::JobSpec spec = load_job_spec("job.yaml");   // defaults filled, validated
+//   log_info("{}", describe(spec));                   // the effective spec, as YAML
+//   load_job_spec("job.yaml", {"batch.seq_len=512"});  // `troupe train ... --set`
+//   spec.batch().grad_accum(), spec.optimizer().lr(), spec.model().has_create() ...
+//
+// Invariants:
+//   1. A YAML key is a proto field name; an enum value is the lower-case enum value
+//      name (`type: yarn`, `format: tokens_u16`, `cp_mode: ring`).
+//   2. Every optional field has a default (job_spec_defaults(), one place); `model` has
+//      none: exactly one of `model.path` and `model.create` must be given.
+//      `model.create` starts from its preset (default `tiny`), then takes the fields given.
+//   3. Fields left 0/"" where the proto says so are derived (batch.global_batch or
+//      batch.grad_accum, checkpoint.dir, logging.metrics_jsonl); a returned spec has them
+//      filled, so describe() shows what will run and parses back to the same spec.
+//   4. An unknown key, a wrong type or an impossible value throws errc::invalid_argument
+//      (YAML syntax: errc::format; missing file: errc::not_found) whose message names
+//      `file:line:col`, the key path (`optimizer.warmup_steps`) and a hint how to fix it.
+//   5. Without yaml-cpp (TROUPE_HAVE_YAML_CPP unset) parsing throws errc::unsupported;
+//      job_spec_defaults, validate_job_spec and describe still work.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/proto/job.pb.h"
+
+namespace troupe::runtime {
+
+// Reads and parses a YAML job file; errors name `path:line:col`. Each override
+// ("optimizer.lr=1e-3", "model.path=runs/a/checkpoints/final", a YAML value) replaces
+// that key before mapping, as if written in the file; errors in it name the `--set`.
+job::JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// Parses YAML text; `source_name` stands for the file in error messages.
+job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& source_name,
+                            const std::vector<std::string>& overrides = {});
+
+// Every default (model left empty). parse_job_spec starts from this spec.
+job::JobSpec job_spec_defaults();
+
+// Fills the derived fields (invariant 3) and checks every value; throws
+// errc::invalid_argument naming the key. Parsing calls it; call it after editing a spec.
+void validate_job_spec(job::JobSpec& spec, const std::string& source_name = "job spec");
+
+// The spec as YAML, every field included (oneof: only the one set), in proto order.
+std::string describe(const job::JobSpec& spec);
+
+// Ranks the job runs on: parallel.dp * parallel.cp.
+int64_t job_world_size(const job::JobSpec& spec);
+
+}  // namespace troupe::runtime
