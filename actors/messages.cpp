@@ -21,11 +21,12 @@ void add_control_messages(caf::actor_system_config& cfg) {
   add<control::Shutdown>(cfg);
   add<control::Exchange>(cfg);
   add<control::ExchangeResult>(cfg);
+  add<control::Progress>(cfg);
 }
 
 const std::vector<std::string>& control_message_names() {
   static const std::vector<std::string> names{"Join",  "JoinReply", "Heartbeat", "Command",  "StatsReport",
-                                              "PlacementUpdate", "Scale", "Shutdown", "Exchange", "ExchangeResult"};
+                                              "PlacementUpdate", "Scale", "Shutdown", "Exchange", "ExchangeResult", "Progress"};
   return names;
 }
 

@@ -50,6 +50,7 @@ using wait_group_atom = caf::atom_constant<caf::atom("wait_grp")>;
 using run_command_atom = caf::atom_constant<caf::atom("run_cmd")>;
 using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;
 using report_atom = caf::atom_constant<caf::atom("report")>;
+using progress_atom = caf::atom_constant<caf::atom("progress")>;
 using members_atom = caf::atom_constant<caf::atom("members")>;
 
 // Registers every control message (control.proto) under "troupe.<Name>".

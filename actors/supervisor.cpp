@@ -36,6 +36,8 @@ struct pending_command {
   control::Command cmd;
   std::map<int, control::StatsReport> reports;  // by launcher rank
   caf::response_promise promise;
+  std::map<int, control::Progress> progress;    // the latest of each rank, this command
+  std::map<int, int64_t> lag_warned;            // rank -> step at which a lag warning was logged
 };
 
 struct supervisor_state {
@@ -301,9 +303,35 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         if (st.cmd.active) return failure_error("a command is already running");
         st.cmd.active = true;
         st.cmd.cmd = std::move(c);
+        st.cmd.progress.clear();
+        st.cmd.lag_warned.clear();
         st.cmd.promise = self->make_response_promise();
         send_command_to_group(self);
         return caf::delegated<std::vector<control::StatsReport>>{};
+      },
+      [=](control::Progress& p) {
+        auto& st = self->state;
+        const int r = sender_rank(self);
+        if (r < 0 || !st.cmd.active || p.command_id() != st.cmd.cmd.id() || p.epoch() != st.epoch) return;
+        p.set_rank(r);
+        log::debug("progress: rank {} step {}/{} loss {:.4f} {:.0f} tok/s", r, p.step(), p.max_steps(), p.loss(),
+                   p.tokens_per_s());
+        st.cmd.progress[r] = std::move(p);
+        // A straggler: a rank 3+ steps behind the fastest (logged once per 10 steps of lag).
+        int64_t lead = 0;
+        for (const auto& [rr, q] : st.cmd.progress) lead = std::max(lead, q.step());
+        for (const auto& [rr, q] : st.cmd.progress) {
+          auto& warned = st.cmd.lag_warned[rr];
+          if (lead - q.step() >= 3 && q.step() >= warned + 10) {
+            warned = q.step();
+            log::warn("rank {} is {} steps behind (step {} vs {})", rr, lead - q.step(), q.step(), lead);
+          }
+        }
+      },
+      [=](progress_atom) {
+        std::vector<control::Progress> out;
+        for (const auto& [r, p] : self->state.cmd.progress) out.push_back(p);
+        return out;
       },
       [=](members_atom) {
         std::vector<control::Join> out;
@@ -373,6 +401,17 @@ std::vector<control::Join> supervisor_client::members(int timeout_ms) {
       .receive([&](std::vector<control::Join>& r) { out = std::move(r); },
                [&](caf::error& e) { err = error_text(system_, e); });
   TROUPE_CHECK(err.empty(), errc::io, "asking the supervisor for its members: {}", err);
+  return out;
+}
+
+std::vector<control::Progress> supervisor_client::progress(int timeout_ms) {
+  caf::scoped_actor self{system_};
+  std::vector<control::Progress> out;
+  std::string err;
+  self->request(supervisor_, std::chrono::milliseconds(timeout_ms), progress_atom::value)
+      .receive([&](std::vector<control::Progress>& r) { out = std::move(r); },
+               [&](caf::error& e) { err = error_text(system_, e); });
+  TROUPE_CHECK(err.empty(), errc::io, "asking the supervisor for progress: {}", err);
   return out;
 }
 

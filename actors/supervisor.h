@@ -22,6 +22,8 @@
 //      pending run() throws errc::aborted naming the rank and reason.
 //   4. Exchange (runtime::bootstrap through the supervisor) completes when every member
 //      of the current epoch sent its blob for that key; stale epochs get an error.
+//   5. Progress from members (worker_context::report_progress) is kept per rank for the
+//      running command; a rank 3+ steps behind the fastest is logged as a straggler.
 #pragma once
 #include <caf/all.hpp>
 
@@ -61,6 +63,8 @@ class supervisor_client {
   std::vector<control::StatsReport> run(control::Command cmd, int timeout_ms);
   // The members' Join messages, in rank order (host, pid, device, backends).
   std::vector<control::Join> members(int timeout_ms = 10000);
+  // The latest Progress of each rank for the running (or last) command, in rank order.
+  std::vector<control::Progress> progress(int timeout_ms = 10000);
   void shutdown(const std::string& reason, int exit_code);
 
  private:

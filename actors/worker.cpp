@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -32,7 +33,7 @@ struct worker_shared {
   int64_t epoch = 0;
   std::vector<int> members;
   std::deque<control::Command> queue;
-  runtime::communicator* active = nullptr;
+  std::vector<runtime::communicator*> active;
   int64_t active_epoch = 0;
   int exit_code = 0;
   std::string reason;
@@ -43,7 +44,7 @@ struct worker_shared {
 
   // With mu held: abort the registered communicator when the group it belongs to ended.
   void abort_active_locked(const std::string& why) {
-    if (active != nullptr) active->abort(why);
+    for (auto* c : active) c->abort(why);
   }
   void finish(int code, const std::string& why) {
     std::lock_guard<std::mutex> g(mu);
@@ -144,6 +145,7 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
         // Expert placement arrives with issue #7 (LLEP); accepted and ignored until then.
       },
       [=](report_atom, control::StatsReport& r) { self->send(sup, r); },
+      [=](progress_atom, control::Progress& p) { self->send(sup, p); },
       [=](control::Exchange& e) {
         auto rp = self->make_response_promise();
         self->request(sup, std::chrono::milliseconds(sh->o.exchange_timeout_ms), std::move(e))
@@ -260,12 +262,26 @@ std::unique_ptr<runtime::bootstrap> worker_context::bootstrap(const std::string&
 }
 
 void worker_context::set_active(runtime::communicator* c) {
+  set_active(c != nullptr ? std::vector<runtime::communicator*>{c} : std::vector<runtime::communicator*>{});
+}
+
+void worker_context::set_active(std::vector<runtime::communicator*> comms) {
   std::lock_guard<std::mutex> g(shared_->mu);
-  shared_->active = c;
+  comms.erase(std::remove(comms.begin(), comms.end(), nullptr), comms.end());
+  shared_->active = comms;
   shared_->active_epoch = epoch_;
-  if (c != nullptr && (shared_->epoch != epoch_ || shared_->state == worker_shared::phase::finished))
-    c->abort(shared_->state == worker_shared::phase::finished ? shared_->reason
-                                                              : fmt::format("group epoch {} already ended", epoch_));
+  if (!comms.empty() && (shared_->epoch != epoch_ || shared_->state == worker_shared::phase::finished)) {
+    const std::string why = shared_->state == worker_shared::phase::finished
+                                ? shared_->reason
+                                : fmt::format("group epoch {} already ended", epoch_);
+    for (auto* c : comms) c->abort(why);
+  }
+}
+
+void worker_context::report_progress(control::Progress p) {
+  p.set_rank(rank());
+  p.set_epoch(epoch_);
+  caf::anon_send(shared_->actor, progress_atom::value, std::move(p));
 }
 
 bool worker_context::group_over() const {

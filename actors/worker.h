@@ -63,6 +63,9 @@ class worker_context {
   // Registers the communicator the command is using (nullptr to clear); it is aborted
   // when the group ends — at once if it already has.
   void set_active(runtime::communicator* c);
+  void set_active(std::vector<runtime::communicator*> comms);  // several (a job's gradient and cp groups)
+  // Sends a Progress to the supervisor (rank and epoch filled in); cheap, never blocks.
+  void report_progress(control::Progress p);
   bool group_over() const;  // a newer epoch or a shutdown arrived
 
  private:

@@ -17,6 +17,9 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
 // dout: (N, OC)  ->  dinp: (N, C) =   dweight: (OC, C) +=   dbias: (OC) +=   (all nullable)
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int64_t C, int64_t OC);
+// The machine's fp32 matmul peak as this process sees it (its thread count): the best of
+// `reps` (n x n) @ (n x n) sgemms, in GFLOP/s. MFU is reported against this.
+double sgemm_peak_gflops(int64_t n = 1024, int reps = 3);
 }  // namespace cpu
 namespace cuda {
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t C,

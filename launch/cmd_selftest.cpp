@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "actors/cluster.h"
+#include "launch/cluster_setup.h"
 #include "launch/commands.h"
 #include "launch/process_group.h"
 #include "launch/rank_env.h"
@@ -60,66 +61,9 @@ struct selftest_options {
   int command_timeout_ms = 600000;
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
-std::vector<std::string> built_backends() {
-  std::vector<std::string> b;
-#ifdef TROUPE_FEATURE_MPI
-  b.push_back("mpi");
-#endif
-#ifdef TROUPE_FEATURE_UCX
-  b.push_back("ucx");
-#endif
-#ifdef TROUPE_FEATURE_NCCL
-  b.push_back("nccl");
-#endif
-  return b;
-}
-
-std::string hostname() {
-  char buf[256] = {0};
-  ::gethostname(buf, sizeof(buf) - 1);
-  return buf;
-}
-
-// The per-process MPI session: only when launched by mpirun.
-std::unique_ptr<runtime::mpi_session>& mpi() {
-  static std::unique_ptr<runtime::mpi_session> s;
-  return s;
-}
-
-// A communicator for `backend` among the command's group.
 std::unique_ptr<runtime::communicator> make_comm(const std::string& backend, actors::worker_context& ctx,
                                                  int local_rank, runtime::device* dev) {
-  runtime::communicator_options co;
-  co.timeout_ms = 30000;
-  if (backend == "mpi") {
-    TROUPE_CHECK(mpi() != nullptr, errc::unsupported, "mpi: this job was not launched by mpirun");
-    TROUPE_CHECK(ctx.epoch() == 1, errc::unsupported,
-                 "mpi: MPI_COMM_WORLD cannot shrink; group epoch {} has {} ranks", ctx.epoch(), ctx.group_size());
-    return runtime::make_mpi_communicator(co);
-  }
-  if (backend == "ucx") {
-    auto boot = ctx.bootstrap("ucx");
-    runtime::ucx_options uo;
-    uo.timeout_ms = co.timeout_ms;
-    return runtime::make_ucx_communicator(*boot, uo);
-  }
-  if (backend == "nccl") {
-    const auto cs = runtime::cuda_status();
-    TROUPE_CHECK(cs.available, errc::unsupported, "nccl: no GPU ({})", cs.reason);
-    const int d = local_rank % cs.device_count;
-    if (dev) *dev = runtime::device{runtime::device_kind::cuda, d};
-    auto boot = ctx.bootstrap("nccl");
-    return runtime::make_nccl_communicator(*boot, d, co);
-  }
-  TROUPE_THROW(errc::invalid_argument, "unknown backend '{}' (mpi, ucx, nccl)", backend);
+  return make_group_comm(backend, ctx, local_rank, dev);
 }
 
 // Clears the active communicator even when a check throws.
@@ -131,7 +75,7 @@ struct active_guard {
 
 void run_selftest(const Command& cmd, actors::worker_context& ctx, control::StatsReport& rep, int local_rank) {
   bool all_ok = true;
-  for (const auto& backend : split(cmd.args().at("backends"))) {
+  for (const auto& backend : split_list(cmd.args().at("backends"))) {
     const auto t0 = std::chrono::steady_clock::now();
     try {
       runtime::device dev = runtime::device::cpu();
@@ -277,51 +221,15 @@ int drive(actors::supervisor_client& sup, const selftest_options& o, const rank_
 int selftest(const selftest_options& o) {
   const rank_info r = discover_rank();
   if (r.world_size > 1) log::set_rank(r.rank);
-#ifdef TROUPE_FEATURE_MPI
-  if (r.source == "openmpi" || r.source == "pmix" || r.source == "pmi") mpi() = std::make_unique<runtime::mpi_session>();
-#endif
-  actors::cluster_options co;
-  co.rank = r.rank;
-  co.world_size = r.world_size;
-  co.host = hostname();
-  co.heartbeat_interval_ms = o.heartbeat_ms;
-  co.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
-  co.join_timeout_ms = o.join_timeout_ms;
-  co.max_restarts = o.max_restarts;
-  const char* token = std::getenv("TROUPE_CLUSTER_TOKEN");
-  if (r.has_supervisor()) {
-    co.supervisor_host = r.supervisor_host;
-    co.supervisor_port = r.supervisor_port;
-    TROUPE_CHECK(token && *token, errc::invalid_argument,
-                 "TROUPE_SUPERVISOR is set but TROUPE_CLUSTER_TOKEN is not: every rank needs the shared token");
-    co.cluster_token = token;
-  } else if (mpi()) {
-    // Rank 0 picks the port and the token and tells the others over MPI (a trusted channel).
-    std::string mine;
-    if (r.rank == 0) {
-      const std::string host = r.local_world_size == r.world_size ? "127.0.0.1" : co.host;
-      mine = fmt::format("{} {} {}", host, pick_free_port(), token && *token ? token : random_token());
-    }
-    const auto all = runtime::make_mpi_bootstrap()->all_gather(mine);
-    std::istringstream in(all[0]);
-    in >> co.supervisor_host >> co.supervisor_port >> co.cluster_token;
-  } else {
-    TROUPE_CHECK(r.world_size == 1, errc::invalid_argument,
-                 "rank {} of {}: no supervisor address: set TROUPE_SUPERVISOR (troupe-launch does) or run under "
-                 "mpirun",
-                 r.rank, r.world_size);
-    co.cluster_token = token && *token ? token : random_token();
-  }
-  std::vector<std::string> backends;
-  for (const auto& b : o.backends == "all" ? built_backends() : o.backends == "none" ? std::vector<std::string>{}
-                                                                                     : split(o.backends)) {
-    if (b == "mpi" && !mpi()) continue;  // offered only under mpirun
-    if (b == "nccl" && !runtime::cuda_status().available) continue;
-    backends.push_back(b);
-  }
-  co.backends = backends;
-  const auto cs = runtime::cuda_status();
-  co.device = cs.available ? fmt::format("cuda:{}", r.local_rank % cs.device_count) : "cpu";
+  start_mpi_if_launched(r);
+  cluster_setup_options so;
+  so.heartbeat_ms = o.heartbeat_ms;
+  so.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
+  so.join_timeout_ms = o.join_timeout_ms;
+  so.max_restarts = o.max_restarts;
+  so.backends = available_backends(o.backends);
+  const std::vector<std::string> backends = so.backends;
+  const actors::cluster_options co = cluster_options_for(r, so);
 
   actors::cluster_node node(co);
   node.local_worker().on(Command::RUN_SELFTEST, [lr = r.local_rank](const Command& c, actors::worker_context& ctx,

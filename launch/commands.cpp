@@ -8,6 +8,8 @@ void register_commands(CLI::App& app) {
   register_inspect(app);
   register_generate(app);
   register_selftest(app);
+  register_report(app);
+  register_train(app);
 }
 
 }  // namespace troupe::launch

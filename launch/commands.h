@@ -16,5 +16,7 @@ void register_inspect(CLI::App& app);   // cmd_inspect.cpp
 void register_generate(CLI::App& app);  // cmd_generate.cpp
 void register_init(CLI::App& app);      // cmd_init.cpp
 void register_selftest(CLI::App& app);  // cmd_selftest.cpp
+void register_train(CLI::App& app);     // cmd_train.cpp
+void register_report(CLI::App& app);    // cmd_report.cpp
 
 }  // namespace troupe::launch

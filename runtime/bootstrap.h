@@ -22,6 +22,11 @@ class bootstrap {
   virtual std::vector<std::string> all_gather(const std::string& mine) = 0;
 };
 
+// A sub-group of `world`: every rank of `world` calls all_gather together (it is a world
+// all_gather underneath); members of `members` (world ranks, group order) get their group's
+// blobs, the others an empty vector. rank() is the position in `members` (-1 when not in it).
+std::unique_ptr<bootstrap> make_subgroup_bootstrap(bootstrap& world, std::vector<int> members);
+
 // `size` bootstraps over shared memory; each must be used by its own thread.
 std::vector<std::unique_ptr<bootstrap>> make_inproc_bootstraps(int size, int timeout_ms = 60000);
 

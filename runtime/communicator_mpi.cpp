@@ -45,6 +45,10 @@ std::unique_ptr<communicator> make_mpi_communicator(const communicator_options&)
   TROUPE_NO_MPI("make_mpi_communicator");
 }
 
+std::unique_ptr<communicator> make_mpi_communicator_split(int, const communicator_options&) {
+  TROUPE_NO_MPI("make_mpi_communicator_split");
+}
+
 #else
 
 namespace {
@@ -234,9 +238,19 @@ constexpr size_t direct_all_reduce_bytes = 32 << 10;
 
 class mpi_communicator final : public communicator {
  public:
-  explicit mpi_communicator(const communicator_options& o) : timeout_ms_(o.timeout_ms) {
-    TROUPE_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &coll_));
-    TROUPE_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &p2p_));
+  // color < 0: all of MPI_COMM_WORLD; else the ranks that passed the same color (MPI_Comm_split).
+  mpi_communicator(const communicator_options& o, int color) : timeout_ms_(o.timeout_ms) {
+    MPI_Comm base = MPI_COMM_WORLD;
+    MPI_Comm split = MPI_COMM_NULL;
+    if (color >= 0) {
+      int world_rank = 0;
+      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+      TROUPE_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, color, world_rank, &split));
+      base = split;
+    }
+    TROUPE_MPI_CHECK(MPI_Comm_dup(base, &coll_));
+    TROUPE_MPI_CHECK(MPI_Comm_dup(base, &p2p_));
+    if (split != MPI_COMM_NULL) MPI_Comm_free(&split);
     MPI_Comm_set_errhandler(coll_, MPI_ERRORS_RETURN);
     MPI_Comm_set_errhandler(p2p_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(coll_, &rank_);
@@ -736,7 +750,15 @@ std::unique_ptr<communicator> make_mpi_communicator(const communicator_options& 
   require_initialized("make_mpi_communicator");
   TROUPE_CHECK(options.timeout_ms > 0, errc::invalid_argument, "make_mpi_communicator: timeout_ms {} must be > 0",
                options.timeout_ms);
-  return std::make_unique<mpi_communicator>(options);
+  return std::make_unique<mpi_communicator>(options, -1);
+}
+
+std::unique_ptr<communicator> make_mpi_communicator_split(int color, const communicator_options& options) {
+  require_initialized("make_mpi_communicator_split");
+  TROUPE_CHECK(color >= 0, errc::invalid_argument, "make_mpi_communicator_split: color {} must be >= 0", color);
+  TROUPE_CHECK(options.timeout_ms > 0, errc::invalid_argument,
+               "make_mpi_communicator_split: timeout_ms {} must be > 0", options.timeout_ms);
+  return std::make_unique<mpi_communicator>(options, color);
 }
 
 #endif  // TROUPE_HAVE_MPI

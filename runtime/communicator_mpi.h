@@ -67,5 +67,8 @@ std::unique_ptr<bootstrap> make_mpi_bootstrap(int timeout_ms = 60000);
 
 // Collective over MPI_COMM_WORLD (MPI_Comm_dup). Needs MPI initialized (an mpi_session).
 std::unique_ptr<communicator> make_mpi_communicator(const communicator_options& options = {});
+// A sub-group: collective over MPI_COMM_WORLD; the ranks passing the same color form one
+// communicator (MPI_Comm_split, ordered by world rank) — e.g. a job's context-parallel groups.
+std::unique_ptr<communicator> make_mpi_communicator_split(int color, const communicator_options& options = {});
 
 }  // namespace troupe::runtime

@@ -28,8 +28,11 @@ void check_dims(const attention_dims& d, const char* where) {
                d.NKV, d.HD);
   TROUPE_CHECK(d.NH % d.NKV == 0, errc::invalid_argument,
                "{}: num heads {} must be a multiple of num kv heads {}", where, d.NH, d.NKV);
-  TROUPE_CHECK(d.Tq <= d.Tk, errc::invalid_argument,
-               "{}: Tq {} > Tk {}: the queries must be the last Tq of the Tk positions", where, d.Tq, d.Tk);
+  TROUPE_CHECK(d.q_offset >= -1, errc::invalid_argument, "{}: q_offset {} must be >= 0 (or -1: Tk - Tq)", where,
+               d.q_offset);
+  TROUPE_CHECK(d.q_offset >= 0 || d.Tq <= d.Tk, errc::invalid_argument,
+               "{}: Tq {} > Tk {}: the queries must be the last Tq of the Tk positions (or set q_offset)", where,
+               d.Tq, d.Tk);
   TROUPE_CHECK(d.window >= 0, errc::invalid_argument, "{}: window {} must be >= 0 (0 = full causal)", where,
                d.window);
   TROUPE_CHECK(d.kv_stride_b == 0 || d.kv_stride_b >= d.Tk * d.NKV * d.HD, errc::invalid_argument,
@@ -91,10 +94,16 @@ void forward_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_
   }
   float* ob = out + b * g.Tq * g.q_st + h * HD;
   for (int64_t r = 0; r < rows; ++r) {
-    const float inv = 1.0f / l[r];
     float* o = ob + (q0 + r) * g.q_st;
+    float* ls = lse != nullptr ? lse + (b * g.NH + h) * g.Tq + q0 + r : nullptr;
+    if (l[r] == 0.0f) {  // the row sees no key (explicit q_offset with a window)
+      for (int64_t x = 0; x < HD; ++x) o[x] = 0.0f;
+      if (ls != nullptr) *ls = kNegInf;
+      continue;
+    }
+    const float inv = 1.0f / l[r];
     for (int64_t x = 0; x < HD; ++x) o[x] = O[r * HD + x] * inv;
-    if (lse != nullptr) lse[(b * g.NH + h) * g.Tq + q0 + r] = m[r] + std::log(l[r]);
+    if (ls != nullptr) *ls = m[r] + std::log(l[r]);
   }
 }
 
@@ -109,6 +118,10 @@ inline void tile_grad(workspace& w, const attn_geom& g, int64_t q0, int64_t rows
   tile_mask(S, g, q0, rows, k0);
   tile_scores(dP, w.dO.data(), w.VT.data(), rows, g.HD);
   for (int64_t r = 0; r < rows; ++r) {
+    if (lse[r] == kNegInf) {  // a row that sees no key at all: no probability, no gradient
+      for (int64_t c = 0; c < kTileK; ++c) S[r * kTileK + c] = 0.0f, dP[r * kTileK + c] = 0.0f;
+      continue;
+    }
     probs_and_dscores(S + r * kTileK, dP + r * kTileK, lse[r], D[r]);
   }
 }
@@ -117,8 +130,8 @@ inline void tile_grad(workspace& w, const attn_geom& g, int64_t q0, int64_t rows
 void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, int64_t k0, float* dk, float* dv,
                       const float* dout, const float* q, const float* k, const float* v, const float* lse,
                       const float* D) {
-  const int64_t HD = g.HD, T = g.Tq;
-  const int64_t cols = k0 + kTileK <= T ? kTileK : T - k0;
+  const int64_t HD = g.HD, Tq = g.Tq;
+  const int64_t cols = k0 + kTileK <= g.Tk ? kTileK : g.Tk - k0;
   float* dK = w.Acc1.data();
   float* dV = w.Acc2.data();
   load_transposed(w.KT.data(), k + b * g.kv_sb + kvh * HD, k0, cols, g.kv_st, HD);
@@ -126,10 +139,10 @@ void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, 
   for (int64_t x = 0; x < cols * HD; ++x) dK[x] = 0.0f, dV[x] = 0.0f;
   const int64_t qlo = g.query_lo(k0), qhi = g.query_hi(k0 + cols);
   for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
-    const int64_t bh = (b * g.NH + h) * T;
-    const int64_t qoff = b * T * g.q_st + h * HD;
+    const int64_t bh = (b * g.NH + h) * Tq;
+    const int64_t qoff = b * Tq * g.q_st + h * HD;
     for (int64_t q0 = qlo / kTileQ * kTileQ; q0 < qhi; q0 += kTileQ) {
-      const int64_t rows = q0 + kTileQ <= T ? kTileQ : T - q0;
+      const int64_t rows = q0 + kTileQ <= Tq ? kTileQ : Tq - q0;
       load_rows(w.Qs.data(), q + qoff, q0, rows, g.q_st, HD, g.scale);
       load_rows(w.dO.data(), dout + qoff, q0, rows, g.q_st, HD, 1.0f);
       tile_grad(w, g, q0, rows, k0, lse + bh + q0, D + bh + q0);
@@ -138,7 +151,7 @@ void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, 
       mk_gemm(dK, HD, w.dP.data(), 1, kTileK, w.Qs.data(), HD, cols, rows, HD, true);
     }
   }
-  const int64_t dkv_sb = T * g.kv_st;  // dk, dv are dense
+  const int64_t dkv_sb = g.Tk * g.kv_st;  // dk, dv are dense
   for (int64_t c = 0; c < cols; ++c) {
     const int64_t o = b * dkv_sb + (k0 + c) * g.kv_st + kvh * HD;
     for (int64_t x = 0; x < HD; ++x) {
@@ -152,11 +165,11 @@ void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, 
 void backward_q_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_t q0, float* dq,
                      const float* dout, const float* q, const float* k, const float* v, const float* lse,
                      const float* D) {
-  const int64_t HD = g.HD, T = g.Tq;
-  const int64_t rows = q0 + kTileQ <= T ? kTileQ : T - q0;
+  const int64_t HD = g.HD, Tq = g.Tq;
+  const int64_t rows = q0 + kTileQ <= Tq ? kTileQ : Tq - q0;
   const int64_t kvh = h / g.group;
-  const int64_t qoff = b * T * g.q_st + h * HD;
-  const int64_t bh = (b * g.NH + h) * T;
+  const int64_t qoff = b * Tq * g.q_st + h * HD;
+  const int64_t bh = (b * g.NH + h) * Tq;
   const float* kb = k + b * g.kv_sb + kvh * HD;
   const float* vb = v + b * g.kv_sb + kvh * HD;
   float* dQ = w.Acc1.data();
@@ -165,7 +178,7 @@ void backward_q_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int
   for (int64_t x = 0; x < rows * HD; ++x) dQ[x] = 0.0f;
   const int64_t klo = g.key_lo(q0), khi = g.key_hi(q0 + rows);
   for (int64_t k0 = klo / kTileK * kTileK; k0 < khi; k0 += kTileK) {
-    const int64_t cols = k0 + kTileK <= T ? kTileK : T - k0;
+    const int64_t cols = k0 + kTileK <= g.Tk ? kTileK : g.Tk - k0;
     load_transposed(w.KT.data(), kb, k0, cols, g.kv_st, HD);
     load_transposed(w.VT.data(), vb, k0, cols, g.kv_st, HD);
     load_rows(w.KVr.data(), kb, k0, cols, g.kv_st, HD, 1.0f);
@@ -201,19 +214,21 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   }
 }
 
-// dout: (B, T, NH, HD)  ->  dq: (B, T, NH, HD) =, dk, dv: (B, T, NKV, HD) = (dense, batch stride T*NKV*HD)
+// dout, out: (B, Tq, NH, HD), lse: (B, NH, Tq)  ->  dq: (B, Tq, NH, HD) =,
+// dk, dv: (B, Tk, NKV, HD) = (dense, batch stride Tk*NKV*HD)
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                         const float* v, const float* out, const float* lse, const attention_dims& d) {
   check_dims(d, "attention_backward");
-  TROUPE_CHECK(d.Tq == d.Tk, errc::invalid_argument,
-               "attention_backward: needs Tq == Tk (training), got Tq {} and Tk {}", d.Tq, d.Tk);
+  TROUPE_CHECK(d.Tq == d.Tk || d.q_offset >= 0, errc::invalid_argument,
+               "attention_backward: needs Tq == Tk (training) or an explicit q_offset, got Tq {} and Tk {}", d.Tq,
+               d.Tk);
   TROUPE_CHECK(dout != nullptr && q != nullptr && k != nullptr && v != nullptr && out != nullptr && lse != nullptr,
                errc::invalid_argument, "attention_backward: dout, q, k, v, out and lse (from forward) are required");
   const attn_geom g = attn_geom::from(d);
   const int64_t HD = g.HD, T = g.Tq;
-  const int64_t n_qt = ceil_div(T, kTileQ), n_kt = ceil_div(T, kTileK);
+  const int64_t n_qt = ceil_div(T, kTileQ), n_kt = ceil_div(g.Tk, kTileK);
 
-  // D (B, NH, T) = rowsum(dout * out)
+  // D (B, NH, Tq) = rowsum(dout * out)
   std::vector<float> D(static_cast<size_t>(g.B * g.NH * T));
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < g.B; ++b)

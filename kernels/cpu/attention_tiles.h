@@ -9,8 +9,8 @@
 //   1. Every output element is produced by a fixed sequence of float operations that does
 //      not depend on the thread count or on which thread runs the tile (no reductions
 //      split across threads, no atomics): results are bitwise reproducible.
-//   2. Query row i sits at absolute position off + i, off = Tk - Tq; it sees keys j with
-//      j <= pos and, when window > 0, j > pos - window.
+//   2. Query row i sits at absolute position off + i (off = q_offset, default Tk - Tq); it
+//      sees keys j < Tk with j <= pos and, when window > 0, j > pos - window.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -37,7 +37,7 @@ struct attn_geom {
     attn_geom g{};
     g.B = d.B, g.Tq = d.Tq, g.Tk = d.Tk, g.NH = d.NH, g.NKV = d.NKV, g.HD = d.HD;
     g.group = d.NH / d.NKV;
-    g.off = d.Tk - d.Tq;
+    g.off = d.q_offset >= 0 ? d.q_offset : d.Tk - d.Tq;
     g.window = d.window;
     g.q_st = d.NH * d.HD;
     g.kv_st = d.NKV * d.HD;
@@ -50,7 +50,7 @@ struct attn_geom {
     const int64_t p0 = off + q0;
     return window > 0 && p0 - window + 1 > 0 ? p0 - window + 1 : 0;
   }
-  int64_t key_hi(int64_t q1) const { return off + q1; }
+  int64_t key_hi(int64_t q1) const { return off + q1 < Tk ? off + q1 : Tk; }
   // Query rows [lo, hi) that see keys [k0, k1).
   int64_t query_lo(int64_t k0) const { return k0 - off > 0 ? k0 - off : 0; }
   int64_t query_hi(int64_t k1) const {
@@ -203,7 +203,7 @@ inline void tile_scores(float* S, const float* A, const float* BT, int64_t rows,
 // query's position, before its window, or past Tk become -inf.
 inline void tile_mask(float* S, const attn_geom& g, int64_t q0, int64_t rows, int64_t k0) {
   const int64_t p0 = g.off + q0, p1 = g.off + q0 + rows - 1;
-  const bool full = k0 + kTileK - 1 <= p0 && (g.window <= 0 || k0 > p1 - g.window);
+  const bool full = k0 + kTileK - 1 <= p0 && k0 + kTileK <= g.Tk && (g.window <= 0 || k0 > p1 - g.window);
   if (full) return;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t p = p0 + r;
@@ -211,7 +211,7 @@ inline void tile_mask(float* S, const attn_geom& g, int64_t q0, int64_t rows, in
     float* s = S + r * kTileK;
     for (int64_t c = 0; c < kTileK; ++c) {
       const int64_t j = k0 + c;
-      if (j > p || j < lo) s[c] = kNegInf;
+      if (j > p || j < lo || j >= g.Tk) s[c] = kNegInf;
     }
   }
 }

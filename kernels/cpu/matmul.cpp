@@ -3,6 +3,10 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
 namespace troupe::kernels::cpu {
 
 // inp: (N, C)  weight: (OC, C)  bias: (OC) nullable  ->  out: (N, OC)
@@ -61,6 +65,20 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
       for (int64_t o = o0; o < o1; ++o) dbias[o] += acc[o - o0];
     }
   }
+}
+
+double sgemm_peak_gflops(int64_t n, int reps) {
+  std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a.size(), 0.25f), c(a.size(), 0.0f);
+  double best = 1e30;
+  for (int r = 0; r < std::max(1, reps) + 1; ++r) {  // the first run warms up
+    const auto t0 = std::chrono::steady_clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(n),
+                static_cast<int>(n), 1.0f, a.data(), static_cast<int>(n), b.data(), static_cast<int>(n), 0.0f,
+                c.data(), static_cast<int>(n));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::min(best, s);
+  }
+  return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / best * 1e-9;
 }
 
 }  // namespace troupe::kernels::cpu

@@ -6,6 +6,7 @@
 #include "kernels/attention.h"
 #include "kernels/matmul.h"
 #include "kernels/rope.h"
+#include "parallel/cp/context_parallel.h"
 
 namespace troupe::parallel {
 
@@ -41,10 +42,15 @@ void attention_block_forward(float* out, float* q, float* k, float* v, float* at
   d.HD = g.HD;
   d.window = g.window;
   if (cache) {
+    TROUPE_CHECK(g.cp == nullptr, runtime::errc::unsupported,
+                 "attention_block_forward: decoding with a KV cache does not run under context parallelism");
     cache->write(layer, k, v, g.T);
     d.Tk = cache->length() + g.T;
     d.kv_stride_b = cache->batch_stride();
     kc::attention_forward(att, lse, q, cache->k(layer), cache->v(layer), d);
+  } else if (g.cp != nullptr) {
+    d.Tk = g.T;
+    cp_attention_forward(att, lse, q, k, v, d, *g.cp);
   } else {
     d.Tk = g.T;
     kc::attention_forward(att, lse, q, k, v, d);
@@ -66,7 +72,10 @@ void attention_block_backward(float* dxn, layer_params& G, const float* dout, co
   d.NKV = g.NKV;
   d.HD = g.HD;
   d.window = g.window;
-  kc::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), q, k, v, att, lse, d);
+  if (g.cp != nullptr)
+    cp_attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), q, k, v, att, lse, d, *g.cp);
+  else
+    kc::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), q, k, v, att, lse, d);
   kc::rope_backward(dq.data(), dq.data(), cos, sin, g.B, g.T, g.NH, g.HD, g.rotary_dim);
   kc::rope_backward(dk.data(), dk.data(), cos, sin, g.B, g.T, g.NKV, g.HD, g.rotary_dim);
   kc::matmul_backward(dxn, fptr(G.q_w), fptr(G.q_b), dq.data(), xn, L.q_w.data<float>(), N, C, QD);

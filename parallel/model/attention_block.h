@@ -13,6 +13,9 @@
 //      reads the whole cache (Tq = T < Tk = length + T); the cache's length is not advanced.
 //   3. backward (no cache, Tq == Tk) writes (=) dxn and accumulates (+=) into G's
 //      q/k/v/o weights and biases.
+//   4. With g.cp set (context parallelism, no cache), the T tokens are this rank's chunk of
+//      every sequence (cos/sin for its positions) and the attention core runs over the whole
+//      sequence through parallel/cp/context_parallel.h; lse stays in the local (B, NH, T) layout.
 #pragma once
 #include <cstdint>
 
@@ -21,8 +24,11 @@
 
 namespace troupe::parallel {
 
+struct context_parallel;
+
 struct attention_geom {
   int64_t B = 1, T = 1, C = 1, NH = 1, NKV = 1, HD = 1, rotary_dim = 1, window = 0;
+  const context_parallel* cp = nullptr;  // context parallelism: T is this rank's chunk; nullptr = off
   int64_t N() const { return B * T; }
   int64_t QD() const { return NH * HD; }
   int64_t KVD() const { return NKV * HD; }

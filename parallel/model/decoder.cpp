@@ -1,14 +1,17 @@
 // parallel/model/decoder.cpp — the whole model: embedding, layers, final norm, LM head.
 #include "parallel/model/decoder.h"
 
+#include <cmath>
 #include <cstring>
 #include <numeric>
+#include <string>
 
 #include "kernels/cross_entropy.h"
 #include "kernels/embedding.h"
 #include "kernels/matmul.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
+#include "parallel/cp/context_parallel.h"
 
 namespace troupe::parallel {
 
@@ -27,9 +30,41 @@ runtime::rope_config rope_of(const model_config& c) {
 
 }  // namespace
 
+std::vector<tensor> grad_group_tensors(const model_weights& w, int64_t group) {
+  std::vector<tensor> out;
+  for (auto& [name, t] : w.parameters()) {
+    int64_t g = grad_group::head;
+    if (name.rfind("model.embed_tokens.", 0) == 0) {
+      g = grad_group::embedding;
+    } else if (name.rfind("model.layers.", 0) == 0) {
+      g = std::stoll(name.substr(13));  // "model.layers.{l}.…"
+    }
+    if (g == group) out.push_back(t);
+  }
+  return out;
+}
+
 decoder::decoder(const model_weights& w) : w_(&w) {
   TROUPE_CHECK(!w.layers.empty() && w.embed.defined(), errc::invalid_argument,
                "decoder: the weights are empty (use model_weights::load, allocate or random_init)");
+}
+
+void decoder::set_context_parallel(const context_parallel* cp) {
+  if (cp != nullptr) cp_check(*cp, config().n_heads, config().n_kv_heads, "decoder::set_context_parallel");
+  cp_ = cp;
+}
+
+attention_geom decoder::geom(int64_t B, int64_t T, int64_t rotary_dim) const {
+  attention_geom g = attention_geom::of(config(), B, T, rotary_dim);
+  g.cp = cp_;
+  return g;
+}
+
+double decoder::denominator(const fb_options& opt, int64_t n_valid, const char* where) const {
+  TROUPE_CHECK(std::isfinite(opt.loss_denominator) && opt.loss_denominator >= 0, errc::invalid_argument,
+               "{}: fb_options.loss_denominator {} must be finite and >= 0 (0 = this call's valid targets)", where,
+               opt.loss_denominator);
+  return opt.loss_denominator > 0 ? opt.loss_denominator : static_cast<double>(n_valid);
 }
 
 tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, std::vector<layer_activations>* save,
@@ -37,21 +72,26 @@ tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, s
   const model_config& c = config();
   TROUPE_CHECK(B > 0 && T > 0, errc::invalid_argument, "decoder: batch {} and tokens {} must be > 0", B, T);
   const int64_t N = B * T, C = c.hidden;
-  const int64_t pos0 = cache ? cache->length() : 0;
+  TROUPE_CHECK(cache == nullptr || cp_ == nullptr, errc::unsupported,
+               "decoder: decoding with a KV cache does not run under context parallelism "
+               "(call set_context_parallel(nullptr) first)");
+  // With context parallelism this rank's T tokens sit at [rank*T, rank*T + T) of T*size.
+  const int64_t pos0 = cache ? cache->length() : cp_ ? int64_t{cp_->rank()} * T : 0;
+  const int64_t seq_len = cp_ ? T * cp_->size() : pos0 + T;
   if (cache) {
     TROUPE_CHECK(cache->batch() == B, errc::invalid_argument, "decoder: cache batch {} != batch {}", cache->batch(),
                  B);
     cache->check_room(T);
   }
   // RoPE tables for positions [pos0, pos0 + T).
-  const kernels::rope_params rp = kernels::rope_compute_params(rope_of(c), pos0 + T);
+  const kernels::rope_params rp = kernels::rope_compute_params(rope_of(c), seq_len);
   std::vector<int64_t> positions(static_cast<size_t>(T));
   std::iota(positions.begin(), positions.end(), pos0);
   const size_t half = static_cast<size_t>(rp.rotary_dim / 2);
   cos->assign(static_cast<size_t>(T) * half, 0.0f);
   sin->assign(cos->size(), 0.0f);
   kernels::rope_build_table(cos->data(), sin->data(), positions.data(), T, rp);
-  const attention_geom g = attention_geom::of(c, B, T, rp.rotary_dim);
+  const attention_geom g = geom(B, T, rp.rotary_dim);
 
   tensor x = tensor::empty({N, C});
   kc::embedding_forward(x.data<float>(), ids, w_->embed.data<float>(), N, C, c.vocab_size);
@@ -102,6 +142,11 @@ tensor decoder::forward_cached(const int32_t* ids, int64_t B, int64_t T, kv_cach
 }
 
 float decoder::forward_loss(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T) {
+  return forward_loss(ids, targets, B, T, fb_options{});
+}
+
+float decoder::forward_loss(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
+                            const fb_options& opt) {
   const model_config& c = config();
   std::vector<float> cos, sin;
   tensor h = run(ids, B, T, nullptr, &saved_, nullptr, nullptr, &cos, &sin);
@@ -116,11 +161,17 @@ float decoder::forward_loss(const int32_t* ids, const int32_t* targets, int64_t 
       ++n_valid;
       sum += losses[static_cast<size_t>(n)];
     }
-  return n_valid > 0 ? static_cast<float>(sum / static_cast<double>(n_valid)) : 0.0f;
+  const double denom = denominator(opt, n_valid, "forward_loss");
+  return denom > 0 ? static_cast<float>(sum / denom) : 0.0f;
 }
 
 float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
                                 model_weights& grads) {
+  return forward_backward(ids, targets, B, T, grads, fb_options{});
+}
+
+float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
+                                model_weights& grads, const fb_options& opt) {
   const model_config& c = config();
   TROUPE_CHECK(grads.layers.size() == w_->layers.size() && grads.embed.defined() &&
                    grads.embed.shape() == w_->embed.shape() &&
@@ -130,16 +181,26 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
   const int64_t N = B * T, C = c.hidden, V = c.vocab_size;
   int64_t n_valid = 0;
   for (int64_t n = 0; n < N; ++n) n_valid += targets[n] >= 0 ? 1 : 0;
+  const double denom = denominator(opt, n_valid, "forward_backward");
+  const auto ready = [&](int64_t group) {
+    if (opt.grads_ready) opt.grads_ready(group);
+  };
   std::vector<float> cos, sin;
   tensor x_final, rstd_final;
   tensor h = run(ids, B, T, nullptr, &saved_, &x_final, &rstd_final, &cos, &sin);
-  if (n_valid == 0) return 0.0f;  // every target ignored: no loss, no gradient
+  if (n_valid == 0 && cp_ == nullptr) {  // every target ignored: no loss, no gradient
+    ready(grad_group::head);
+    for (int64_t l = c.n_layers - 1; l >= 0; --l) ready(l);
+    ready(grad_group::embedding);
+    return 0.0f;
+  }
+  // (Under CP a rank without valid targets still runs backward: its k/v feed the others' losses.)
+  const float grad_scale = denom > 0 ? 1.0f / static_cast<float>(denom) : 0.0f;
   std::vector<float> losses(static_cast<size_t>(N));
   // LM head + cross-entropy, fused and chunked: dh = dloss/dh, dW_head += ...
   std::vector<float> dh(static_cast<size_t>(N * C));
   kc::classifier_forward_backward(losses.data(), dh.data(), grads.lm_head_or_embed().data<float>(), h.data<float>(),
-                                  w_->lm_head_or_embed().data<float>(), targets, N, C, V,
-                                  1.0f / static_cast<float>(n_valid));
+                                  w_->lm_head_or_embed().data<float>(), targets, N, C, V, grad_scale);
   double sum = 0.0;
   for (int64_t n = 0; n < N; ++n)
     if (targets[n] >= 0) sum += losses[static_cast<size_t>(n)];
@@ -147,14 +208,17 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
   std::vector<float> dx(dh.size());
   kc::rmsnorm_backward(dx.data(), grads.final_norm.data<float>(), dh.data(), x_final.data<float>(),
                        w_->final_norm.data<float>(), rstd_final.data<float>(), N, C);
+  ready(grad_group::head);
   const int64_t rotary_dim = static_cast<int64_t>(cos.size() / static_cast<size_t>(T)) * 2;
-  const attention_geom g = attention_geom::of(c, B, T, rotary_dim);
+  const attention_geom g = geom(B, T, rotary_dim);
   for (int64_t l = c.n_layers - 1; l >= 0; --l) {
     const auto ul = static_cast<size_t>(l);
     layer_backward(dx.data(), grads.layers[ul], saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
+    ready(l);
   }
   kc::embedding_backward(grads.embed.data<float>(), dx.data(), ids, N, C, V);
-  return static_cast<float>(sum / static_cast<double>(n_valid));
+  ready(grad_group::embedding);
+  return denom > 0 ? static_cast<float>(sum / denom) : 0.0f;
 }
 
 std::vector<int32_t> shift_targets(const std::vector<int32_t>& ids, int64_t B, int64_t T) {

@@ -7,6 +7,9 @@
 //   tensor logits = dec.forward_logits(ids, B, T);                  // (B, T, V)
 //   model_weights g = model_weights::zeros_like(w);
 //   float loss = dec.forward_backward(ids, targets, B, T, g);       // g += dloss/dw
+//   fb_options o{.loss_denominator = global_tokens, .grads_ready = [&](int64_t grp) { start_allreduce(grp); }};
+//   float part = dec.forward_backward(ids, targets, B, T, g, o);   // sum(losses)/global_tokens
+//   dec.set_context_parallel(&cp);                                  // (B, T) is now this rank's chunk
 //   kv_cache cache(w.config(), B, T + 16);
 //   tensor last = dec.forward_cached(ids, B, T, cache);             // (B, V), then 1 token/step
 //
@@ -23,8 +26,24 @@
 //   5. forward_cached(x) over a cache holding a prefix gives the same logits (fp32 rounding
 //      aside) as forward_logits over prefix+x at the new positions.
 //   6. The decoder keeps a reference to the weights: they must outlive it.
+//   7. fb_options::loss_denominator > 0 replaces the count of valid targets: the loss is
+//      sum(losses)/denominator and the gradient d(sum)/denominator (so micro batches and ranks
+//      simply add up to the global mean's gradient).
+//   8. fb_options::grads_ready is called on the calling thread exactly once per group and call,
+//      in the order grad_group::head, layers L-1 .. 0, grad_group::embedding, each as soon as
+//      that group's gradients are final for this call (also when no gradient was added);
+//      grad_group_tensors() names each group's tensors.
+//   9. With set_context_parallel (parallel/cp/context_parallel.h), ids/targets are this rank's
+//      contiguous chunk of T tokens of each sequence, at positions [rank*T, rank*T + T) (RoPE
+//      tables for those, scaled for the full length T*size). Only attention talks to the other
+//      ranks; saved() holds the local chunk only. The returned loss is this rank's
+//      sum(losses)/denominator (callers add it over the CP ranks; pass loss_denominator, or each
+//      rank divides by its own count) and grads get this rank's contribution (callers all-reduce
+//      over dp*cp ranks). Every CP rank must call, also with no valid target. forward_cached is
+//      rejected (errc::unsupported).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "parallel/model/decoder_layer.h"
@@ -32,6 +51,31 @@
 #include "parallel/model/model_weights.h"
 
 namespace troupe::parallel {
+
+struct context_parallel;
+
+// The parameter groups fb_options::grads_ready reports: a layer index >= 0, or one of these.
+namespace grad_group {
+inline constexpr int64_t head = -1;       // final norm (+ lm_head when untied)
+inline constexpr int64_t embedding = -2;  // embedding (+ the LM head's gradient when tied)
+}  // namespace grad_group
+
+struct fb_options {
+  // 0 = this call's valid targets (today's behaviour). Otherwise the loss is sum(losses)/loss_denominator
+  // and the gradient is d(sum of losses)/loss_denominator: the trainer passes the global batch's token count
+  // so that gradients summed over micro batches and ranks are exactly the global mean's gradient.
+  double loss_denominator = 0;
+  // Called on the calling thread as soon as a parameter group's gradients are final for this call:
+  //   grad_group::head (final norm + lm_head when untied) right after their backward,
+  //   then layer l for l = L-1 .. 0 after that layer's backward,
+  //   then grad_group::embedding (embedding, + lm_head when tied) last.
+  // The trainer starts the data-parallel all-reduce of that bucket from it (overlap with backward).
+  // group: layer index >= 0, or grad_group::head / ::embedding
+  std::function<void(int64_t group)> grads_ready = nullptr;
+};
+
+// The tensors of `w` (a gradient set) in group `group`, in parameters() order; handles share storage.
+std::vector<runtime::tensor> grad_group_tensors(const model_weights& w, int64_t group);
 
 class decoder {
  public:
@@ -49,8 +93,18 @@ class decoder {
 
   // -> mean loss; grads +=
   float forward_backward(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T, model_weights& grads);
+  // -> sum(losses) / (opt.loss_denominator or the valid count); grads +=; opt.grads_ready per group
+  float forward_backward(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T, model_weights& grads,
+                         const fb_options& opt);
   // -> mean loss (no gradient); saved() holds the activations
   float forward_loss(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T);
+  // -> sum(losses) / (opt.loss_denominator or the valid count); grads_ready is not used
+  float forward_loss(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T, const fb_options& opt);
+
+  // Context parallelism for forward_backward / forward_loss / forward_logits (nullptr = off).
+  // `cp` must outlive its use; checks the heads against its mode (errc::invalid_argument).
+  void set_context_parallel(const context_parallel* cp);
+  const context_parallel* context_parallelism() const { return cp_; }
 
   const std::vector<layer_activations>& saved() const { return saved_; }
 
@@ -61,7 +115,11 @@ class decoder {
                       std::vector<layer_activations>* save, runtime::tensor* x_final, runtime::tensor* rstd_final,
                       std::vector<float>* cos, std::vector<float>* sin) const;
 
+  attention_geom geom(int64_t B, int64_t T, int64_t rotary_dim) const;
+  double denominator(const fb_options& opt, int64_t n_valid, const char* where) const;
+
   const model_weights* w_;
+  const context_parallel* cp_ = nullptr;
   std::vector<layer_activations> saved_;
 };
 

@@ -135,6 +135,16 @@ model_weights model_weights::allocate(const model_config& c) {
   return w;
 }
 
+void model_weights::set_rope(const runtime::rope_config& rope, int64_t max_position_embeddings) {
+  TROUPE_CHECK(max_position_embeddings > 0, runtime::errc::invalid_argument,
+               "set_rope: max_position_embeddings {} must be > 0", max_position_embeddings);
+  const int64_t head_dim = config_.head_dim;
+  config_.rope = rope;
+  config_.rope.head_dim = head_dim;
+  config_.rope.max_position_embeddings = max_position_embeddings;
+  config_.max_position_embeddings = max_position_embeddings;
+}
+
 model_weights model_weights::zeros_like(const model_weights& w) { return allocate(w.config()); }
 
 model_weights model_weights::random_init(const model_config& c, uint64_t seed, float std) {

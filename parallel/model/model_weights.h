@@ -73,6 +73,9 @@ class model_weights {
   void save(const std::string& dir) const;
 
   const model_config& config() const { return config_; }
+  // Context extension: new RoPE settings and context length (shapes do not change, so the
+  // parameters stay valid). The next save() writes them to config.json.
+  void set_rope(const runtime::rope_config& rope, int64_t max_position_embeddings);
   std::vector<param_ref> parameters();
   std::vector<std::pair<std::string, runtime::tensor>> parameters() const;  // handles share storage
   int64_t parameter_count() const;

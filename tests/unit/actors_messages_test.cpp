@@ -126,7 +126,11 @@ auto one_of_each() {
   e.set_key("ucx/epoch-1/0"), e.set_rank(1), e.set_size(2), e.set_blob(std::string("\0\1\2\xff", 4));
   control::ExchangeResult er;
   er.set_key("ucx/epoch-1/0"), er.add_blobs(std::string("\0a", 2)), er.add_blobs("b");
-  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er);
+  control::Progress pr;
+  pr.set_rank(1), pr.set_command_id(7), pr.set_epoch(1), pr.set_step(120), pr.set_max_steps(300);
+  pr.set_loss(2.25), pr.set_tokens_per_s(5120.5), pr.set_step_s(0.4), pr.mutable_memory()->set_host_bytes_in_use(1 << 20);
+  (*pr.mutable_values())["val_loss"] = 2.5;
+  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr);
 }
 
 }  // namespace
@@ -140,8 +144,8 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
   auto remote = sys.middleman().remote_actor("127.0.0.1", child.port);
   ASSERT_TRUE(remote) << sys.render(remote.error());
   const auto all = one_of_each();
-  static_assert(std::tuple_size_v<decltype(all)> == 10);
-  ASSERT_EQ(actors::control_message_names().size(), 10u);
+  static_assert(std::tuple_size_v<decltype(all)> == 11);
+  ASSERT_EQ(actors::control_message_names().size(), 11u);
   int checked = 0;
   std::apply(
       [&](const auto&... msg) {
@@ -156,7 +160,7 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
         (one(msg), ...);
       },
       all);
-  EXPECT_EQ(checked, 10);
+  EXPECT_EQ(checked, 11);
 }
 
 TEST(ActorsMessages, AnUnregisteredTypeWorksLocallyButNotAcrossTheNetwork) {

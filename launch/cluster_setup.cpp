@@ -1,0 +1,155 @@
+// launch/cluster_setup.cpp — see cluster_setup.h.
+#include "launch/cluster_setup.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <sstream>
+
+#include "launch/process_group.h"
+#include "runtime/communicator_nccl.h"
+#include "runtime/communicator_ucx.h"
+#include "runtime/error.h"
+
+namespace troupe::launch {
+
+using runtime::errc;
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::string this_hostname() {
+  char buf[256] = {0};
+  ::gethostname(buf, sizeof(buf) - 1);
+  return buf;
+}
+
+std::unique_ptr<runtime::mpi_session>& mpi_session_of_process() {
+  static std::unique_ptr<runtime::mpi_session> s;
+  return s;
+}
+
+void start_mpi_if_launched(const rank_info& r) {
+#ifdef TROUPE_FEATURE_MPI
+  if (!mpi_session_of_process() && (r.source == "openmpi" || r.source == "pmix" || r.source == "pmi"))
+    mpi_session_of_process() = std::make_unique<runtime::mpi_session>();
+#else
+  (void)r;
+#endif
+}
+
+std::vector<std::string> available_backends(const std::string& request) {
+  std::vector<std::string> built;
+#ifdef TROUPE_FEATURE_MPI
+  built.push_back("mpi");
+#endif
+#ifdef TROUPE_FEATURE_UCX
+  built.push_back("ucx");
+#endif
+#ifdef TROUPE_FEATURE_NCCL
+  built.push_back("nccl");
+#endif
+  std::vector<std::string> out;
+  for (const auto& b : request == "all" ? built : request == "none" ? std::vector<std::string>{} : split_list(request)) {
+    if (b == "mpi" && !mpi_session_of_process()) continue;  // offered only under mpirun
+    if (b == "nccl" && !runtime::cuda_status().available) continue;
+    out.push_back(b);
+  }
+  return out;
+}
+
+actors::cluster_options cluster_options_for(const rank_info& r, const cluster_setup_options& o) {
+  start_mpi_if_launched(r);
+  actors::cluster_options co;
+  co.rank = r.rank;
+  co.world_size = r.world_size;
+  co.host = this_hostname();
+  co.heartbeat_interval_ms = o.heartbeat_ms;
+  co.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
+  co.join_timeout_ms = o.join_timeout_ms;
+  co.max_restarts = o.max_restarts;
+  const char* token = std::getenv("TROUPE_CLUSTER_TOKEN");
+  if (r.has_supervisor()) {
+    co.supervisor_host = r.supervisor_host;
+    co.supervisor_port = r.supervisor_port;
+    TROUPE_CHECK(token && *token, errc::invalid_argument,
+                 "TROUPE_SUPERVISOR is set but TROUPE_CLUSTER_TOKEN is not: every rank needs the shared token");
+    co.cluster_token = token;
+  } else if (mpi_session_of_process()) {
+    // Rank 0 picks the port and the token and tells the others over MPI (a trusted channel).
+    std::string mine;
+    if (r.rank == 0) {
+      const std::string host = r.local_world_size == r.world_size ? "127.0.0.1" : co.host;
+      mine = fmt::format("{} {} {}", host, pick_free_port(), token && *token ? token : random_token());
+    }
+    const auto all = runtime::make_mpi_bootstrap()->all_gather(mine);
+    std::istringstream in(all[0]);
+    in >> co.supervisor_host >> co.supervisor_port >> co.cluster_token;
+  } else {
+    TROUPE_CHECK(r.world_size == 1, errc::invalid_argument,
+                 "rank {} of {}: no supervisor address: set TROUPE_SUPERVISOR (troupe-launch does) or run under "
+                 "mpirun",
+                 r.rank, r.world_size);
+    co.cluster_token = token && *token ? token : random_token();
+  }
+  co.backends = o.backends;
+  const auto cs = runtime::cuda_status();
+  co.device = cs.available ? fmt::format("cuda:{}", r.local_rank % cs.device_count) : "cpu";
+  return co;
+}
+
+std::unique_ptr<runtime::communicator> make_group_comm(const std::string& backend, actors::worker_context& ctx,
+                                                       int local_rank, runtime::device* dev, int timeout_ms) {
+  runtime::communicator_options co;
+  co.timeout_ms = timeout_ms;
+  if (backend == "mpi") {
+    TROUPE_CHECK(mpi_session_of_process() != nullptr, errc::unsupported, "mpi: this job was not launched by mpirun");
+    TROUPE_CHECK(ctx.epoch() == 1, errc::unsupported,
+                 "mpi: MPI_COMM_WORLD cannot shrink; group epoch {} has {} ranks", ctx.epoch(), ctx.group_size());
+    return runtime::make_mpi_communicator(co);
+  }
+  if (backend == "ucx") {
+    auto boot = ctx.bootstrap("ucx");
+    runtime::ucx_options uo;
+    uo.timeout_ms = co.timeout_ms;
+    return runtime::make_ucx_communicator(*boot, uo);
+  }
+  if (backend == "nccl") {
+    const auto cs = runtime::cuda_status();
+    TROUPE_CHECK(cs.available, errc::unsupported, "nccl: no GPU ({})", cs.reason);
+    const int d = local_rank % cs.device_count;
+    if (dev) *dev = runtime::device{runtime::device_kind::cuda, d};
+    auto boot = ctx.bootstrap("nccl");
+    return runtime::make_nccl_communicator(*boot, d, co);
+  }
+  TROUPE_THROW(errc::invalid_argument, "unknown backend '{}' (mpi, ucx, nccl)", backend);
+}
+
+std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& backend, actors::worker_context& ctx,
+                                                          const std::vector<int>& members, int color,
+                                                          const std::string& name, int timeout_ms) {
+  runtime::communicator_options co;
+  co.timeout_ms = timeout_ms;
+  if (backend == "mpi") {
+    TROUPE_CHECK(mpi_session_of_process() != nullptr, errc::unsupported, "mpi: this job was not launched by mpirun");
+    TROUPE_CHECK(ctx.epoch() == 1, errc::unsupported, "mpi: MPI_COMM_WORLD cannot shrink (group epoch {})",
+                 ctx.epoch());
+    return runtime::make_mpi_communicator_split(color, co);
+  }
+  if (backend == "ucx") {
+    auto world = ctx.bootstrap(name);
+    auto boot = runtime::make_subgroup_bootstrap(*world, members);
+    runtime::ucx_options uo;
+    uo.timeout_ms = co.timeout_ms;
+    return runtime::make_ucx_communicator(*boot, uo);
+  }
+  TROUPE_THROW(errc::unsupported, "sub-groups over '{}' are not supported (mpi, ucx)", backend);
+}
+
+}  // namespace troupe::launch

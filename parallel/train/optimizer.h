@@ -1,0 +1,70 @@
+// parallel/train/optimizer.h — what turns gradients into a weight update: the learning-rate
+// schedule (linear warmup, cosine decay), gradient clipping by the global L2 norm, and AdamW
+// with weight decay on matrices only (the nanoGPT / Megatron split).
+//
+//   lr_schedule sched{.lr = 3e-3, .min_lr = 3e-4, .warmup = 20, .max_steps = 300};
+//   adamw opt(weights, {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1});
+//   double norm = clip_grad_norm(grads, /*max_norm=*/1.0);   // grads scaled in place
+//   opt.step(weights, grads, sched.at(opt.steps()));          // opt.steps() counts from 0
+//
+// Invariants:
+//   1. lr_schedule::at(s) for optimizer step s = 0, 1, ...: s < warmup: lr * (s + 1) / warmup;
+//      else p = (s - warmup) / max(1, max_steps - warmup) (clamped to 1) and
+//      min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2.
+//   2. clip_grad_norm is torch.nn.utils.clip_grad_norm_: the norm is taken over every
+//      gradient (accumulated in double), and every gradient is multiplied by
+//      min(1, max_norm / (norm + 1e-6)). max_norm <= 0 only measures. Returns the norm before.
+//   3. adamw::step is torch.optim.AdamW (foreach=False) with two groups: parameters with
+//      ndim >= 2 decay by weight_decay, vectors (norms, biases) do not. Moments are f32 sets
+//      with the weights' names and shapes (saved in checkpoints as exp_avg / exp_avg_sq).
+//   4. Deterministic: elementwise and independent of the thread count.
+#pragma once
+#include <cstdint>
+
+#include "parallel/model/model_weights.h"
+
+namespace troupe::parallel {
+
+struct lr_schedule {
+  double lr = 1e-3;
+  double min_lr = 0.0;
+  int64_t warmup = 0;
+  int64_t max_steps = 1;
+  double at(int64_t step) const;
+};
+
+struct adamw_config {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+// The L2 norm over every parameter of a gradient set (double accumulation).
+double grad_global_norm(const model_weights& grads);
+// Scales every gradient in place.
+void scale_grads(model_weights& grads, float factor);
+// -> the norm before clipping; grads scaled by min(1, max_norm / (norm + 1e-6)) when max_norm > 0.
+double clip_grad_norm(model_weights& grads, double max_norm);
+
+class adamw {
+ public:
+  adamw(const model_weights& weights, adamw_config cfg);
+  // One update of every parameter at learning rate lr; steps() then grows by one.
+  void step(model_weights& weights, const model_weights& grads, double lr);
+  int64_t steps() const { return steps_; }
+  const adamw_config& config() const { return cfg_; }
+  model_weights& exp_avg() { return m_; }
+  model_weights& exp_avg_sq() { return v_; }
+  const model_weights& exp_avg() const { return m_; }
+  const model_weights& exp_avg_sq() const { return v_; }
+  // Resumes from a checkpoint: moments with the weights' names and shapes (checked) and the step count.
+  void restore(model_weights exp_avg, model_weights exp_avg_sq, int64_t steps);
+
+ private:
+  adamw_config cfg_;
+  model_weights m_, v_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace troupe::parallel

@@ -1,0 +1,379 @@
+// The trainer against references: the optimizer pieces against their formulas, the first
+// steps against a transformers run (tests/fixtures/llama_train), data parallel against one
+// rank, context parallel against one rank, and resume against the uninterrupted run.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "parallel/train/checkpoint.h"
+#include "parallel/train/optimizer.h"
+#include "parallel/train/trainer.h"
+#include "runtime/communicator.h"
+#include "runtime/io/safetensors.h"
+#include "runtime/job_spec.h"
+
+namespace {
+
+using namespace troupe;
+using parallel::model_weights;
+using runtime::tensor;
+namespace fs = std::filesystem;
+
+std::string fixture(const std::string& name) {
+  const char* env = std::getenv("TROUPE_FIXTURES_DIR");
+  return std::string(env && *env ? env : TROUPE_FIXTURES_DIR) + "/" + name;
+}
+
+std::string shakespeare() { return std::string(TROUPE_FIXTURES_DIR) + "/../../examples/data/tinyshakespeare.txt"; }
+
+struct temp_dir {
+  std::string path;
+  explicit temp_dir(const std::string& tag)
+      : path(fs::temp_directory_path() / ("troupe_trainer_test_" + tag + "_" + std::to_string(::getpid()))) {
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~temp_dir() { fs::remove_all(path); }
+};
+
+// A tiny text job; `extra` lines are appended (later keys override nothing: give each once).
+job::JobSpec text_job(const std::string& run_dir, const std::string& batch, const std::string& parallel,
+                      int64_t steps = 3, int64_t eval_batches = 2) {
+  const std::string yaml = fmt::format(R"(
+model:
+  create: {{preset: tiny, hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, max_position: 64}}
+data: {{train: "{}", format: text, val_fraction: 0.05, seed: 7}}
+batch: {}
+optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 1, grad_clip: 1.0, weight_decay: 0.1}}
+train: {{max_steps: {}, eval_every_steps: 0, eval_batches: {}}}
+parallel: {}
+checkpoint: {{every_steps: 0, keep: 0}}
+seed: 11
+run_dir: "{}"
+)",
+                                       shakespeare(), batch, steps, eval_batches, parallel, run_dir);
+  return runtime::parse_job_spec(yaml, "trainer_test.yaml");
+}
+
+double max_abs_diff(const model_weights& a, const model_weights& b) {
+  const auto pa = a.parameters();
+  const auto pb = b.parameters();
+  double m = 0;
+  for (size_t i = 0; i < pa.size(); ++i)
+    for (int64_t j = 0; j < pa[i].second.numel(); ++j)
+      m = std::max(m, std::fabs(static_cast<double>(pa[i].second.data<float>()[j]) - pb[i].second.data<float>()[j]));
+  return m;
+}
+
+bool bitwise_equal(const model_weights& a, const model_weights& b) {
+  const auto pa = a.parameters();
+  const auto pb = b.parameters();
+  if (pa.size() != pb.size()) return false;
+  for (size_t i = 0; i < pa.size(); ++i)
+    if (pa[i].second.numel() != pb[i].second.numel() ||
+        std::memcmp(pa[i].second.data<float>(), pb[i].second.data<float>(),
+                    static_cast<size_t>(pa[i].second.numel()) * sizeof(float)) != 0)
+      return false;
+  return true;
+}
+
+struct run_result {
+  std::vector<double> losses, norms;
+  double val = 0;
+  model_weights weights;
+};
+
+// Runs `ranks` trainers of one job on threads over in-process communicators.
+std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval) {
+  const int dp = static_cast<int>(spec.parallel().dp()), cp = static_cast<int>(spec.parallel().cp());
+  const int P = dp * cp;
+  auto world = runtime::make_inproc_group(P);
+  std::vector<std::vector<std::unique_ptr<runtime::communicator>>> cp_groups;
+  for (int d = 0; d < dp; ++d) cp_groups.push_back(runtime::make_inproc_group(cp));
+  std::vector<run_result> out(static_cast<size_t>(P));
+  std::vector<std::string> errors(static_cast<size_t>(P));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        parallel::train_comms c;
+        c.rank = r;
+        c.world_size = P;
+        c.grads = P > 1 ? world[static_cast<size_t>(r)].get() : nullptr;
+        c.cp = cp > 1 ? cp_groups[static_cast<size_t>(r / cp)][static_cast<size_t>(r % cp)].get() : nullptr;
+        auto t = parallel::make_trainer(spec, c);
+        for (int s = 0; s < steps; ++s) {
+          const auto st = t->step();
+          out[static_cast<size_t>(r)].losses.push_back(st.loss);
+          out[static_cast<size_t>(r)].norms.push_back(st.grad_norm);
+        }
+        if (eval) out[static_cast<size_t>(r)].val = t->evaluate();
+        out[static_cast<size_t>(r)].weights = model_weights::zeros_like(t->weights());
+        auto dst = out[static_cast<size_t>(r)].weights.parameters();
+        const auto src = static_cast<const model_weights&>(t->weights()).parameters();
+        for (size_t i = 0; i < src.size(); ++i)
+          std::memcpy(dst[i].value.data<float>(), src[i].second.data<float>(),
+                      static_cast<size_t>(src[i].second.numel()) * sizeof(float));
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+        world[static_cast<size_t>(r)]->abort(e.what());
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < P; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  return out;
+}
+
+// ------------------------------------------------------------------ optimizer pieces
+
+TEST(Optimizer, ScheduleWarmsUpLinearlyThenDecaysByCosineToMinLr) {
+  parallel::lr_schedule s{1e-2, 1e-3, 2, 6};
+  EXPECT_DOUBLE_EQ(s.at(0), 5e-3);
+  EXPECT_DOUBLE_EQ(s.at(1), 1e-2);
+  EXPECT_DOUBLE_EQ(s.at(2), 1e-2);                                      // p = 0
+  EXPECT_NEAR(s.at(3), 1e-3 + 0.5 * 9e-3 * (1 + std::cos(M_PI * 0.25)), 1e-15);
+  EXPECT_NEAR(s.at(4), 5.5e-3, 1e-15);                                  // p = 1/2
+  EXPECT_DOUBLE_EQ(s.at(6), 1e-3);                                      // p = 1
+  EXPECT_DOUBLE_EQ(s.at(100), 1e-3);                                    // clamped past the end
+  parallel::lr_schedule flat{1e-3, 1e-3, 0, 10};
+  EXPECT_DOUBLE_EQ(flat.at(0), 1e-3);
+}
+
+TEST(Optimizer, ClippingScalesByMaxNormOverNormAndReportsTheNormBefore) {
+  runtime::model_config c;
+  c.vocab_size = 8, c.hidden = 4, c.intermediate = 8, c.n_layers = 1, c.n_heads = 2, c.n_kv_heads = 1,
+  c.head_dim = 2;
+  model_weights g = model_weights::allocate(c);
+  g.embed.data<float>()[0] = 3.0f;
+  g.final_norm.data<float>()[1] = 4.0f;  // norm 5
+  EXPECT_DOUBLE_EQ(parallel::clip_grad_norm(g, 10.0), 5.0);  // below: untouched
+  EXPECT_EQ(g.embed.data<float>()[0], 3.0f);
+  EXPECT_DOUBLE_EQ(parallel::clip_grad_norm(g, 1.0), 5.0);
+  EXPECT_NEAR(g.embed.data<float>()[0], 3.0 / (5.0 + 1e-6), 1e-7);
+  EXPECT_NEAR(g.final_norm.data<float>()[1], 4.0 / (5.0 + 1e-6), 1e-7);
+  EXPECT_NEAR(parallel::grad_global_norm(g), 1.0, 1e-6);
+}
+
+TEST(Optimizer, AdamWDecaysMatricesButNotNormWeights) {
+  runtime::model_config c;
+  c.vocab_size = 8, c.hidden = 4, c.intermediate = 8, c.n_layers = 1, c.n_heads = 2, c.n_kv_heads = 1,
+  c.head_dim = 2;
+  model_weights w = model_weights::random_init(c, 3, 0.5f);
+  const float e0 = w.embed.data<float>()[5], n0 = w.final_norm.data<float>()[2];
+  model_weights g = model_weights::zeros_like(w);  // zero gradient: only the decay moves weights
+  parallel::adamw opt(w, {0.9, 0.95, 1e-8, 0.1});
+  opt.step(w, g, 0.5);
+  EXPECT_EQ(opt.steps(), 1);
+  EXPECT_FLOAT_EQ(w.embed.data<float>()[5], e0 * (1.0f - 0.5f * 0.1f));
+  EXPECT_EQ(w.final_norm.data<float>()[2], n0);
+}
+
+// ------------------------------------------------------------------ against transformers
+
+// Serves the fixture's recorded windows: batches[s, a] (B, T+1).
+class fixture_source : public parallel::batch_source {
+ public:
+  explicit fixture_source(tensor batches) : b_(std::move(batches)) {}
+  void next(int32_t* inputs, int32_t* targets) override {
+    const int64_t A = b_.size(1), B = b_.size(2), T1 = b_.size(3);
+    const int64_t* base = b_.data<int64_t>() + (pos_ / A * A + pos_ % A) * B * T1;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t + 1 < T1; ++t) {
+        inputs[b * (T1 - 1) + t] = static_cast<int32_t>(base[b * T1 + t]);
+        targets[b * (T1 - 1) + t] = static_cast<int32_t>(base[b * T1 + t + 1]);
+      }
+    ++pos_;
+  }
+  nlohmann::json position() const override { return {{"index", pos_}}; }
+  void restore(const nlohmann::json& p) override { pos_ = p["index"].get<int64_t>(); }
+
+ private:
+  tensor b_;
+  int64_t pos_ = 0;
+};
+
+TEST(Trainer, FirstStepsMatchATransformersRunOfTheSameCheckpointAndBatches) {
+  const std::string dir = fixture("llama_train");
+  auto ex = runtime::safetensors_file::open(dir + "/expected.safetensors");
+  tensor batches = ex.get_as("batches", runtime::dtype::i64);
+  const int64_t S = batches.size(0), A = batches.size(1), B = batches.size(2), T = batches.size(3) - 1;
+  const std::string yaml = fmt::format(R"(
+model: {{path: "{}"}}
+data: {{train: unused.bin, format: tokens_u16, val_fraction: 0}}
+batch: {{seq_len: {}, micro_batch: {}, grad_accum: {}}}
+optimizer: {{lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 2, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1,
+            grad_clip: 1.0}}
+train: {{max_steps: {}}}
+)",
+                                       dir, T, B, A, S);
+  const job::JobSpec spec = runtime::parse_job_spec(yaml, "fixture_job.yaml");
+  parallel::trainer t(spec, {}, model_weights::load(dir), std::make_unique<fixture_source>(batches), nullptr);
+  tensor loss = ex.get_as("loss", runtime::dtype::f32), norm = ex.get_as("grad_norm", runtime::dtype::f32),
+         lr = ex.get_as("lr", runtime::dtype::f32);
+  bool clipped = false, unclipped = false;
+  for (int64_t s = 0; s < S; ++s) {
+    const auto st = t.step();
+    EXPECT_NEAR(st.loss, loss.data<float>()[s], 2e-5 * std::fabs(loss.data<float>()[s])) << "step " << s;
+    EXPECT_NEAR(st.grad_norm, norm.data<float>()[s], 1e-4 * norm.data<float>()[s]) << "step " << s;
+    EXPECT_NEAR(st.lr, lr.data<float>()[s], 1e-9) << "step " << s;
+    (st.grad_norm > 1.0 ? clipped : unclipped) = true;
+  }
+  EXPECT_TRUE(clipped && unclipped) << "the fixture should exercise both sides of clipping";
+  EXPECT_LT(loss.data<float>()[S - 1], loss.data<float>()[0] - 0.5) << "the fixture's loss should fall";
+  // Adam divides by sqrt(v): where a gradient is nearly zero, fp32 rounding differences in it
+  // become O(lr) differences in the update. So: all but a handful of elements agree to 2e-5,
+  // and none is off by a tenth of one step (lr = 1e-2).
+  double worst = 0;
+  int64_t loose = 0, total = 0;
+  for (const auto& [name, w] : static_cast<const model_weights&>(t.weights()).parameters()) {
+    tensor ref = ex.get_as("final." + name, runtime::dtype::f32, w.shape());
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      const double d = std::fabs(static_cast<double>(w.data<float>()[i]) - ref.data<float>()[i]);
+      worst = std::max(worst, d);
+      loose += d > 2e-5;
+    }
+    total += w.numel();
+  }
+  EXPECT_LE(loose, 10) << "of " << total << " weights after " << S << " steps differ from transformers + AdamW by > 2e-5";
+  EXPECT_LT(worst, 1e-3);
+}
+
+// ------------------------------------------------------------------ parallel = one rank
+
+TEST(Trainer, DataParallelTwoRanksEqualOneRankWithTheSameGlobalBatch) {
+  temp_dir d("dp");
+  // Validation reads eval_batches micro batches per dp rank: 4 on one rank = 2 on each of two.
+  const auto one = run_ranks(text_job(d.path, "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 1}", 3, 4), 3, true);
+  const auto two = run_ranks(text_job(d.path, "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 2}"), 3, true);
+  ASSERT_EQ(two.size(), 2u);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_NEAR(two[0].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]) << "step " << s;
+    EXPECT_EQ(two[0].losses[s], two[1].losses[s]) << "ranks disagree on the loss";
+    EXPECT_NEAR(two[0].norms[s], one[0].norms[s], 1e-4 * one[0].norms[s]);
+  }
+  EXPECT_LT(one[0].losses[2], one[0].losses[0]) << "the loss should fall";
+  EXPECT_NEAR(two[0].val, one[0].val, 1e-5 * one[0].val);
+  EXPECT_TRUE(bitwise_equal(two[0].weights, two[1].weights)) << "dp ranks must hold identical weights";
+  EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 2e-6);
+}
+
+void expect_cp_equals_one_rank(const std::string& mode) {
+  temp_dir d("cp_" + mode);
+  const std::string batch = "{seq_len: 64, micro_batch: 2, global_batch: 4}";
+  const auto one = run_ranks(text_job(d.path, batch, "{dp: 1, cp: 1}"), 2, true);
+  const auto two = run_ranks(text_job(d.path, batch, "{dp: 1, cp: 2, cp_mode: " + mode + "}"), 2, true);
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_NEAR(two[0].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]) << mode << " step " << s;
+    EXPECT_EQ(two[0].losses[s], two[1].losses[s]);
+  }
+  EXPECT_NEAR(two[0].val, one[0].val, 1e-5 * one[0].val) << mode;
+  EXPECT_TRUE(bitwise_equal(two[0].weights, two[1].weights));
+  EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 2e-6) << mode;
+}
+
+TEST(Trainer, ContextParallelUlyssesEqualsOneRankOnTheSameSequences) { expect_cp_equals_one_rank("ulysses"); }
+TEST(Trainer, ContextParallelRingEqualsOneRankOnTheSameSequences) { expect_cp_equals_one_rank("ring"); }
+
+TEST(Trainer, DataTimesContextParallelFourRanksEqualOneRank) {
+  temp_dir d("dpcp");
+  const std::string batch = "{seq_len: 32, micro_batch: 1, global_batch: 4}";
+  const auto one = run_ranks(text_job(d.path, batch, "{dp: 1, cp: 1}"), 2, false);
+  const auto four = run_ranks(text_job(d.path, batch, "{dp: 2, cp: 2, cp_mode: ulysses}"), 2, false);
+  ASSERT_EQ(four.size(), 4u);
+  for (int s = 0; s < 2; ++s) EXPECT_NEAR(four[3].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]);
+  EXPECT_LT(max_abs_diff(four[3].weights, one[0].weights), 2e-6);
+}
+
+// ------------------------------------------------------------------ resume
+
+TEST(Trainer, ResumeFromACheckpointReproducesTheUninterruptedRunBitwise) {
+  temp_dir d("resume");
+  const job::JobSpec spec = text_job(d.path, "{seq_len: 32, micro_batch: 2, grad_accum: 2}", "{dp: 1}", 5);
+  std::vector<double> straight;
+  std::string ckpt;
+  model_weights final_straight;
+  {
+    auto t = parallel::make_trainer(spec, {});
+    for (int s = 0; s < 5; ++s) {
+      straight.push_back(t->step().loss);
+      if (s == 1) ckpt = t->save_checkpoint();  // after step 2
+    }
+    final_straight = model_weights::zeros_like(t->weights());
+    auto dst = final_straight.parameters();
+    const auto src = static_cast<const model_weights&>(t->weights()).parameters();
+    for (size_t i = 0; i < src.size(); ++i)
+      std::memcpy(dst[i].value.data<float>(), src[i].second.data<float>(), src[i].second.nbytes());
+  }
+  ASSERT_FALSE(ckpt.empty());
+  EXPECT_EQ(parallel::latest_checkpoint(spec.checkpoint().dir()), ckpt);
+  auto t = parallel::make_trainer(spec, {}, spec.checkpoint().dir());  // the root: follows `latest`
+  EXPECT_EQ(t->steps_done(), 2);
+  for (int s = 2; s < 5; ++s) EXPECT_EQ(t->step().loss, straight[static_cast<size_t>(s)]) << "step " << s + 1;
+  EXPECT_TRUE(bitwise_equal(t->weights(), final_straight));
+  EXPECT_EQ(t->state()["train_position"], nlohmann::json::parse(R"({"epoch":0,"index":20})"));
+}
+
+TEST(Trainer, ResumeRejectsACheckpointOfAnotherModel) {
+  temp_dir d("resume_other");
+  const job::JobSpec spec = text_job(d.path, "{seq_len: 32, micro_batch: 2, grad_accum: 1}", "{dp: 1}", 1);
+  auto t = parallel::make_trainer(spec, {});
+  t->step();
+  const std::string ckpt = t->save_checkpoint();
+  job::JobSpec other = spec;
+  other.mutable_model()->mutable_create()->set_hidden(64);
+  try {
+    parallel::make_trainer(other, {}, ckpt);
+    FAIL() << "a checkpoint of another shape was accepted";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not match the job's model"), std::string::npos) << e.what();
+  }
+}
+
+// ------------------------------------------------------------------ misuse
+
+TEST(Trainer, ARankCountThatIsNotDpTimesCpIsRefused) {
+  temp_dir d("bad");
+  const job::JobSpec spec = text_job(d.path, "{seq_len: 32, micro_batch: 2, grad_accum: 1}", "{dp: 2}", 1);
+  try {
+    parallel::make_trainer(spec, {});
+    FAIL();
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.dp 2 x parallel.cp 1 = 2"), std::string::npos) << e.what();
+  }
+}
+
+TEST(GradSync, BucketsFollowBackwardOrderAndSumOverRanks) {
+  runtime::model_config c;
+  c.vocab_size = 16, c.hidden = 8, c.intermediate = 16, c.n_layers = 3, c.n_heads = 2, c.n_kv_heads = 1,
+  c.head_dim = 4;
+  auto group = runtime::make_inproc_group(2);
+  std::vector<model_weights> g(2);
+  for (int r = 0; r < 2; ++r) {
+    g[r] = model_weights::allocate(c);
+    for (auto& p : g[r].parameters())
+      for (int64_t i = 0; i < p.value.numel(); ++i) p.value.data<float>()[i] = static_cast<float>((r + 1) * (i % 7));
+  }
+  std::vector<size_t> buckets(2);
+  std::vector<std::thread> th;
+  for (int r = 0; r < 2; ++r)
+    th.emplace_back([&, r] {
+      parallel::grad_sync s(g[r], group[r].get(), /*bucket_bytes=*/1);  // one bucket per group
+      buckets[r] = s.num_buckets();
+      s.begin();
+      s.group_ready(parallel::grad_group::head);
+      for (int64_t l = 2; l >= 0; --l) s.group_ready(l);
+      // the embedding group is never reported: finish() still sends it
+      s.finish();
+    });
+  for (auto& t : th) t.join();
+  EXPECT_EQ(buckets[0], 5u);  // head, 3 layers, embedding
+  for (auto& p : g[0].parameters())
+    for (int64_t i = 0; i < p.value.numel(); ++i)
+      ASSERT_EQ(p.value.data<float>()[i], static_cast<float>(3 * (i % 7))) << p.name;
+}
+
+}  // namespace
