@@ -84,6 +84,7 @@ bool bitwise_equal(const model_weights& a, const model_weights& b) {
 struct run_result {
   std::vector<double> losses, norms;
   double val = 0;
+  size_t activation_bytes = 0;  // kept by the last training forward for backward
   model_weights weights;
 };
 
@@ -111,6 +112,7 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
           out[static_cast<size_t>(r)].losses.push_back(st.loss);
           out[static_cast<size_t>(r)].norms.push_back(st.grad_norm);
         }
+        out[static_cast<size_t>(r)].activation_bytes = t->activation_bytes();
         if (eval) out[static_cast<size_t>(r)].val = t->evaluate();
         out[static_cast<size_t>(r)].weights = model_weights::zeros_like(t->weights());
         auto dst = out[static_cast<size_t>(r)].weights.parameters();
@@ -273,6 +275,9 @@ void expect_cp_equals_one_rank(const std::string& mode) {
   EXPECT_NEAR(two[0].val, one[0].val, 1e-5 * one[0].val) << mode;
   EXPECT_TRUE(bitwise_equal(two[0].weights, two[1].weights));
   EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 2e-6) << mode;
+  // The point of CP: each rank keeps only its half of the sequence's activations.
+  EXPECT_LT(two[0].activation_bytes, one[0].activation_bytes * 55 / 100) << mode;
+  EXPECT_GT(two[0].activation_bytes, one[0].activation_bytes * 45 / 100) << mode;
 }
 
 TEST(Trainer, ContextParallelUlyssesEqualsOneRankOnTheSameSequences) { expect_cp_equals_one_rank("ulysses"); }
