@@ -7,7 +7,7 @@
 //
 // FLOPs are model FLOPs (training = 3 x forward; recomputation inside attention's
 // backward is not counted), with causal attention counted as 4*HD*NH*T(T+1)/2 per
-// sequence. The baseline is the best of several cblas_sgemm runs of n x n x n.
+// sequence. The baseline is kernels::cpu::sgemm_peak_gflops(2048, 3): the best of 3 sgemm 2048^3.
 #include <cblas.h>
 #include <fmt/format.h>
 
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/rope.h"
+#include "kernels/matmul.h"
 #include "parallel/model/decoder_layer.h"
 #include "parallel/model/model_weights.h"
 #include "runtime/io/hf_config.h"
@@ -32,21 +33,6 @@ namespace {
 
 double seconds_since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
 
-double sgemm_gflops(int n, int reps) {
-  std::vector<float> a(static_cast<size_t>(n) * n), b(a.size()), c(a.size());
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<float> u(-1, 1);
-  for (auto& x : a) x = u(rng);
-  for (auto& x : b) x = u(rng);
-  double best = 1e30;
-  for (int r = 0; r < reps + 1; ++r) {  // first run warms up
-    auto t0 = clk::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
-    double s = seconds_since(t0);
-    if (r > 0) best = std::min(best, s);
-  }
-  return 2.0 * n * n * static_cast<double>(n) / best / 1e9;
-}
 
 std::vector<int64_t> parse_list(const std::string& s) {
   std::vector<int64_t> out;
@@ -88,7 +74,7 @@ int main(int argc, char** argv) {
   parallel::model_weights w = parallel::model_weights::random_init(cfg, 7);
   parallel::model_weights g = parallel::model_weights::zeros_like(w);
 
-  const double peak = sgemm_gflops(2048, 3);
+  const double peak = kernels::cpu::sgemm_peak_gflops(2048, 3);  // as the kernels run sgemm
   fmt::print("machine: {} threads; sgemm 2048^3 best of 3: {:.1f} GFLOP/s (the baseline)\n", runtime::num_threads(),
              peak);
   fmt::print("layer: hidden {}, heads {} / kv {}, head_dim {}, intermediate {}, batch {}\n", hidden, heads, kv_heads,

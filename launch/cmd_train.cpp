@@ -98,7 +98,7 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
   parallel::train_loop_options lo;
   // mpirun hands its ranks a pseudo-terminal even when its own output is a file: no live line there.
   lo.tty = !o.no_progress && ::isatty(STDOUT_FILENO) != 0 && !mpi_session_of_process();
-  lo.peak_gflops = kernels::cpu::sgemm_peak_gflops();
+  lo.peak_gflops = kernels::cpu::sgemm_peak_gflops(2048, 3);  // as bench/train_bench measures it
   lo.on_step = [&](const nlohmann::json& rec) {
     control::Progress p;
     p.set_command_id(cmd.id());

@@ -16,7 +16,7 @@ int& current() {
     if (const char* env = std::getenv("TROUPE_NUM_THREADS")) v = std::atoi(env);
     if (v <= 0) v = hardware_threads();
     omp_set_num_threads(v);
-    openblas_set_num_threads(v);
+    openblas_set_num_threads(1);  // kernels/cpu/blas.h parallelises sgemm with OpenMP: one thread pool
     return v;
   }();
   return n;
@@ -34,7 +34,7 @@ void set_num_threads(int n) {
   if (n <= 0) n = hardware_threads();
   current() = n;
   omp_set_num_threads(n);
-  openblas_set_num_threads(n);
+  openblas_set_num_threads(1);
 }
 
 }  // namespace troupe::runtime

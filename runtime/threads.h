@@ -4,7 +4,9 @@
 //   int n = troupe::runtime::num_threads();
 //
 // Invariants:
-//   1. One setting drives both OpenMP parallel regions and OpenBLAS.
+//   1. One setting drives the OpenMP thread count; OpenBLAS itself runs single-threaded
+//      inside those threads (kernels/cpu/blas.h splits each sgemm), so there is one pool
+//      and no two pools spin-waiting against each other.
 //   2. Default: TROUPE_NUM_THREADS if set, else the number of online cores.
 #pragma once
 

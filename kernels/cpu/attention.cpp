@@ -16,6 +16,14 @@
 #include "kernels/cpu/attention_tiles.h"
 #include "runtime/error.h"
 
+// The per-tile work is compiled for AVX-512, AVX2 and the baseline; the loader picks one
+// (GCC function multiversioning). Same bits in every clone (see attention_tiles.h, vf16).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TROUPE_ATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TROUPE_ATTN_CLONES
+#endif
+
 namespace troupe::kernels::cpu {
 
 namespace {
@@ -51,7 +59,7 @@ struct workspace {
 };
 
 // ---- forward: one (b, h, query tile) ---------------------------------------------------
-void forward_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_t q0, float* out, float* lse,
+TROUPE_ATTN_CLONES void forward_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_t q0, float* out, float* lse,
                   const float* q, const float* k, const float* v) {
   const int64_t HD = g.HD;
   const int64_t rows = q0 + kTileQ <= g.Tq ? kTileQ : g.Tq - q0;
@@ -110,7 +118,7 @@ void forward_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_
 // ---- backward helpers ------------------------------------------------------------------
 // For query rows [q0, q0+rows) x keys [k0, k0+kTileK): w.S = P = exp(S - lse), w.dP = dS =
 // P * (dO V^T - D). Needs w.Qs (scaled q), w.dO, w.KT, w.VT loaded.
-inline void tile_grad(workspace& w, const attn_geom& g, int64_t q0, int64_t rows, int64_t k0, const float* lse,
+TROUPE_ATTN_CLONES void tile_grad(workspace& w, const attn_geom& g, int64_t q0, int64_t rows, int64_t k0, const float* lse,
                       const float* D) {
   float* S = w.S.data();
   float* dP = w.dP.data();
@@ -127,7 +135,7 @@ inline void tile_grad(workspace& w, const attn_geom& g, int64_t q0, int64_t rows
 }
 
 // Pass 1: dK, dV of keys [k0, k0 + kTileK) of KV head kvh.
-void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, int64_t k0, float* dk, float* dv,
+TROUPE_ATTN_CLONES void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, int64_t k0, float* dk, float* dv,
                       const float* dout, const float* q, const float* k, const float* v, const float* lse,
                       const float* D) {
   const int64_t HD = g.HD, Tq = g.Tq;
@@ -162,7 +170,7 @@ void backward_kv_item(workspace& w, const attn_geom& g, int64_t b, int64_t kvh, 
 }
 
 // Pass 2: dQ of query rows [q0, q0 + kTileQ) of head h.
-void backward_q_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_t q0, float* dq,
+TROUPE_ATTN_CLONES void backward_q_item(workspace& w, const attn_geom& g, int64_t b, int64_t h, int64_t q0, float* dq,
                      const float* dout, const float* q, const float* k, const float* v, const float* lse,
                      const float* D) {
   const int64_t HD = g.HD, Tq = g.Tq;

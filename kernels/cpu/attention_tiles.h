@@ -70,26 +70,32 @@ inline vf4 vload(const float* p) {
 }
 inline void vstore(float* p, vf4 v) { std::memcpy(p, &v, sizeof v); }
 
+// 16 floats as one value: one AVX-512 register in the avx512 clones of the attention
+// functions (attention.cpp, target_clones), four SSE registers otherwise. Only elementwise
+// mul/add, and attention.cpp is built with -ffp-contract=off, so every clone computes the
+// same bits.
+typedef float vf16 __attribute__((vector_size(64)));
+
 // Two output rows at once (they share the loads of m):
 //   o_r[0..kVec) = (accumulate ? o_r : 0) + sum_{k<K} c_r[k * cs] * m[k * ms + 0..kVec),  r = 0, 1
 inline void mk_rows2(float* o0, float* o1, const float* c0, const float* c1, int64_t cs, const float* m, int64_t ms,
                      int64_t K, bool accumulate) {
-  vf4 a0[4], a1[4];
-  for (int j = 0; j < 4; ++j) {
-    a0[j] = accumulate ? vload(o0 + 4 * j) : vf4{0, 0, 0, 0};
-    a1[j] = accumulate ? vload(o1 + 4 * j) : vf4{0, 0, 0, 0};
+  static_assert(kVec == 16, "one vf16 per row");
+  vf16 a0, a1;
+  if (accumulate) {
+    std::memcpy(&a0, o0, sizeof a0);
+    std::memcpy(&a1, o1, sizeof a1);
+  } else {
+    a0 = vf16{} , a1 = vf16{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const float* mk = m + k * ms;
-    const float s0 = c0[k * cs], s1 = c1[k * cs];
-    const vf4 x0 = {s0, s0, s0, s0}, x1 = {s1, s1, s1, s1};
-    for (int j = 0; j < 4; ++j) {
-      const vf4 mj = vload(mk + 4 * j);
-      a0[j] += x0 * mj;
-      a1[j] += x1 * mj;
-    }
+    vf16 mk;
+    std::memcpy(&mk, m + k * ms, sizeof mk);
+    a0 += c0[k * cs] * mk;
+    a1 += c1[k * cs] * mk;
   }
-  for (int j = 0; j < 4; ++j) vstore(o0 + 4 * j, a0[j]), vstore(o1 + 4 * j, a1[j]);
+  std::memcpy(o0, &a0, sizeof a0);
+  std::memcpy(o1, &a1, sizeof a1);
 }
 
 // One output row, ragged width n <= kVec.

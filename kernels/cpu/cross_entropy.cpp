@@ -2,6 +2,7 @@
 // LM head (logits -> loss -> dlogits -> dh, dW) that never holds more than chunk_tokens * V logits.
 #include "kernels/cross_entropy.h"
 
+#include "kernels/cpu/blas.h"
 #include <cblas.h>
 
 #include <cmath>
@@ -74,9 +75,7 @@ void classifier_forward_backward(float* losses, float* dh, float* dW, const floa
     const int64_t cn = n0 + chunk <= N ? chunk : N - n0;
     const float* hc = h + n0 * C;
     // logits = h_chunk @ W^T : (cn, V)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(cn), static_cast<int>(V),
-                static_cast<int>(C), 1.0f, hc, static_cast<int>(C), W, static_cast<int>(C), 0.0f, logits.data(),
-                static_cast<int>(V));
+    sgemm(false, true, cn, V, C, 1.0f, hc, C, W, C, 0.0f, logits.data(), V);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < cn; ++r) {
       float* x = logits.data() + r * V;
@@ -106,13 +105,9 @@ void classifier_forward_backward(float* losses, float* dh, float* dW, const floa
       x[tgt] -= grad_scale;
     }
     if (dh != nullptr)  // dh_chunk = dlogits @ W : (cn, C)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(cn), static_cast<int>(C),
-                  static_cast<int>(V), 1.0f, logits.data(), static_cast<int>(V), W, static_cast<int>(C), 0.0f,
-                  dh + n0 * C, static_cast<int>(C));
+      sgemm(false, false, cn, C, V, 1.0f, logits.data(), V, W, C, 0.0f, dh + n0 * C, C);
     if (dW != nullptr)  // dW += dlogits^T @ h_chunk : (V, C)
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(V), static_cast<int>(C),
-                  static_cast<int>(cn), 1.0f, logits.data(), static_cast<int>(V), hc, static_cast<int>(C), 1.0f,
-                  dW, static_cast<int>(C));
+      sgemm(true, false, V, C, cn, 1.0f, logits.data(), V, hc, C, 1.0f, dW, C);
   }
 }
 

@@ -1,5 +1,6 @@
 // kernels/cpu/matmul.cpp — the linear layer on OpenBLAS sgemm, nn.Linear layout.
 #include "kernels/matmul.h"
+#include "kernels/cpu/blas.h"
 
 #include <cblas.h>
 
@@ -25,9 +26,7 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
       for (int64_t i = 0; i < N * OC; ++i) out[i] = 0.0f;
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
-              static_cast<int>(C), 1.0f, inp, static_cast<int>(C), weight, static_cast<int>(C), beta, out,
-              static_cast<int>(OC));
+  sgemm(false, true, N, OC, C, 1.0f, inp, C, weight, C, beta, out, OC);
 }
 
 // dout: (N, OC)  ->  dinp: (N, C) =   dweight: (OC, C) +=   dbias: (OC) +=   (all nullable)
@@ -36,17 +35,13 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
   if (N <= 0) return;
   if (dinp != nullptr && C > 0) {
     if (OC > 0) {  // dinp = dout @ W
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(N), static_cast<int>(C),
-                  static_cast<int>(OC), 1.0f, dout, static_cast<int>(OC), weight, static_cast<int>(C), 0.0f, dinp,
-                  static_cast<int>(C));
+      sgemm(false, false, N, C, OC, 1.0f, dout, OC, weight, C, 0.0f, dinp, C);
     } else {
       for (int64_t i = 0; i < N * C; ++i) dinp[i] = 0.0f;
     }
   }
   if (dweight != nullptr && OC > 0 && C > 0) {  // dW += dout^T @ inp
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(OC), static_cast<int>(C),
-                static_cast<int>(N), 1.0f, dout, static_cast<int>(OC), inp, static_cast<int>(C), 1.0f, dweight,
-                static_cast<int>(C));
+    sgemm(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
   }
   if (dbias != nullptr && OC > 0) {
     // Column sums; each thread owns a block of columns and adds rows in order (deterministic).
@@ -72,9 +67,7 @@ double sgemm_peak_gflops(int64_t n, int reps) {
   double best = 1e30;
   for (int r = 0; r < std::max(1, reps) + 1; ++r) {  // the first run warms up
     const auto t0 = std::chrono::steady_clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(n),
-                static_cast<int>(n), 1.0f, a.data(), static_cast<int>(n), b.data(), static_cast<int>(n), 0.0f,
-                c.data(), static_cast<int>(n));
+    sgemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (r > 0) best = std::min(best, s);
   }

@@ -2,6 +2,7 @@
 // SwiGLU expert FFN on the cpu (OpenBLAS sgemm per expert, OpenMP elsewhere).
 #include "kernels/moe.h"
 
+#include "kernels/cpu/blas.h"
 #include <cblas.h>
 
 #include <algorithm>
@@ -220,14 +221,13 @@ void moe_expert_ffn_forward(float* yp, float* h_gate, float* h_up, const float* 
     float* hg = h_gate + r0 * I;
     float* hu = h_up + r0 * I;
     // h = x (rows, C) · W^T (C, I)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, I, C, 1.0f, x, C, w_gate[e], C, 0.0f, hg, I);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, I, C, 1.0f, x, C, w_up[e], C, 0.0f, hu, I);
+    sgemm(false, true, rows, I, C, 1.0f, x, C, w_gate[e], C, 0.0f, hg, I);
+    sgemm(false, true, rows, I, C, 1.0f, x, C, w_up[e], C, 0.0f, hu, I);
     const int64_t n = rows * I;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) act[i] = hg[i] * sigmoidf(hg[i]) * hu[i];
     // y = a (rows, I) · Wd^T (I, C)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, C, I, 1.0f, act.data(), I, w_down[e], I, 0.0f,
-                yp + r0 * C, C);
+    sgemm(false, true, rows, C, I, 1.0f, act.data(), I, w_down[e], I, 0.0f, yp + r0 * C, C);
   }
 }
 
@@ -255,12 +255,12 @@ void moe_expert_ffn_backward(float* dxp, float* const* dw_gate, float* const* dw
     float* a = act.data();
     float* da = dgate.data();
     // da = dy (rows, C) · Wd (C, I)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, I, C, 1.0f, dy, C, w_down[e], I, 0.0f, da, I);
+    sgemm(false, false, rows, I, C, 1.0f, dy, C, w_down[e], I, 0.0f, da, I);
     if (dw_down && dw_down[e]) {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i) a[i] = hg[i] * sigmoidf(hg[i]) * hu[i];
       // dWd (C, I) += dy^T (C, rows) · a (rows, I)
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, I, rows, 1.0f, dy, C, a, I, 1.0f, dw_down[e], I);
+      sgemm(true, false, C, I, rows, 1.0f, dy, C, a, I, 1.0f, dw_down[e], I);
     }
     // SwiGLU backward: a = silu(g) * u;  dg = da * u * s (1 + g (1 - s)),  du = da * silu(g).
     float* dhu = a;
@@ -273,13 +273,13 @@ void moe_expert_ffn_backward(float* dxp, float* const* dw_gate, float* const* dw
     }
     // dx = dhg (rows, I) · Wg (I, C) + dhu · Wu
     float* dx = dxp + r0 * C;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, C, I, 1.0f, dhg, I, w_gate[e], C, 0.0f, dx, C);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, C, I, 1.0f, dhu, I, w_up[e], C, 1.0f, dx, C);
+    sgemm(false, false, rows, C, I, 1.0f, dhg, I, w_gate[e], C, 0.0f, dx, C);
+    sgemm(false, false, rows, C, I, 1.0f, dhu, I, w_up[e], C, 1.0f, dx, C);
     // dWg (I, C) += dhg^T (I, rows) · x (rows, C); same for Wu.
     if (dw_gate && dw_gate[e])
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, I, C, rows, 1.0f, dhg, I, x, C, 1.0f, dw_gate[e], C);
+      sgemm(true, false, I, C, rows, 1.0f, dhg, I, x, C, 1.0f, dw_gate[e], C);
     if (dw_up && dw_up[e])
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, I, C, rows, 1.0f, dhu, I, x, C, 1.0f, dw_up[e], C);
+      sgemm(true, false, I, C, rows, 1.0f, dhu, I, x, C, 1.0f, dw_up[e], C);
   }
 }
 

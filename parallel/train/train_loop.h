@@ -3,7 +3,7 @@
 //
 //   train_loop_options o;
 //   o.tty = isatty(1);
-//   o.peak_gflops = kernels::cpu::sgemm_peak_gflops();
+//   o.peak_gflops = kernels::cpu::sgemm_peak_gflops(2048, 3);
 //   o.on_step = [&](const nlohmann::json& rec) { ctx.report_progress(...); };  // to the supervisor
 //   nlohmann::json summary = run_training(*trainer, o);
 //

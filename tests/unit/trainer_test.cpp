@@ -88,6 +88,9 @@ struct run_result {
   model_weights weights;
 };
 
+// Weights after Adam steps are compared to 1e-5 (lr 3e-3): Adam divides by sqrt(v), so fp32
+// summation-order differences in tiny gradients become differences of a fraction of a step.
+
 // Runs `ranks` trainers of one job on threads over in-process communicators.
 std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval) {
   const int dp = static_cast<int>(spec.parallel().dp()), cp = static_cast<int>(spec.parallel().cp());
@@ -260,7 +263,7 @@ TEST(Trainer, DataParallelTwoRanksEqualOneRankWithTheSameGlobalBatch) {
   EXPECT_LT(one[0].losses[2], one[0].losses[0]) << "the loss should fall";
   EXPECT_NEAR(two[0].val, one[0].val, 1e-5 * one[0].val);
   EXPECT_TRUE(bitwise_equal(two[0].weights, two[1].weights)) << "dp ranks must hold identical weights";
-  EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 2e-6);
+  EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 1e-5);
 }
 
 void expect_cp_equals_one_rank(const std::string& mode) {
@@ -274,7 +277,7 @@ void expect_cp_equals_one_rank(const std::string& mode) {
   }
   EXPECT_NEAR(two[0].val, one[0].val, 1e-5 * one[0].val) << mode;
   EXPECT_TRUE(bitwise_equal(two[0].weights, two[1].weights));
-  EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 2e-6) << mode;
+  EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 1e-5) << mode;
   // The point of CP: each rank keeps only its half of the sequence's activations.
   EXPECT_LT(two[0].activation_bytes, one[0].activation_bytes * 55 / 100) << mode;
   EXPECT_GT(two[0].activation_bytes, one[0].activation_bytes * 45 / 100) << mode;
@@ -290,7 +293,7 @@ TEST(Trainer, DataTimesContextParallelFourRanksEqualOneRank) {
   const auto four = run_ranks(text_job(d.path, batch, "{dp: 2, cp: 2, cp_mode: ulysses}"), 2, false);
   ASSERT_EQ(four.size(), 4u);
   for (int s = 0; s < 2; ++s) EXPECT_NEAR(four[3].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]);
-  EXPECT_LT(max_abs_diff(four[3].weights, one[0].weights), 2e-6);
+  EXPECT_LT(max_abs_diff(four[3].weights, one[0].weights), 1e-5);
 }
 
 // ------------------------------------------------------------------ resume
