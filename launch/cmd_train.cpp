@@ -123,7 +123,7 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
                             summary["final_loss"].get<double>(), summary["tokens_per_s"].get<double>()));
 }
 
-int drive(actors::supervisor_client& sup, const train_options& o, const job::JobSpec& spec) {
+int drive(actors::supervisor_client& sup, const train_options& o) {
   sup.wait_for_group(o.join_timeout_ms);
   Command c;
   c.set_id(1);
@@ -145,7 +145,6 @@ int drive(actors::supervisor_client& sup, const train_options& o, const job::Job
                  p.values().at("host_peak_bytes") / (1 << 20) : 0.0);
   }
   std::fflush(stdout);
-  (void)spec;
   sup.shutdown(ok ? "training done" : "training failed", ok ? 0 : 1);
   return ok ? 0 : 1;
 }
@@ -183,7 +182,7 @@ int train(const train_options& o) {
   int driver_code = 0;
   if (node.is_supervisor()) {
     try {
-      driver_code = drive(node.driver(), o, spec);
+      driver_code = drive(node.driver(), o);
     } catch (const runtime::error& e) {
       log::error("train: {}", e.what());
       driver_code = e.code() == errc::aborted ? actors::exit_group_torn_down : 1;

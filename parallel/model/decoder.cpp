@@ -12,6 +12,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "parallel/cp/context_parallel.h"
+#include "parallel/memo/swap.h"
 
 namespace troupe::parallel {
 
@@ -68,7 +69,8 @@ double decoder::denominator(const fb_options& opt, int64_t n_valid, const char* 
 }
 
 tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, std::vector<layer_activations>* save,
-                    tensor* x_final, tensor* rstd_final, std::vector<float>* cos, std::vector<float>* sin) const {
+                    tensor* x_final, tensor* rstd_final, std::vector<float>* cos, std::vector<float>* sin,
+                    memo::memo_swap* memo) const {
   const model_config& c = config();
   TROUPE_CHECK(B > 0 && T > 0, errc::invalid_argument, "decoder: batch {} and tokens {} must be > 0", B, T);
   const int64_t N = B * T, C = c.hidden;
@@ -96,11 +98,17 @@ tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, s
   tensor x = tensor::empty({N, C});
   kc::embedding_forward(x.data<float>(), ids, w_->embed.data<float>(), N, C, c.vocab_size);
   if (save) save->resize(static_cast<size_t>(c.n_layers));
+  TROUPE_CHECK(memo == nullptr || (save != nullptr && cache == nullptr), errc::internal,
+               "decoder: MEMO swapping needs saved activations and no KV cache");
+  if (memo) memo->begin_forward(c, B, T);
   layer_activations scratch;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     layer_activations& a = save ? (*save)[static_cast<size_t>(l)] : scratch;
+    if (memo) memo->before_forward(l, a);
     layer_forward(x.data<float>(), a, w_->layers[static_cast<size_t>(l)], c, g, cos->data(), sin->data(), cache, l);
+    if (memo) memo->after_forward(l, a);  // overlaps the next layer's forward
   }
+  if (memo) memo->end_forward(*save);
   if (cache) cache->advance(T);
   tensor h = tensor::empty({N, C});
   tensor rstd = tensor::empty({N});
@@ -187,7 +195,7 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
   };
   std::vector<float> cos, sin;
   tensor x_final, rstd_final;
-  tensor h = run(ids, B, T, nullptr, &saved_, &x_final, &rstd_final, &cos, &sin);
+  tensor h = run(ids, B, T, nullptr, &saved_, &x_final, &rstd_final, &cos, &sin, opt.memo);
   if (n_valid == 0 && cp_ == nullptr) {  // every target ignored: no loss, no gradient
     ready(grad_group::head);
     for (int64_t l = c.n_layers - 1; l >= 0; --l) ready(l);
@@ -211,9 +219,12 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
   ready(grad_group::head);
   const int64_t rotary_dim = static_cast<int64_t>(cos.size() / static_cast<size_t>(T)) * 2;
   const attention_geom g = geom(B, T, rotary_dim);
+  if (opt.memo) opt.memo->begin_backward();
   for (int64_t l = c.n_layers - 1; l >= 0; --l) {
     const auto ul = static_cast<size_t>(l);
+    if (opt.memo) opt.memo->before_backward(l, saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
     layer_backward(dx.data(), grads.layers[ul], saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
+    if (opt.memo) opt.memo->after_backward(l, saved_[ul]);
     ready(l);
   }
   kc::embedding_backward(grads.embed.data<float>(), dx.data(), ids, N, C, V);

@@ -41,6 +41,8 @@
 //      rank divides by its own count) and grads get this rank's contribution (callers all-reduce
 //      over dp*cp ranks). Every CP rank must call, also with no valid target. forward_cached is
 //      rejected (errc::unsupported).
+//  10. With fb_options::memo, the layers it swaps hold no tensors in saved() after the call (their
+//      activations live in the swap engine's host buffers and rounding buffers).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -53,6 +55,9 @@
 namespace troupe::parallel {
 
 struct context_parallel;
+namespace memo {
+class memo_swap;
+}
 
 // The parameter groups fb_options::grads_ready reports: a layer index >= 0, or one of these.
 namespace grad_group {
@@ -72,6 +77,9 @@ struct fb_options {
   // The trainer starts the data-parallel all-reduce of that bucket from it (overlap with backward).
   // group: layer index >= 0, or grad_group::head / ::embedding
   std::function<void(int64_t group)> grads_ready = nullptr;
+  // MEMO activation swapping + recomputation (parallel/memo/swap.h) for forward_backward; nullptr = off.
+  // Gradients and loss are bitwise those of memo off. Not used by forward_loss.
+  memo::memo_swap* memo = nullptr;
 };
 
 // The tensors of `w` (a gradient set) in group `group`, in parameters() order; handles share storage.
@@ -113,7 +121,7 @@ class decoder {
   // With `save`, per-layer activations go to saved_ and the final norm's to final_*.
   runtime::tensor run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache,
                       std::vector<layer_activations>* save, runtime::tensor* x_final, runtime::tensor* rstd_final,
-                      std::vector<float>* cos, std::vector<float>* sin) const;
+                      std::vector<float>* cos, std::vector<float>* sin, memo::memo_swap* memo = nullptr) const;
 
   attention_geom geom(int64_t B, int64_t T, int64_t rotary_dim) const;
   double denominator(const fb_options& opt, int64_t n_valid, const char* where) const;

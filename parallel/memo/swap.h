@@ -1,0 +1,106 @@
+// parallel/memo/swap.h — MEMO's token-wise activation swapping + recomputation (SIGMOD 2025,
+// arXiv 2407.12117; ../shared/ALGORITHMS.md): between a layer's forward and its backward the
+// layer's saved activations (layer_activations) leave the device. x_in, att and lse go to host
+// whole; of the other skeletal tensors the first round(α·N) token rows go to host and the rest
+// are dropped and recomputed before the layer's backward.
+//
+//   memo::memo_swap swap({.alpha = 0.5, .keep_last_layers = 2, .copy_bandwidth_gbps = 12});
+//   fb_options o;
+//   o.memo = &swap;
+//   float loss = dec.forward_backward(ids, targets, B, T, grads, o);  // bitwise == memo off
+//   swap.stats().device_bytes_resident;  // activation bytes left on the device after forward
+//
+// Invariants:
+//   1. Layers l < L - keep_last_layers are swapped; the last keep_last_layers stay on the device.
+//      A swapped layer's layer_activations are empty (0 bytes) from the end of its forward until
+//      its prefetched copy is restored right before its backward, and empty again after it.
+//   2. Gradients and loss are bitwise equal to the same call with memo off, for every α in [0, 1].
+//      Recomputation re-runs the forward's own kernel calls at the forward's full (N-row) shape
+//      and keeps the dropped rows: the cpu sgemm splits work by shape (kernels/cpu/blas.h,
+//      invariant 3) and OpenBLAS picks kernels by shape, so a matmul over a row subset is not
+//      guaranteed to give the same bits. Row-wise ops get identical inputs, so identical outputs.
+//   3. Copies run on two threads (device->host, host->device) fenced by futures. Two staging
+//      ("rounding") buffers alternate between even and odd layers: layer l's forward reuses the
+//      buffers of layer l-2 only after their device->host copy finished; after layer l's backward
+//      its buffers become the target of layer l-2's prefetch, which starts then (paper's i+2 rule).
+//   4. Host buffers are allocated at the first swap-out of a layer and reused while the shapes
+//      stay the same (a fixed (B, T) job allocates once).
+//   5. MoE layers are swapped whole (every tensor, no token split, no recomputation); their small
+//      routing index vectors (offsets, row_slot, slot_row) stay on the device.
+//   6. copy_bandwidth_gbps > 0 caps each copy thread at that many 1e9 bytes/s (models PCIe).
+//   7. One engine serves one decoder on one thread at a time; forward_loss does not use it.
+//
+// Not yet (issue #5 item 3): CUDA streams/events and pinned host memory; α computed from the
+// measured layer forward time and copy bandwidth (it is given); device buffers from the budgeted
+// arena (they are plain tensors, so a rounding buffer holds whole layers, dropped rows included,
+// until its device->host copy is done); recomputing only the dropped rows (needs a row-stable
+// GEMM, see invariant 2: today the recompute costs the layer's q/k/v/o/gate/up matmuls at full N).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <vector>
+
+#include "parallel/model/decoder_layer.h"
+
+namespace troupe::parallel::memo {
+
+struct memo_options {
+  double alpha = 1.0;               // fraction of tokens of the other skeletal tensors swapped; the rest recomputed
+  int64_t keep_last_layers = 2;     // the last layers are never swapped (paper)
+  double copy_bandwidth_gbps = 0;   // 0 = unlimited; > 0 caps each copy thread (1e9 bytes/s)
+};
+
+struct memo_swap_stats {
+  int64_t swapped_layers = 0;        // layers swapped in the last call
+  int64_t swapped_tokens = 0;        // round(alpha * N): rows of the split tensors that went to host
+  size_t device_bytes_off = 0;       // sum of layer_activations::bytes() right after each forward (= memo off)
+  size_t device_bytes_resident = 0;  // activation bytes on the device at the end of forward (kept layers)
+  size_t host_bytes = 0;             // host buffers held (all swapped layers)
+  size_t d2h_bytes = 0, h2d_bytes = 0;  // bytes copied in the last call
+  int64_t recomputed_rows = 0;       // dropped token rows recomputed in the last call (all tensors, all layers)
+  size_t rounding_bytes_peak = 0;    // most bytes the two rounding buffers held at once during forward
+};
+
+class memo_swap {
+ public:
+  explicit memo_swap(memo_options o = {});
+  ~memo_swap();
+  memo_swap(const memo_swap&) = delete;
+  memo_swap& operator=(const memo_swap&) = delete;
+
+  const memo_options& options() const { return opt_; }
+  const memo_swap_stats& stats() const { return stats_; }
+  bool swapped(int64_t layer) const { return layer < n_layers_ - opt_.keep_last_layers; }
+
+  // The decoder's hooks, in call order (parallel/model/decoder.cpp, forward_backward).
+  void begin_forward(const model_config& c, int64_t B, int64_t T);
+  void before_forward(int64_t layer, layer_activations& a);  // hands layer-2's staging buffers back
+  void after_forward(int64_t layer, layer_activations& a);   // a -> staging, device->host copy starts
+  void end_forward(const std::vector<layer_activations>& saved);  // waits for the copies
+  void begin_backward();                                     // prefetches the top two swapped layers
+  // Waits for the layer's prefetch, restores a and recomputes the dropped rows.
+  void before_backward(int64_t layer, layer_activations& a, const layer_params& L, const model_config& c,
+                       const attention_geom& g, const float* cos, const float* sin);
+  void after_backward(int64_t layer, layer_activations& a);  // a -> staging; prefetch of layer-2 starts
+
+  struct copy_thread;  // a FIFO of copy jobs on its own thread (swap.cpp)
+
+ private:
+  struct host_layer;  // one swapped layer's host buffers and the shapes to restore (swap.cpp)
+
+  void prefetch(int64_t layer);
+
+  memo_options opt_;
+  memo_swap_stats stats_;
+  int64_t n_layers_ = 0, N_ = 0;
+  std::unique_ptr<copy_thread> d2h_, h2d_;
+  std::vector<std::unique_ptr<host_layer>> host_;
+  layer_activations staging_[2];              // the two rounding buffers (even / odd layers)
+  std::future<void> staging_done_[2];         // device->host copy out of staging_[i] finished
+  std::vector<layer_activations> pending_;    // per layer: prefetched device buffers
+  std::vector<std::future<void>> prefetched_; // per layer: host->device copy finished
+};
+
+}  // namespace troupe::parallel::memo
