@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 
@@ -11,6 +12,7 @@
 #include "runtime/communicator_nccl.h"
 #include "runtime/communicator_ucx.h"
 #include "runtime/error.h"
+#include "runtime/log.h"
 
 namespace troupe::launch {
 
@@ -150,6 +152,26 @@ std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& bac
     return runtime::make_ucx_communicator(*boot, uo);
   }
   TROUPE_THROW(errc::unsupported, "sub-groups over '{}' are not supported (mpi, ucx)", backend);
+}
+
+int run_cluster_node(actors::cluster_node& node, const char* what,
+                     const std::function<int(actors::supervisor_client&)>& drive) {
+  try {
+    node.start();
+  } catch (const runtime::error& e) {
+    runtime::log::error("{}", e.what());
+    return e.code() == errc::invalid_argument ? actors::exit_join_refused : 1;
+  }
+  int driver_code = 0;
+  if (node.is_supervisor()) {
+    try {
+      driver_code = drive(node.driver());
+    } catch (const runtime::error& e) {
+      runtime::log::error("{}: {}", what, e.what());
+      driver_code = e.code() == errc::aborted ? actors::exit_group_torn_down : 1;
+    }
+  }
+  return std::max(node.wait(), driver_code);
 }
 
 }  // namespace troupe::launch

@@ -17,6 +17,7 @@
 //      cannot shrink), "ucx" (addresses exchanged through the supervisor), "nccl" (GPUs).
 //      An unavailable backend is errc::unsupported naming why.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,6 +60,14 @@ std::unique_ptr<runtime::communicator> make_group_comm(const std::string& backen
 std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& backend, actors::worker_context& ctx,
                                                           const std::vector<int>& members, int color,
                                                           const std::string& name, int timeout_ms = 30000);
+
+// Starts the node (joins), runs `drive` on rank 0 (the supervisor's job driver), waits
+// for this rank's worker to be told to stop, and returns the process exit code: the
+// worker's, or the driver's when worse (a driver failing with errc::aborted — the group
+// was torn down — is exit_group_torn_down; other driver errors 1; a refused join 5).
+// `what` prefixes the driver's error in the log ("train", "selftest").
+int run_cluster_node(actors::cluster_node& node, const char* what,
+                     const std::function<int(actors::supervisor_client&)>& drive);
 
 std::vector<std::string> split_list(const std::string& s);
 std::string this_hostname();

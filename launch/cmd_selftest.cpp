@@ -240,23 +240,9 @@ int selftest(const selftest_options& o) {
                                                                         control::StatsReport& rep) {
     run_loop(c, ctx, rep, lr);
   });
-  try {
-    node.start();
-  } catch (const runtime::error& e) {
-    log::error("{}", e.what());
-    return e.code() == errc::invalid_argument ? actors::exit_join_refused : 1;
-  }
-  int driver_code = 0;
-  if (node.is_supervisor()) {
-    try {
-      driver_code = drive(node.driver(), o, r, node.supervisor_port(), backends);
-    } catch (const runtime::error& e) {
-      log::error("selftest: {}", e.what());
-      driver_code = e.code() == errc::aborted ? actors::exit_group_torn_down : 1;
-    }
-  }
-  const int code = node.wait();
-  return std::max(code, driver_code);
+  return run_cluster_node(node, "selftest", [&](actors::supervisor_client& sup) {
+    return drive(sup, o, r, node.supervisor_port(), backends);
+  });
 }
 
 }  // namespace

@@ -173,23 +173,7 @@ int train(const train_options& o) {
   actors::cluster_node node(cluster_options_for(r, so));
   node.local_worker().on(Command::TRAIN, [&](const Command& c, actors::worker_context& ctx,
                                              control::StatsReport& rep) { run_train(c, ctx, rep, spec, o, r); });
-  try {
-    node.start();
-  } catch (const runtime::error& e) {
-    log::error("{}", e.what());
-    return e.code() == errc::invalid_argument ? actors::exit_join_refused : 1;
-  }
-  int driver_code = 0;
-  if (node.is_supervisor()) {
-    try {
-      driver_code = drive(node.driver(), o);
-    } catch (const runtime::error& e) {
-      log::error("train: {}", e.what());
-      driver_code = e.code() == errc::aborted ? actors::exit_group_torn_down : 1;
-    }
-  }
-  const int code = node.wait();
-  return std::max(code, driver_code);
+  return run_cluster_node(node, "train", [&](actors::supervisor_client& sup) { return drive(sup, o); });
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include "parallel/model/model_presets.h"
 #include "runtime/error.h"
 #include "runtime/io/safetensors.h"
+#include "tests/unit/tmp_dir.h"
 
 namespace fs = std::filesystem;
 using namespace troupe::parallel;
@@ -31,22 +32,6 @@ using troupe::runtime::error;
 using troupe::runtime::tensor;
 
 namespace {
-
-class tmp_dir {
- public:
-  tmp_dir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            fmt::format("troupe_ckpt_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~tmp_dir() { fs::remove_all(path_); }
-  std::string sub(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 template <typename F>
 error expect_error(F&& f) {
@@ -145,7 +130,7 @@ void rewrite_optimizer(const std::string& dir, F&& f) {
 
 TEST(Checkpoint, RoundTripIsBitwise) {
   tmp_dir tmp;
-  const std::string root = tmp.sub("run");
+  const std::string root = tmp.file("run");
   const train_sets s = make_sets(small_config(), 11);
   nlohmann::json state = make_state(4242);
   state["step"] = 999;  // overwritten by save
@@ -178,7 +163,7 @@ TEST(Checkpoint, RoundTripIsBitwise) {
 
 TEST(Checkpoint, ResavingAStepReplacesIt) {
   tmp_dir tmp;
-  const std::string root = tmp.sub("run");
+  const std::string root = tmp.file("run");
   const auto c = small_config();
   save(root, 5, make_sets(c, 1));
   const train_sets second = make_sets(c, 50);
@@ -191,7 +176,7 @@ TEST(Checkpoint, ResavingAStepReplacesIt) {
 
 TEST(Checkpoint, CrashMidSaveKeepsThePreviousOne) {
   tmp_dir tmp;
-  const std::string root = tmp.sub("run");
+  const std::string root = tmp.file("run");
   const auto c = small_config();
   const train_sets good = make_sets(c, 3);
   const std::string dir1 = save(root, 1, good);
@@ -232,11 +217,11 @@ TEST(Checkpoint, DamagedFilesNameTheFileAndTensor) {
   tmp_dir tmp;
   const auto c = small_config();
   const train_sets s = make_sets(c, 7);
-  const std::string good = save(tmp.sub("good"), 7, s);
+  const std::string good = save(tmp.file("good"), 7, s);
   int n = 0;
   // A fresh copy of the good checkpoint, named step-00000007 like the original.
   auto fresh = [&]() {
-    const std::string root = tmp.sub(fmt::format("bad{}", n++));
+    const std::string root = tmp.file(fmt::format("bad{}", n++));
     const std::string dir = root + "/step-00000007";
     fs::create_directories(root);
     fs::copy(good, dir, fs::copy_options::recursive);
@@ -340,7 +325,7 @@ TEST(Checkpoint, DamagedFilesNameTheFileAndTensor) {
 
 TEST(Checkpoint, KeepPrunesAndLatestFallsBack) {
   tmp_dir tmp;
-  const std::string root = tmp.sub("run");
+  const std::string root = tmp.file("run");
   const auto c = small_config();
   const train_sets s = make_sets(c, 5);
   for (int64_t step = 10; step <= 50; step += 10) {
@@ -377,12 +362,12 @@ TEST(Checkpoint, KeepPrunesAndLatestFallsBack) {
   save(root, 70, s, 0);
   EXPECT_EQ(entries(root).size(), 5u);
   EXPECT_EQ(latest_checkpoint(root), root + "/step-00000070");
-  EXPECT_EQ(latest_checkpoint(tmp.sub("nothing-here")), "");
+  EXPECT_EQ(latest_checkpoint(tmp.file("nothing-here")), "");
 }
 
 TEST(Checkpoint, BadArgumentsWriteNothing) {
   tmp_dir tmp;
-  const std::string root = tmp.sub("run");
+  const std::string root = tmp.file("run");
   const auto c = small_config();
   const train_sets s = make_sets(c, 9);
   auto other = c;
@@ -406,7 +391,7 @@ TEST(Checkpoint, BadArgumentsWriteNothing) {
 TEST(CheckpointExport, AllPresets) {
   tmp_dir tmp;
   const char* env = std::getenv("TROUPE_CHECKPOINT_EXPORT_DIR");
-  const std::string out = env && *env ? std::string(env) : tmp.sub("export");
+  const std::string out = env && *env ? std::string(env) : tmp.file("export");
   std::vector<std::pair<std::string, troupe::runtime::model_config>> configs;
   for (const auto& name : model_preset_names()) configs.emplace_back(name, model_preset(name));
   auto tied = model_preset("tiny-llama");

@@ -17,6 +17,7 @@
 #include "parallel/data/packed_dataset.h"
 #include "parallel/data/token_file.h"
 #include "runtime/error.h"
+#include "tests/unit/tmp_dir.h"
 
 namespace fs = std::filesystem;
 using namespace troupe::parallel;
@@ -24,22 +25,6 @@ using troupe::runtime::errc;
 using troupe::runtime::error;
 
 namespace {
-
-class tmp_dir {
- public:
-  tmp_dir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            fmt::format("troupe_data_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~tmp_dir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 template <typename F>
 error expect_error(F&& f) {

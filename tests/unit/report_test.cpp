@@ -18,6 +18,7 @@
 #include "launch/commands.h"
 #include "parallel/train/metrics.h"
 #include "runtime/error.h"
+#include "tests/unit/tmp_dir.h"
 
 namespace fs = std::filesystem;
 using namespace troupe::parallel;
@@ -26,23 +27,6 @@ using troupe::runtime::errc;
 using troupe::runtime::error;
 
 namespace {
-
-class tmp_dir {
- public:
-  tmp_dir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            fmt::format("troupe_report_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~tmp_dir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
 
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);

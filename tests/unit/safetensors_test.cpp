@@ -2,6 +2,7 @@
 // dtype, a file written by the Python safetensors library, view lifetime, atomic writes,
 // bad files with their messages, a seeded fuzz of mutated headers, and sharded indexes.
 #include "runtime/io/safetensors.h"
+#include "tests/unit/tmp_dir.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -20,24 +21,6 @@ namespace fs = std::filesystem;
 using namespace troupe::runtime;
 
 namespace {
-
-// A fresh directory per test, removed afterwards.
-class tmp_dir {
- public:
-  tmp_dir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            fmt::format("troupe_st_{}_{}_{}", info->test_suite_name(), info->name(), ::getpid());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~tmp_dir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

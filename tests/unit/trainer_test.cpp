@@ -15,6 +15,7 @@
 #include "runtime/communicator.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/job_spec.h"
+#include "tests/unit/tmp_dir.h"
 
 namespace {
 
@@ -29,16 +30,6 @@ std::string fixture(const std::string& name) {
 }
 
 std::string shakespeare() { return std::string(TROUPE_FIXTURES_DIR) + "/../../examples/data/tinyshakespeare.txt"; }
-
-struct temp_dir {
-  std::string path;
-  explicit temp_dir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("troupe_trainer_test_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~temp_dir() { fs::remove_all(path); }
-};
 
 // A tiny text job; `extra` lines are appended (later keys override nothing: give each once).
 job::JobSpec text_job(const std::string& run_dir, const std::string& batch, const std::string& parallel,
@@ -250,10 +241,10 @@ train: {{max_steps: {}}}
 // ------------------------------------------------------------------ parallel = one rank
 
 TEST(Trainer, DataParallelTwoRanksEqualOneRankWithTheSameGlobalBatch) {
-  temp_dir d("dp");
+  tmp_dir d;
   // Validation reads eval_batches micro batches per dp rank: 4 on one rank = 2 on each of two.
-  const auto one = run_ranks(text_job(d.path, "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 1}", 3, 4), 3, true);
-  const auto two = run_ranks(text_job(d.path, "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 2}"), 3, true);
+  const auto one = run_ranks(text_job(d.file("run"), "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 1}", 3, 4), 3, true);
+  const auto two = run_ranks(text_job(d.file("run"), "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 2}"), 3, true);
   ASSERT_EQ(two.size(), 2u);
   for (int s = 0; s < 3; ++s) {
     EXPECT_NEAR(two[0].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]) << "step " << s;
@@ -267,10 +258,10 @@ TEST(Trainer, DataParallelTwoRanksEqualOneRankWithTheSameGlobalBatch) {
 }
 
 void expect_cp_equals_one_rank(const std::string& mode) {
-  temp_dir d("cp_" + mode);
+  tmp_dir d;
   const std::string batch = "{seq_len: 64, micro_batch: 2, global_batch: 4}";
-  const auto one = run_ranks(text_job(d.path, batch, "{dp: 1, cp: 1}"), 2, true);
-  const auto two = run_ranks(text_job(d.path, batch, "{dp: 1, cp: 2, cp_mode: " + mode + "}"), 2, true);
+  const auto one = run_ranks(text_job(d.file("run"), batch, "{dp: 1, cp: 1}"), 2, true);
+  const auto two = run_ranks(text_job(d.file("run"), batch, "{dp: 1, cp: 2, cp_mode: " + mode + "}"), 2, true);
   for (int s = 0; s < 2; ++s) {
     EXPECT_NEAR(two[0].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]) << mode << " step " << s;
     EXPECT_EQ(two[0].losses[s], two[1].losses[s]);
@@ -287,10 +278,10 @@ TEST(Trainer, ContextParallelUlyssesEqualsOneRankOnTheSameSequences) { expect_cp
 TEST(Trainer, ContextParallelRingEqualsOneRankOnTheSameSequences) { expect_cp_equals_one_rank("ring"); }
 
 TEST(Trainer, DataTimesContextParallelFourRanksEqualOneRank) {
-  temp_dir d("dpcp");
+  tmp_dir d;
   const std::string batch = "{seq_len: 32, micro_batch: 1, global_batch: 4}";
-  const auto one = run_ranks(text_job(d.path, batch, "{dp: 1, cp: 1}"), 2, false);
-  const auto four = run_ranks(text_job(d.path, batch, "{dp: 2, cp: 2, cp_mode: ulysses}"), 2, false);
+  const auto one = run_ranks(text_job(d.file("run"), batch, "{dp: 1, cp: 1}"), 2, false);
+  const auto four = run_ranks(text_job(d.file("run"), batch, "{dp: 2, cp: 2, cp_mode: ulysses}"), 2, false);
   ASSERT_EQ(four.size(), 4u);
   for (int s = 0; s < 2; ++s) EXPECT_NEAR(four[3].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]);
   EXPECT_LT(max_abs_diff(four[3].weights, one[0].weights), 1e-5);
@@ -299,8 +290,8 @@ TEST(Trainer, DataTimesContextParallelFourRanksEqualOneRank) {
 // ------------------------------------------------------------------ resume
 
 TEST(Trainer, ResumeFromACheckpointReproducesTheUninterruptedRunBitwise) {
-  temp_dir d("resume");
-  const job::JobSpec spec = text_job(d.path, "{seq_len: 32, micro_batch: 2, grad_accum: 2}", "{dp: 1}", 5);
+  tmp_dir d;
+  const job::JobSpec spec = text_job(d.file("run"), "{seq_len: 32, micro_batch: 2, grad_accum: 2}", "{dp: 1}", 5);
   std::vector<double> straight;
   std::string ckpt;
   model_weights final_straight;
@@ -326,8 +317,8 @@ TEST(Trainer, ResumeFromACheckpointReproducesTheUninterruptedRunBitwise) {
 }
 
 TEST(Trainer, ResumeRejectsACheckpointOfAnotherModel) {
-  temp_dir d("resume_other");
-  const job::JobSpec spec = text_job(d.path, "{seq_len: 32, micro_batch: 2, grad_accum: 1}", "{dp: 1}", 1);
+  tmp_dir d;
+  const job::JobSpec spec = text_job(d.file("run"), "{seq_len: 32, micro_batch: 2, grad_accum: 1}", "{dp: 1}", 1);
   auto t = parallel::make_trainer(spec, {});
   t->step();
   const std::string ckpt = t->save_checkpoint();
@@ -344,8 +335,8 @@ TEST(Trainer, ResumeRejectsACheckpointOfAnotherModel) {
 // ------------------------------------------------------------------ misuse
 
 TEST(Trainer, ARankCountThatIsNotDpTimesCpIsRefused) {
-  temp_dir d("bad");
-  const job::JobSpec spec = text_job(d.path, "{seq_len: 32, micro_batch: 2, grad_accum: 1}", "{dp: 2}", 1);
+  tmp_dir d;
+  const job::JobSpec spec = text_job(d.file("run"), "{seq_len: 32, micro_batch: 2, grad_accum: 1}", "{dp: 2}", 1);
   try {
     parallel::make_trainer(spec, {});
     FAIL();
