@@ -1,6 +1,8 @@
 // parallel/data/token_file.cpp — token file reader (header/size/vocab validation, mmap) and writer.
 #include "parallel/data/token_file.h"
 
+#include "runtime/io/file_io.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -18,20 +20,6 @@ using runtime::errc;
 
 namespace {
 
-struct fd_guard {
-  int fd = -1;
-  ~fd_guard() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-struct mapping {
-  void* p = nullptr;
-  size_t n = 0;
-  mapping(void* p_, size_t n_) : p(p_), n(n_) {}
-  ~mapping() { ::munmap(p, n); }
-};
-
 const char* format_name(token_format f) {
   switch (f) {
     case token_format::llmc: return "llmc";
@@ -45,17 +33,6 @@ const char* format_name(token_format f) {
 
 bool is_llmc(token_format f) {
   return f == token_format::llmc || f == token_format::llmc_u16 || f == token_format::llmc_u32;
-}
-
-void write_all(int fd, const void* p, size_t n, const std::string& path) {
-  const char* c = static_cast<const char*>(p);
-  while (n > 0) {
-    ssize_t w = ::write(fd, c, n);
-    if (w < 0 && errno == EINTR) continue;
-    TROUPE_CHECK(w > 0, errc::io, "{}: write failed: {}", path, std::strerror(errno));
-    c += w;
-    n -= static_cast<size_t>(w);
-  }
 }
 
 }  // namespace
@@ -75,27 +52,16 @@ token_span token_span::from_vector(std::vector<uint16_t> tokens) { return span_o
 token_span token_span::from_vector(std::vector<uint32_t> tokens) { return span_of_vector(std::move(tokens)); }
 
 token_file token_file::open(const std::string& path, token_format format, int64_t vocab_size) {
-  fd_guard g{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  TROUPE_CHECK(g.fd >= 0, errno == ENOENT ? errc::not_found : errc::io, "{}: cannot open token file: {}", path,
-               std::strerror(errno));
-  struct stat st {};
-  TROUPE_CHECK(::fstat(g.fd, &st) == 0, errc::io, "{}: fstat failed: {}", path, std::strerror(errno));
-  TROUPE_CHECK(S_ISREG(st.st_mode), errc::io, "{}: not a regular file", path);
-  const size_t size = static_cast<size_t>(st.st_size);
+  const runtime::mapped_file m = runtime::map_file(path, "token file");
+  const size_t size = m.size;
 
   token_file f;
   f.path_ = path;
   int width = format == token_format::raw_u32 || format == token_format::llmc_u32 ? 4 : 2;
   size_t offset = 0;
   int64_t count = 0;
-  std::shared_ptr<mapping> owner;
-  const char* bytes = nullptr;
-  if (size > 0) {
-    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, g.fd, 0);
-    TROUPE_CHECK(p != MAP_FAILED, errc::io, "{}: mmap of {} bytes failed: {}", path, size, std::strerror(errno));
-    owner = std::make_shared<mapping>(p, size);
-    bytes = static_cast<const char*>(p);
-  }
+  const std::shared_ptr<void>& owner = m.owner;
+  const char* bytes = m.data;
 
   if (is_llmc(format)) {
     TROUPE_CHECK(size >= llmc_header_bytes, errc::format,
@@ -168,28 +134,21 @@ void token_file_write(const std::string& path, std::span<const uint32_t> tokens,
   TROUPE_CHECK(!is_llmc(format) || tokens.size() <= 0x7FFFFFFFu, errc::out_of_range,
                "{}: {} tokens do not fit the llm.c header's int32 count", path, tokens.size());
 
-  const std::string tmp = path + ".tmp";
-  {
-    fd_guard g{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)};
-    TROUPE_CHECK(g.fd >= 0, errc::io, "{}: cannot create: {}", tmp, std::strerror(errno));
-    if (is_llmc(format)) {
-      std::vector<int32_t> header(llmc_header_ints, 0);
-      header[0] = llmc_magic;
-      header[1] = width == 2 ? 1 : 2;
-      header[2] = static_cast<int32_t>(tokens.size());
-      write_all(g.fd, header.data(), llmc_header_bytes, tmp);
-    }
-    if (width == 4) {
-      write_all(g.fd, tokens.data(), tokens.size_bytes(), tmp);
-    } else {
-      std::vector<uint16_t> narrow(tokens.begin(), tokens.end());
-      write_all(g.fd, narrow.data(), narrow.size() * sizeof(uint16_t), tmp);
-    }
-    TROUPE_CHECK(::fsync(g.fd) == 0, errc::io, "{}: fsync failed: {}", tmp, std::strerror(errno));
+  runtime::atomic_file_writer w(path);
+  if (is_llmc(format)) {
+    std::vector<int32_t> header(llmc_header_ints, 0);
+    header[0] = llmc_magic;
+    header[1] = width == 2 ? 1 : 2;
+    header[2] = static_cast<int32_t>(tokens.size());
+    w.write(header.data(), llmc_header_bytes);
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  TROUPE_CHECK(!ec, errc::io, "{}: cannot rename {} over it: {}", path, tmp, ec.message());
+  if (width == 4) {
+    w.write(tokens.data(), tokens.size_bytes());
+  } else {
+    std::vector<uint16_t> narrow(tokens.begin(), tokens.end());
+    w.write(narrow.data(), narrow.size() * sizeof(uint16_t));
+  }
+  w.commit();
 }
 
 }  // namespace troupe::parallel

@@ -2,6 +2,8 @@
 // and the checkpoint-directory index. The writer is in safetensors_write.cpp.
 #include "runtime/io/safetensors.h"
 
+#include "runtime/io/file_io.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -25,24 +27,6 @@ using ordered_json = nlohmann::ordered_json;
 
 // The safetensors reference implementation refuses headers above 100 MB.
 constexpr uint64_t max_header_bytes = 100'000'000;
-
-struct mapping {
-  void* ptr = nullptr;
-  size_t size = 0;
-  mapping(void* p, size_t n) : ptr(p), size(n) {}
-  mapping(const mapping&) = delete;
-  mapping& operator=(const mapping&) = delete;
-  ~mapping() {
-    if (ptr != nullptr) munmap(ptr, size);
-  }
-};
-
-struct fd_guard {
-  int fd;
-  ~fd_guard() {
-    if (fd >= 0) ::close(fd);
-  }
-};
 
 // File offset of the first `"name"` in the header text (for error messages), or 0.
 size_t header_pos_of(const std::string& header, const std::string& name) {
@@ -204,20 +188,12 @@ safetensors_file safetensors_file::from_bytes(std::shared_ptr<void> owner, const
 }
 
 safetensors_file safetensors_file::open(const std::string& path) {
-  fd_guard g{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  TROUPE_CHECK(g.fd >= 0, errno == ENOENT ? errc::not_found : errc::io, "{}: cannot open: {}", path,
-               std::strerror(errno));
-  struct stat st {};
-  TROUPE_CHECK(::fstat(g.fd, &st) == 0, errc::io, "{}: fstat failed: {}", path, std::strerror(errno));
-  TROUPE_CHECK(S_ISREG(st.st_mode), errc::io, "{}: not a regular file", path);
-  const size_t size = static_cast<size_t>(st.st_size);
+  // Private copy-on-write: a caller writing into a view never changes the file.
+  const mapped_file m = map_file(path, "safetensors file", /*copy_on_write=*/true);
+  const size_t size = m.size;
   TROUPE_CHECK(size >= 8, errc::format,
                "{}: {} bytes is too short for a safetensors file (it starts with an 8-byte header length)", path, size);
-  // Private copy-on-write: a caller writing into a view never changes the file.
-  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, g.fd, 0);
-  TROUPE_CHECK(p != MAP_FAILED, errc::io, "{}: mmap of {} bytes failed: {}", path, size, std::strerror(errno));
-  auto owner = std::make_shared<mapping>(p, size);
-  return from_bytes(owner, static_cast<const char*>(p), size, path);
+  return from_bytes(m.owner, m.data, size, path);
 }
 
 const safetensors_entry& safetensors_file::entry(const std::string& name) const {

@@ -18,31 +18,9 @@
 
 #include "runtime/io/safetensors.h"
 
+#include "runtime/io/file_io.h"
+
 namespace troupe::runtime {
-
-namespace {
-
-void write_all(int fd, const char* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    TROUPE_CHECK(w > 0, errc::io, "{}: write failed: {}", path, w < 0 ? std::strerror(errno) : "wrote 0 bytes");
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
-void fsync_parent_dir(const std::string& path) {
-  std::filesystem::path parent = std::filesystem::path(path).parent_path();
-  if (parent.empty()) parent = ".";
-  int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);  // best effort: makes the rename durable
-    ::close(dfd);
-  }
-}
-
-}  // namespace
 
 void safetensors_write(const std::string& path, const std::vector<std::pair<std::string, tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata) {
@@ -92,25 +70,11 @@ void safetensors_write(const std::string& path, const std::vector<std::pair<std:
   uint64_t n = text.size();
   for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((n >> (8 * i)) & 0xffu);
 
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  TROUPE_CHECK(fd >= 0, errc::io, "{}: cannot create: {}", tmp, std::strerror(errno));
-  try {
-    write_all(fd, len_bytes, 8, tmp);
-    write_all(fd, text.data(), text.size(), tmp);
-    for (size_t i : order) write_all(fd, static_cast<const char*>(host[i].data_ptr()), host[i].nbytes(), tmp);
-    TROUPE_CHECK(::fsync(fd) == 0, errc::io, "{}: fsync failed: {}", tmp, std::strerror(errno));
-    const int rc = ::close(fd);
-    fd = -1;
-    TROUPE_CHECK(rc == 0, errc::io, "{}: close failed: {}", tmp, std::strerror(errno));
-    TROUPE_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, errc::io, "rename {} -> {} failed: {}", tmp, path,
-                 std::strerror(errno));
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  fsync_parent_dir(path);
+  atomic_file_writer w(path);
+  w.write(len_bytes, 8);
+  w.write(text.data(), text.size());
+  for (size_t i : order) w.write(host[i].data_ptr(), host[i].nbytes());
+  w.commit();
 }
 
 }  // namespace troupe::runtime
