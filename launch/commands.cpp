@@ -9,6 +9,7 @@ void register_commands(CLI::App& app) {
   register_generate(app);
   register_selftest(app);
   register_report(app);
+  register_plan(app);
   register_train(app);
 }
 

@@ -18,5 +18,6 @@ void register_init(CLI::App& app);      // cmd_init.cpp
 void register_selftest(CLI::App& app);  // cmd_selftest.cpp
 void register_train(CLI::App& app);     // cmd_train.cpp
 void register_report(CLI::App& app);    // cmd_report.cpp
+void register_plan(CLI::App& app);      // cmd_plan.cpp
 
 }  // namespace troupe::launch

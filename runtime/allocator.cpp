@@ -106,6 +106,18 @@ allocator& cuda_allocator(int index) {
 
 allocator& allocator_for(device d) { return d.is_cpu() ? cpu_allocator() : cuda_allocator(d.index); }
 
+namespace {
+thread_local allocator* scoped_allocator = nullptr;  // innermost allocator_scope on this thread
+}  // namespace
+
+allocator& current_allocator(device dev) {
+  if (scoped_allocator != nullptr && scoped_allocator->dev() == dev) return *scoped_allocator;
+  return allocator_for(dev);
+}
+
+allocator_scope::allocator_scope(allocator& a) : prev_(scoped_allocator) { scoped_allocator = &a; }
+allocator_scope::~allocator_scope() { scoped_allocator = prev_; }
+
 void copy_bytes(void* dst, device dst_dev, const void* src, device src_dev, size_t bytes) {
   if (bytes == 0) return;
   if (dst_dev.is_cpu() && src_dev.is_cpu()) {

@@ -33,6 +33,24 @@ allocator& cpu_allocator();
 allocator& cuda_allocator(int index = 0);
 allocator& allocator_for(device d);
 
+// The allocator tensor::empty uses for `dev` on the calling thread: the innermost live
+// allocator_scope whose allocator serves `dev`, else allocator_for(dev). A tensor keeps the
+// allocator it came from, so it is freed there wherever and whenever its last handle goes.
+allocator& current_allocator(device dev);
+
+// Routes this thread's tensor allocations for a.dev() to `a` while it lives (MEMO's step arena,
+// parallel/memo/arena.h). Scopes nest; destroy them in reverse order, on the thread that made them.
+class allocator_scope {
+ public:
+  explicit allocator_scope(allocator& a);
+  ~allocator_scope();
+  allocator_scope(const allocator_scope&) = delete;
+  allocator_scope& operator=(const allocator_scope&) = delete;
+
+ private:
+  allocator* prev_;
+};
+
 // Copies bytes between any two devices (cudaMemcpy for CUDA, memcpy on the host).
 void copy_bytes(void* dst, device dst_dev, const void* src, device src_dev, size_t bytes);
 

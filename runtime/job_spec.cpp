@@ -287,6 +287,31 @@ void validate_optimizer_and_rest(job::JobSpec& s, const spec_locations& L) {
   if (!(o.weight_decay() >= 0)) L.fail("optimizer.weight_decay", fmt::format("must be >= 0, got {}", o.weight_decay()));
   if (!(o.grad_clip() >= 0)) L.fail("optimizer.grad_clip", fmt::format("must be >= 0 (0 = off), got {}", o.grad_clip()));
 
+  const auto& m = s.memory();
+  auto bytes_of = [&](const std::string& key, const std::string& text) {
+    try {
+      return parse_byte_size(text, key);
+    } catch (const error& e) {
+      L.fail(key, fmt::format("is not a size: {}", e.what()));
+    }
+  };
+  if (!m.device_budget().empty() && bytes_of("memory.device_budget", m.device_budget()) <= 0)
+    L.fail("memory.device_budget", "must be positive (or leave it out for no budget)");
+  if (!m.host_limit().empty()) bytes_of("memory.host_limit", m.host_limit());
+  if (!(m.planner_time_limit_s() >= 0))
+    L.fail("memory.planner_time_limit_s", fmt::format("must be >= 0 (0 = 10 s), got {}", m.planner_time_limit_s()));
+  if (const std::string& a = m.memo().alpha(); !a.empty() && lower(a) != "auto") {
+    char* end = nullptr;
+    const double v = std::strtod(a.c_str(), &end);
+    if (end != a.c_str() + a.size() || !(v >= 0 && v <= 1))
+      L.fail("memory.memo.alpha", fmt::format("must be auto or a number in [0, 1], got '{}'", a));
+  }
+  if (m.memo().has_keep_last_layers() && m.memo().keep_last_layers() < 0)
+    L.fail("memory.memo.keep_last_layers", fmt::format("must be >= 0, got {}", m.memo().keep_last_layers()));
+  if (!(m.memo().copy_bandwidth_gbps() >= 0))
+    L.fail("memory.memo.copy_bandwidth_gbps",
+           fmt::format("must be >= 0 (0 = no cap), got {}", m.memo().copy_bandwidth_gbps()));
+
   const auto& d = s.data();
   if (d.train().empty()) L.fail("data.train", "is missing; give the training file (text or a .bin of tokens)");
   const bool bin = d.train().size() >= 4 && d.train().compare(d.train().size() - 4, 4, ".bin") == 0;
@@ -649,6 +674,10 @@ job::JobSpec job_spec_defaults() {
   rope->set_low_freq_factor(1.0);
   rope->set_high_freq_factor(4.0);
 
+  auto* memo = s.mutable_memory()->mutable_memo();
+  memo->set_alpha("auto");
+  memo->set_keep_last_layers(2);
+
   auto* d = s.mutable_data();
   d->set_format(job::Data::TEXT);
   d->set_val_fraction(0.1);
@@ -693,6 +722,49 @@ void validate_job_spec(job::JobSpec& spec, const std::string& source_name) {
 }
 
 int64_t job_world_size(const job::JobSpec& spec) { return spec.parallel().dp() * spec.parallel().cp(); }
+
+int64_t parse_byte_size(const std::string& text, const std::string& what) {
+  std::string t;
+  for (char ch : text)
+    if (ch != ' ' && ch != '_') t += ch;
+  char* end = nullptr;
+  const double v = t.empty() ? -1 : std::strtod(t.c_str(), &end);
+  TROUPE_CHECK(!t.empty() && end != t.c_str() && std::isfinite(v) && v >= 0, errc::invalid_argument,
+               "{}: '{}' is not a size (write e.g. 24GiB, 512MiB, 1.5GB or a number of bytes)", what, text);
+  const std::string unit = lower(std::string(end));
+  static const std::pair<const char*, double> units[] = {
+      {"", 1},           {"b", 1},          {"k", 1024.0},     {"kib", 1024.0},   {"kb", 1e3},
+      {"m", 1048576.0},  {"mib", 1048576.0}, {"mb", 1e6},      {"g", 1073741824.0}, {"gib", 1073741824.0},
+      {"gb", 1e9},       {"t", 1099511627776.0}, {"tib", 1099511627776.0}, {"tb", 1e12}};
+  for (const auto& [name, mult] : units)
+    if (unit == name) {
+      const double b = v * mult;
+      TROUPE_CHECK(b < 9.0e18, errc::invalid_argument, "{}: '{}' is too large", what, text);
+      return static_cast<int64_t>(std::llround(b));
+    }
+  TROUPE_THROW(errc::invalid_argument, "{}: '{}' has an unknown unit '{}' (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)",
+               what, text, std::string(end));
+}
+
+int64_t job_device_budget(const job::JobSpec& spec) {
+  const std::string& b = spec.memory().device_budget();
+  return b.empty() ? 0 : parse_byte_size(b, "memory.device_budget");
+}
+
+double job_memo_alpha(const job::JobSpec& spec) {
+  const std::string& a = spec.memory().memo().alpha();
+  if (a.empty() || lower(a) == "auto") return -1;
+  return std::strtod(a.c_str(), nullptr);
+}
+
+int64_t job_memo_keep_last_layers(const job::JobSpec& spec) {
+  return spec.memory().memo().has_keep_last_layers() ? spec.memory().memo().keep_last_layers() : 2;
+}
+
+int64_t job_host_limit(const job::JobSpec& spec) {
+  const std::string& h = spec.memory().host_limit();
+  return h.empty() ? 0 : parse_byte_size(h, "memory.host_limit");
+}
 
 std::string describe(const job::JobSpec& spec) {
   std::string out = "# troupe job spec, defaults filled in\n";

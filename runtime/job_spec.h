@@ -51,4 +51,17 @@ std::string describe(const job::JobSpec& spec);
 // Ranks the job runs on: parallel.dp * parallel.cp.
 int64_t job_world_size(const job::JobSpec& spec);
 
+// "24GiB", "512 MiB", "1.5GB", "4096" -> bytes (KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB
+// of 1000, B or nothing is bytes). Throws errc::invalid_argument naming `what` and the text.
+int64_t parse_byte_size(const std::string& text, const std::string& what);
+
+// memory.device_budget in bytes; 0 when not set (no budget, no arena).
+int64_t job_device_budget(const job::JobSpec& spec);
+// memory.memo.alpha: a value in [0, 1], or -1 for "auto" / "".
+double job_memo_alpha(const job::JobSpec& spec);
+// memory.memo.keep_last_layers, default 2.
+int64_t job_memo_keep_last_layers(const job::JobSpec& spec);
+// memory.host_limit in bytes; 0 = unlimited.
+int64_t job_host_limit(const job::JobSpec& spec);
+
 }  // namespace troupe::runtime

@@ -42,7 +42,7 @@ tensor tensor::empty(const shape_t& shape, runtime::dtype dt, runtime::device de
   tensor t;
   auto st = std::make_shared<storage>();
   st->dev = dev;
-  st->alloc = &allocator_for(dev);
+  st->alloc = &current_allocator(dev);
   st->nbytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dt);
   st->ptr = st->alloc->allocate(st->nbytes);
   t.storage_ = std::move(st);

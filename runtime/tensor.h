@@ -121,4 +121,22 @@ tensor tensor::from_vector(const std::vector<T>& values, const shape_t& shape) {
   return t;
 }
 
+// A zero-filled f32 work buffer with std::vector's interface, allocated as a tensor through
+// current_allocator (allocator.h): the model's transients use it so that MEMO's step arena
+// (parallel/memo/arena.h) serves them. Zero-filled like std::vector<float>(n).
+class work_buffer {
+ public:
+  explicit work_buffer(size_t n) : t_(tensor::zeros({static_cast<int64_t>(n)})), p_(t_.data<float>()), n_(n) {}
+  float* data() { return p_; }
+  const float* data() const { return p_; }
+  size_t size() const { return n_; }
+  float& operator[](size_t i) { return p_[i]; }
+  const float& operator[](size_t i) const { return p_[i]; }
+
+ private:
+  tensor t_;
+  float* p_;
+  size_t n_;
+};
+
 }  // namespace troupe::runtime

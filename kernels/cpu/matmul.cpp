@@ -29,6 +29,28 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
   sgemm(false, true, N, OC, C, 1.0f, inp, C, weight, C, beta, out, OC);
 }
 
+// Rows [r, N) of matmul_forward's out, the same way: bias rows then beta = 1, and the forward's
+// sgemm blocks from the one holding row_begin (kernels/cpu/blas.h, invariant 4).
+int64_t matmul_forward_rows(float* out, const float* inp, const float* weight, const float* bias, int64_t N,
+                            int64_t C, int64_t OC, int64_t row_begin) {
+  const int64_t r = sgemm_rows_start(N, OC, std::max<int64_t>(C, 0), row_begin);  // checks row_begin
+  if (N <= 0 || OC <= 0 || r == N) return std::max<int64_t>(r, 0);
+  float beta = 0.0f;
+  if (bias != nullptr) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = r; n < N; ++n)
+      for (int64_t o = 0; o < OC; ++o) out[n * OC + o] = bias[o];
+    beta = 1.0f;
+  }
+  if (C <= 0) {
+    if (bias == nullptr)
+      for (int64_t i = r * OC; i < N * OC; ++i) out[i] = 0.0f;
+    return r;
+  }
+  sgemm_rows(false, true, N, OC, C, 1.0f, inp, C, weight, C, beta, out, OC, row_begin);
+  return r;
+}
+
 // dout: (N, OC)  ->  dinp: (N, C) =   dweight: (OC, C) +=   dbias: (OC) +=   (all nullable)
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int64_t C, int64_t OC) {

@@ -9,6 +9,7 @@
 #include <optional>
 #include <sstream>
 #include <system_error>
+#include <thread>
 
 #include "runtime/error.h"
 #include "runtime/log.h"
@@ -100,7 +101,9 @@ void write_entry(const std::string& dir, const std::string& path, const std::str
     fs::create_directories(dir, ec);
     TROUPE_CHECK(!ec, errc::io, "cannot create {}: {}", dir, ec.message());
     const json doc = {{"key", key}, {"kind", kind}, {"fingerprint", hex(fp)}, {"plan", std::move(plan_json)}};
-    const std::string tmp = fmt::format("{}.tmp-{}", path, ::getpid());
+    // pid and thread: ranks run as threads in tests and may write the same plan at once.
+    const std::string tmp = fmt::format("{}.tmp-{}-{:x}", path, ::getpid(),
+                                        std::hash<std::thread::id>{}(std::this_thread::get_id()));
     {
       std::ofstream out(tmp, std::ios::trunc);
       out << doc.dump() << "\n";

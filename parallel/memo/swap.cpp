@@ -9,6 +9,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -109,7 +110,59 @@ void take_tensors(layer_activations& dst, layer_activations& src) {
   }
 }
 
-// memcpy at most `gbps`·1e9 bytes/s (0 = unlimited), in 1 MiB chunks.
+
+// rope_forward, in place, on rows [r0, N) of t: (B, T, NH, HD). Per sequence b, its rows from
+// max(r0, b*T) on, as one sequence of the remaining length with the tables from that position on:
+// rope is element-wise per row, so each row gets the forward's bits.
+void rope_rows(float* t, int64_t r0, const attention_geom& g, int64_t NH, const float* cos, const float* sin) {
+  const int64_t W = NH * g.HD, half = g.rotary_dim / 2;
+  for (int64_t b = r0 / g.T; b < g.B; ++b) {
+    const int64_t p = std::max(r0, b * g.T) - b * g.T;  // first position recomputed in sequence b
+    float* x = t + (b * g.T + p) * W;
+    kc::rope_forward(x, x, cos + p * half, sin + p * half, 1, g.T - p, NH, g.HD, g.rotary_dim);
+  }
+}
+
+// Recomputes rows [n0, N) of a dense layer's token-split tensors in place, from x_in, att and the
+// rows [0, n0) restored from host (swap.h invariant 2): the forward's kernels of layer_forward,
+// attention_block_forward and mlp_forward (minus the attention core and down_proj) on those rows only.
+// Row-wise ops (rmsnorm, swiglu, the residual add) run on rows [n0, N). A matmul runs the forward's
+// own sgemm blocks from the one holding row n0 (kernels/matmul.h, invariant 3), so it also rewrites
+// the restored rows [r, n0) of its block, with the same bits; rope re-rotates exactly the rows its
+// matmul wrote. Returns the rows written, summed over the 11 tensors.
+int64_t recompute_dense(layer_activations& a, int64_t n0, const layer_params& L, const model_config& c,
+                        const attention_geom& g, const float* cos, const float* sin) {
+  const int64_t N = g.N(), C = g.C, QD = g.QD(), KVD = g.KVD(), I = a.mlp.h_gate.size(1);
+  if (n0 >= N) return 0;
+  const int64_t n = N - n0;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float* x_in = a.x_in.data<float>();
+  float *xn1 = a.xn1.data<float>(), *q = a.q.data<float>(), *k = a.k.data<float>(), *v = a.v.data<float>();
+  float *xm = a.x_mid.data<float>(), *xn2 = a.xn2.data<float>();
+  float *hg = a.mlp.h_gate.data<float>(), *hu = a.mlp.h_up.data<float>(), *act = a.mlp.act.data<float>();
+  kc::rmsnorm_forward(xn1 + n0 * C, a.rstd1.data<float>() + n0, x_in + n0 * C, L.input_norm.data<float>(), n, C,
+                      eps);
+  const int64_t rq = kc::matmul_forward_rows(q, xn1, L.q_w.data<float>(), fptr(L.q_b), N, C, QD, n0);
+  const int64_t rk = kc::matmul_forward_rows(k, xn1, L.k_w.data<float>(), fptr(L.k_b), N, C, KVD, n0);
+  const int64_t rv = kc::matmul_forward_rows(v, xn1, L.v_w.data<float>(), fptr(L.v_b), N, C, KVD, n0);
+  rope_rows(q, rq, g, g.NH, cos, sin);
+  rope_rows(k, rk, g, g.NKV, cos, sin);
+  // x_mid = x_in + o_proj(att): the projection lands in x_mid's rows [ro, N), then the forward's sum.
+  const int64_t ro = kc::matmul_forward_rows(xm, a.att.data<float>(), L.o_w.data<float>(), fptr(L.o_b), N, QD, C, n0);
+  for (int64_t i = ro * C; i < N * C; ++i) xm[i] = x_in[i] + xm[i];
+  kc::rmsnorm_forward(xn2 + n0 * C, a.rstd2.data<float>() + n0, xm + n0 * C, L.post_norm.data<float>(), n, C, eps);
+  const int64_t rg = kc::matmul_forward_rows(hg, xn2, L.gate_w.data<float>(), nullptr, N, C, I, n0);
+  const int64_t ru = kc::matmul_forward_rows(hu, xn2, L.up_w.data<float>(), nullptr, N, C, I, n0);
+  kc::swiglu_forward(act + n0 * I, hg + n0 * I, hu + n0 * I, n, I);
+  return 5 * n + (N - rq) + (N - rk) + (N - rv) + (N - ro) + (N - rg) + (N - ru);
+}
+
+void wait(std::future<void>& f) {
+  if (f.valid()) f.get();
+}
+
+}  // namespace
+
 void throttled_copy(void* dst, const void* src, size_t n, double gbps, std::chrono::steady_clock::time_point t0,
                     size_t& done) {
   constexpr size_t chunk = size_t{1} << 20;
@@ -122,59 +175,6 @@ void throttled_copy(void* dst, const void* src, size_t n, double gbps, std::chro
                                              std::chrono::duration<double>(static_cast<double>(done) / (gbps * 1e9))));
   }
 }
-
-// rows [n0, N) of full (N, W) -> t (N, W)
-void keep_rows(tensor& t, const std::vector<float>& full, int64_t n0, int64_t W) {
-  const int64_t N = t.size(0);
-  std::memcpy(t.data<float>() + n0 * W, full.data() + n0 * W, static_cast<size_t>((N - n0) * W) * sizeof(float));
-}
-
-// Recomputes rows [n0, N) of a dense layer's token-split tensors from x_in and att, with the forward's
-// own kernel calls at the forward's shapes (swap.h invariant 2): layer_forward, attention_block_forward
-// and mlp_forward, minus the attention core.
-int64_t recompute_dense(layer_activations& a, int64_t n0, const layer_params& L, const model_config& c,
-                        const attention_geom& g, const float* cos, const float* sin) {
-  const int64_t N = g.N(), C = g.C, QD = g.QD(), KVD = g.KVD(), I = a.mlp.h_gate.size(1);
-  if (n0 >= N) return 0;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  const float* x_in = a.x_in.data<float>();
-  std::vector<float> xn(static_cast<size_t>(N * C)), rstd(static_cast<size_t>(N));
-  kc::rmsnorm_forward(xn.data(), rstd.data(), x_in, L.input_norm.data<float>(), N, C, eps);
-  keep_rows(a.xn1, xn, n0, C);
-  keep_rows(a.rstd1, rstd, n0, 1);
-  {
-    std::vector<float> q(static_cast<size_t>(N * QD)), k(static_cast<size_t>(N * KVD)), v(k.size());
-    kc::matmul_forward(q.data(), xn.data(), L.q_w.data<float>(), fptr(L.q_b), N, C, QD);
-    kc::matmul_forward(k.data(), xn.data(), L.k_w.data<float>(), fptr(L.k_b), N, C, KVD);
-    kc::matmul_forward(v.data(), xn.data(), L.v_w.data<float>(), fptr(L.v_b), N, C, KVD);
-    kc::rope_forward(q.data(), q.data(), cos, sin, g.B, g.T, g.NH, g.HD, g.rotary_dim);
-    kc::rope_forward(k.data(), k.data(), cos, sin, g.B, g.T, g.NKV, g.HD, g.rotary_dim);
-    keep_rows(a.q, q, n0, QD);
-    keep_rows(a.k, k, n0, KVD);
-    keep_rows(a.v, v, n0, KVD);
-  }
-  std::vector<float> xm(static_cast<size_t>(N * C));  // o_proj(att), then x_mid = x_in + it
-  kc::matmul_forward(xm.data(), a.att.data<float>(), L.o_w.data<float>(), fptr(L.o_b), N, QD, C);
-  for (int64_t i = 0; i < N * C; ++i) xm[static_cast<size_t>(i)] = x_in[i] + xm[static_cast<size_t>(i)];
-  keep_rows(a.x_mid, xm, n0, C);
-  kc::rmsnorm_forward(xn.data(), rstd.data(), xm.data(), L.post_norm.data<float>(), N, C, eps);
-  keep_rows(a.xn2, xn, n0, C);
-  keep_rows(a.rstd2, rstd, n0, 1);
-  std::vector<float> hg(static_cast<size_t>(N * I)), hu(hg.size()), act(hg.size());
-  kc::matmul_forward(hg.data(), xn.data(), L.gate_w.data<float>(), nullptr, N, C, I);
-  kc::matmul_forward(hu.data(), xn.data(), L.up_w.data<float>(), nullptr, N, C, I);
-  kc::swiglu_forward(act.data(), hg.data(), hu.data(), N, I);
-  keep_rows(a.mlp.h_gate, hg, n0, I);
-  keep_rows(a.mlp.h_up, hu, n0, I);
-  keep_rows(a.mlp.act, act, n0, I);
-  return 11 * (N - n0);
-}
-
-void wait(std::future<void>& f) {
-  if (f.valid()) f.get();
-}
-
-}  // namespace
 
 // One swapped layer's host copy: per field its shape/dtype, the bytes that went to host, the buffer.
 struct memo_swap::host_layer {
@@ -195,6 +195,7 @@ memo_swap::memo_swap(memo_options o) : opt_(o) {
                o.keep_last_layers);
   TROUPE_CHECK(std::isfinite(o.copy_bandwidth_gbps) && o.copy_bandwidth_gbps >= 0, errc::invalid_argument,
                "memo_swap: copy_bandwidth_gbps {} must be >= 0 (0 = unlimited)", o.copy_bandwidth_gbps);
+  if (o.full_recompute) return;  // no host copies (invariant 8)
   d2h_ = std::make_unique<copy_thread>();
   h2d_ = std::make_unique<copy_thread>();
 }
@@ -219,7 +220,7 @@ void memo_swap::begin_forward(const model_config& c, int64_t B, int64_t T) {
   const size_t host = stats_.host_bytes;
   stats_ = memo_swap_stats{};
   stats_.host_bytes = host;
-  stats_.swapped_tokens = std::llround(opt_.alpha * static_cast<double>(N_));
+  stats_.swapped_tokens = opt_.full_recompute ? 0 : std::llround(opt_.alpha * static_cast<double>(N_));
   for (int64_t l = 0; l < n_layers_; ++l) {
     if (!host_[static_cast<size_t>(l)]) host_[static_cast<size_t>(l)] = std::make_unique<host_layer>();
     host_[static_cast<size_t>(l)]->moe = c.layer_is_moe(l);
@@ -228,7 +229,7 @@ void memo_swap::begin_forward(const model_config& c, int64_t B, int64_t T) {
 }
 
 void memo_swap::before_forward(int64_t layer, layer_activations& a) {
-  if (!swapped(layer)) return;
+  if (!swapped(layer) || opt_.full_recompute) return;
   const int s = static_cast<int>(layer % 2);
   wait(staging_done_[s]);  // layer-2's device->host copy is out of this rounding buffer
   if (staging_[s].x_in.defined() && !a.x_in.defined()) take_tensors(a, staging_[s]);
@@ -237,6 +238,12 @@ void memo_swap::before_forward(int64_t layer, layer_activations& a) {
 void memo_swap::after_forward(int64_t layer, layer_activations& a) {
   stats_.device_bytes_off += a.bytes();
   if (!swapped(layer)) return;
+  if (opt_.full_recompute) {  // only x_in stays, on the device (invariant 8)
+    tensor x_in = std::move(a.x_in);
+    a = layer_activations{};
+    a.x_in = std::move(x_in);
+    return;
+  }
   const int s = static_cast<int>(layer % 2);
   wait(staging_done_[s]);
   host_layer& h = *host_[static_cast<size_t>(layer)];
@@ -267,10 +274,11 @@ void memo_swap::after_forward(int64_t layer, layer_activations& a) {
   take_tensors(staging_[s], a);
   stats_.rounding_bytes_peak = std::max(stats_.rounding_bytes_peak, staging_[0].bytes() + staging_[1].bytes());
   const double bw = opt_.copy_bandwidth_gbps;
-  staging_done_[s] = d2h_->submit([keep = std::move(keep), jobs = std::move(jobs), bw] {
+  staging_done_[s] = d2h_->submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
     const auto t0 = std::chrono::steady_clock::now();
     size_t done = 0;
     for (auto& [dst, src, n] : jobs) throttled_copy(dst, src, n, bw, t0, done);
+    keep.clear();  // before the fence: the last reference is never dropped on the copy thread
   });
 }
 
@@ -310,14 +318,16 @@ void memo_swap::prefetch(int64_t layer) {
     stats_.h2d_bytes += e.bytes;
   }
   const double bw = opt_.copy_bandwidth_gbps;
-  prefetched_[ul] = h2d_->submit([keep = std::move(keep), jobs = std::move(jobs), bw] {
+  prefetched_[ul] = h2d_->submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
     const auto t0 = std::chrono::steady_clock::now();
     size_t done = 0;
     for (auto& [dst, src, n] : jobs) throttled_copy(dst, src, n, bw, t0, done);
+    keep.clear();
   });
 }
 
 void memo_swap::begin_backward() {
+  if (opt_.full_recompute) return;
   // Prefetch for layer i starts after layer i+2's backward; the top two have no such layer.
   for (int64_t l = n_layers_ - 1; l >= std::max<int64_t>(0, n_layers_ - 2); --l)
     if (swapped(l)) prefetch(l);
@@ -326,6 +336,7 @@ void memo_swap::begin_backward() {
 void memo_swap::before_backward(int64_t layer, layer_activations& a, const layer_params& L, const model_config& c,
                                 const attention_geom& g, const float* cos, const float* sin) {
   if (!swapped(layer)) return;
+  if (opt_.full_recompute) return recompute_whole(layer, a, L, c, g, cos, sin);
   const auto ul = static_cast<size_t>(layer);
   prefetch(layer);  // no-op when already started
   prefetched_[ul].get();
@@ -334,8 +345,32 @@ void memo_swap::before_backward(int64_t layer, layer_activations& a, const layer
 }
 
 void memo_swap::after_backward(int64_t layer, layer_activations& a) {
+  if (opt_.full_recompute) {
+    if (swapped(layer)) a = layer_activations{};  // its backward is done
+    return;
+  }
   if (swapped(layer)) take_tensors(staging_[layer % 2], a);  // becomes layer-2's prefetch target
   if (layer >= 2 && swapped(layer - 2)) prefetch(layer - 2);
+}
+
+// The layer's whole forward again, from a copy of x_in (layer_forward overwrites its input with
+// its output), into a: the forward's kernels on the forward's shapes, so the same bits.
+void memo_swap::recompute_whole(int64_t layer, layer_activations& a, const layer_params& L, const model_config& c,
+                                const attention_geom& g, const float* cos, const float* sin) {
+  const int64_t N = g.N();
+  TROUPE_CHECK(a.x_in.defined() && a.x_in.ndim() == 2 && a.x_in.size(0) == N && a.x_in.size(1) == g.C,
+               errc::internal, "memo_swap: full recompute of layer {}: x_in {} is not the forward's ({}, {})", layer,
+               a.x_in.defined() ? a.x_in.describe() : std::string("undefined"), N, g.C);
+  tensor x = a.x_in.clone();
+  layer_forward(x.data<float>(), a, L, c, g, cos, sin, /*cache=*/nullptr, layer);
+  stats_.recomputed_rows += N;
+}
+
+void memo_swap::end_backward() {
+  for (auto& f : prefetched_)
+    if (f.valid()) f.wait();
+  for (layer_activations& s : staging_) s = layer_activations{};
+  for (layer_activations& p : pending_) p = layer_activations{};
 }
 
 }  // namespace troupe::parallel::memo

@@ -15,10 +15,12 @@
 //      A swapped layer's layer_activations are empty (0 bytes) from the end of its forward until
 //      its prefetched copy is restored right before its backward, and empty again after it.
 //   2. Gradients and loss are bitwise equal to the same call with memo off, for every α in [0, 1].
-//      Recomputation re-runs the forward's own kernel calls at the forward's full (N-row) shape
-//      and keeps the dropped rows: the cpu sgemm splits work by shape (kernels/cpu/blas.h,
-//      invariant 3) and OpenBLAS picks kernels by shape, so a matmul over a row subset is not
-//      guaranteed to give the same bits. Row-wise ops get identical inputs, so identical outputs.
+//      Recomputation computes only the dropped rows [n0, N), n0 = round(α·N), in place: row-wise
+//      ops (rmsnorm, rope, swiglu, the residual add) run on those rows, and each matmul runs
+//      matmul_forward_rows, the forward's own sgemm blocks of the full N-row shape from the block
+//      holding row n0 (kernels/matmul.h invariant 3, kernels/cpu/blas.h invariant 4). That block
+//      may start below n0 (row 0 when sgemm does not split the shape by rows): its restored rows
+//      are rewritten with the same bits, and stats().recomputed_rows counts them.
 //   3. Copies run on two threads (device->host, host->device) fenced by futures. Two staging
 //      ("rounding") buffers alternate between even and odd layers: layer l's forward reuses the
 //      buffers of layer l-2 only after their device->host copy finished; after layer l's backward
@@ -29,13 +31,24 @@
 //      routing index vectors (offsets, row_slot, slot_row) stay on the device.
 //   6. copy_bandwidth_gbps > 0 caps each copy thread at that many 1e9 bytes/s (models PCIe).
 //   7. One engine serves one decoder on one thread at a time; forward_loss does not use it.
+//   8. full_recompute (the Megatron-style baseline: per-layer activation checkpointing): no host
+//      copies and no copy threads; α and copy_bandwidth_gbps are unused. After a swapped layer's
+//      forward only x_in stays in its layer_activations, on the device; every other tensor is
+//      dropped, the MoE routing vectors included (layer_forward rebuilds them). Before the layer's
+//      backward its whole forward runs again (layer_forward, cache = nullptr, the decoder's
+//      geometry, context parallelism included) from a copy of x_in into the same
+//      layer_activations, so gradients are bitwise those of memo off (same kernels, same shapes).
+//      After the layer's backward its layer_activations are emptied. stats: swapped_layers = the
+//      recomputed layers, swapped_tokens = 0, recomputed_rows = N per recomputed layer, host and
+//      copy bytes 0, device_bytes_resident = x_in of each recomputed layer + the kept layers.
 //
 // Not yet (issue #5 item 3): CUDA streams/events and pinned host memory; α computed from the
 // measured layer forward time and copy bandwidth (it is given); device buffers from the budgeted
 // arena (they are plain tensors, so a rounding buffer holds whole layers, dropped rows included,
-// until its device->host copy is done); recomputing only the dropped rows (needs a row-stable
-// GEMM, see invariant 2: today the recompute costs the layer's q/k/v/o/gate/up matmuls at full N).
+// until its device->host copy is done); a row-subset recompute on CUDA (cuBLAS's row-stability
+// across shapes is unchecked; the recompute runs the cpu kernels).
 #pragma once
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <future>
@@ -46,10 +59,16 @@
 
 namespace troupe::parallel::memo {
 
+// memcpy of n bytes at most gbps·1e9 bytes/s since t0 counting `done` bytes already copied (0 = unlimited),
+// in 1 MiB chunks: the copy threads' bandwidth cap (invariant 6), also used to measure it (alpha.h).
+void throttled_copy(void* dst, const void* src, size_t n, double gbps, std::chrono::steady_clock::time_point t0,
+                    size_t& done);
+
 struct memo_options {
   double alpha = 1.0;               // fraction of tokens of the other skeletal tensors swapped; the rest recomputed
   int64_t keep_last_layers = 2;     // the last layers are never swapped (paper)
   double copy_bandwidth_gbps = 0;   // 0 = unlimited; > 0 caps each copy thread (1e9 bytes/s)
+  bool full_recompute = false;      // keep only x_in, rerun the layer's forward before backward (invariant 8)
 };
 
 struct memo_swap_stats {
@@ -59,7 +78,7 @@ struct memo_swap_stats {
   size_t device_bytes_resident = 0;  // activation bytes on the device at the end of forward (kept layers)
   size_t host_bytes = 0;             // host buffers held (all swapped layers)
   size_t d2h_bytes = 0, h2d_bytes = 0;  // bytes copied in the last call
-  int64_t recomputed_rows = 0;       // dropped token rows recomputed in the last call (all tensors, all layers)
+  int64_t recomputed_rows = 0;       // token rows recomputed in the last call (all tensors, all layers)
   size_t rounding_bytes_peak = 0;    // most bytes the two rounding buffers held at once during forward
 };
 
@@ -84,6 +103,7 @@ class memo_swap {
   void before_backward(int64_t layer, layer_activations& a, const layer_params& L, const model_config& c,
                        const attention_geom& g, const float* cos, const float* sin);
   void after_backward(int64_t layer, layer_activations& a);  // a -> staging; prefetch of layer-2 starts
+  void end_backward();  // releases the rounding buffers: no activation outlives the step
 
   struct copy_thread;  // a FIFO of copy jobs on its own thread (swap.cpp)
 
@@ -91,6 +111,8 @@ class memo_swap {
   struct host_layer;  // one swapped layer's host buffers and the shapes to restore (swap.cpp)
 
   void prefetch(int64_t layer);
+  void recompute_whole(int64_t layer, layer_activations& a, const layer_params& L, const model_config& c,
+                       const attention_geom& g, const float* cos, const float* sin);  // invariant 8
 
   memo_options opt_;
   memo_swap_stats stats_;

@@ -62,8 +62,8 @@ void attention_block_backward(float* dxn, layer_params& G, const float* dout, co
                               const float* k, const float* v, const float* att, const float* lse,
                               const layer_params& L, const attention_geom& g, const float* cos, const float* sin) {
   const int64_t N = g.N(), C = g.C, QD = g.QD(), KVD = g.KVD();
-  std::vector<float> datt(static_cast<size_t>(N * QD)), dq(datt.size());
-  std::vector<float> dk(static_cast<size_t>(N * KVD)), dv(dk.size()), tmp(static_cast<size_t>(N * C));
+  runtime::work_buffer datt(static_cast<size_t>(N * QD)), dq(datt.size());
+  runtime::work_buffer dk(static_cast<size_t>(N * KVD)), dv(dk.size()), tmp(static_cast<size_t>(N * C));
   kc::matmul_backward(datt.data(), fptr(G.o_w), fptr(G.o_b), dout, att, L.o_w.data<float>(), N, QD, C);
   kernels::attention_dims d;
   d.B = g.B;

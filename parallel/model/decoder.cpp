@@ -12,6 +12,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "parallel/cp/context_parallel.h"
+#include "parallel/memo/arena.h"
 #include "parallel/memo/swap.h"
 
 namespace troupe::parallel {
@@ -30,6 +31,18 @@ runtime::rope_config rope_of(const model_config& c) {
 }
 
 }  // namespace
+
+int64_t rope_tables(const model_config& c, int64_t pos0, int64_t T, int64_t seq_len, std::vector<float>* cos,
+                    std::vector<float>* sin) {
+  const kernels::rope_params rp = kernels::rope_compute_params(rope_of(c), seq_len);
+  std::vector<int64_t> positions(static_cast<size_t>(T));
+  std::iota(positions.begin(), positions.end(), pos0);
+  const size_t half = static_cast<size_t>(rp.rotary_dim / 2);
+  cos->assign(static_cast<size_t>(T) * half, 0.0f);
+  sin->assign(cos->size(), 0.0f);
+  kernels::rope_build_table(cos->data(), sin->data(), positions.data(), T, rp);
+  return rp.rotary_dim;
+}
 
 std::vector<tensor> grad_group_tensors(const model_weights& w, int64_t group) {
   std::vector<tensor> out;
@@ -70,7 +83,7 @@ double decoder::denominator(const fb_options& opt, int64_t n_valid, const char* 
 
 tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, std::vector<layer_activations>* save,
                     tensor* x_final, tensor* rstd_final, std::vector<float>* cos, std::vector<float>* sin,
-                    memo::memo_swap* memo) const {
+                    memo::memo_swap* memo, memo::step_arena* arena) const {
   const model_config& c = config();
   TROUPE_CHECK(B > 0 && T > 0, errc::invalid_argument, "decoder: batch {} and tokens {} must be > 0", B, T);
   const int64_t N = B * T, C = c.hidden;
@@ -85,15 +98,7 @@ tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, s
                  B);
     cache->check_room(T);
   }
-  // RoPE tables for positions [pos0, pos0 + T).
-  const kernels::rope_params rp = kernels::rope_compute_params(rope_of(c), seq_len);
-  std::vector<int64_t> positions(static_cast<size_t>(T));
-  std::iota(positions.begin(), positions.end(), pos0);
-  const size_t half = static_cast<size_t>(rp.rotary_dim / 2);
-  cos->assign(static_cast<size_t>(T) * half, 0.0f);
-  sin->assign(cos->size(), 0.0f);
-  kernels::rope_build_table(cos->data(), sin->data(), positions.data(), T, rp);
-  const attention_geom g = geom(B, T, rp.rotary_dim);
+  const attention_geom g = geom(B, T, rope_tables(c, pos0, T, seq_len, cos, sin));
 
   tensor x = tensor::empty({N, C});
   kc::embedding_forward(x.data<float>(), ids, w_->embed.data<float>(), N, C, c.vocab_size);
@@ -105,7 +110,9 @@ tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, s
   for (int64_t l = 0; l < c.n_layers; ++l) {
     layer_activations& a = save ? (*save)[static_cast<size_t>(l)] : scratch;
     if (memo) memo->before_forward(l, a);
+    if (arena) arena->mark(memo::step_phase::forward_begin, l);
     layer_forward(x.data<float>(), a, w_->layers[static_cast<size_t>(l)], c, g, cos->data(), sin->data(), cache, l);
+    if (arena) arena->mark(memo::step_phase::forward_end, l);
     if (memo) memo->after_forward(l, a);  // overlaps the next layer's forward
   }
   if (memo) memo->end_forward(*save);
@@ -180,6 +187,26 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
 
 float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
                                 model_weights& grads, const fb_options& opt) {
+  if (opt.arena == nullptr) return forward_backward_step(ids, targets, B, T, grads, opt);
+  // Every tensor of the step comes from the arena and is gone when the step ends.
+  saved_.clear();
+  opt.arena->begin_step();
+  float loss = 0.0f;
+  try {
+    runtime::allocator_scope scope(*opt.arena);
+    loss = forward_backward_step(ids, targets, B, T, grads, opt);
+    saved_.clear();
+  } catch (...) {
+    saved_.clear();
+    opt.arena->end_step();
+    throw;
+  }
+  opt.arena->end_step();
+  return loss;
+}
+
+float decoder::forward_backward_step(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
+                                     model_weights& grads, const fb_options& opt) {
   const model_config& c = config();
   TROUPE_CHECK(grads.layers.size() == w_->layers.size() && grads.embed.defined() &&
                    grads.embed.shape() == w_->embed.shape() &&
@@ -195,25 +222,26 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
   };
   std::vector<float> cos, sin;
   tensor x_final, rstd_final;
-  tensor h = run(ids, B, T, nullptr, &saved_, &x_final, &rstd_final, &cos, &sin, opt.memo);
+  tensor h = run(ids, B, T, nullptr, &saved_, &x_final, &rstd_final, &cos, &sin, opt.memo, opt.arena);
   if (n_valid == 0 && cp_ == nullptr) {  // every target ignored: no loss, no gradient
     ready(grad_group::head);
     for (int64_t l = c.n_layers - 1; l >= 0; --l) ready(l);
     ready(grad_group::embedding);
+    if (opt.memo) opt.memo->end_backward();
     return 0.0f;
   }
   // (Under CP a rank without valid targets still runs backward: its k/v feed the others' losses.)
   const float grad_scale = denom > 0 ? 1.0f / static_cast<float>(denom) : 0.0f;
-  std::vector<float> losses(static_cast<size_t>(N));
+  runtime::work_buffer losses(static_cast<size_t>(N));
   // LM head + cross-entropy, fused and chunked: dh = dloss/dh, dW_head += ...
-  std::vector<float> dh(static_cast<size_t>(N * C));
+  runtime::work_buffer dh(static_cast<size_t>(N * C));
   kc::classifier_forward_backward(losses.data(), dh.data(), grads.lm_head_or_embed().data<float>(), h.data<float>(),
                                   w_->lm_head_or_embed().data<float>(), targets, N, C, V, grad_scale);
   double sum = 0.0;
   for (int64_t n = 0; n < N; ++n)
     if (targets[n] >= 0) sum += losses[static_cast<size_t>(n)];
   // Final norm, then the layers in reverse, then the embedding.
-  std::vector<float> dx(dh.size());
+  runtime::work_buffer dx(dh.size());
   kc::rmsnorm_backward(dx.data(), grads.final_norm.data<float>(), dh.data(), x_final.data<float>(),
                        w_->final_norm.data<float>(), rstd_final.data<float>(), N, C);
   ready(grad_group::head);
@@ -223,10 +251,14 @@ float decoder::forward_backward(const int32_t* ids, const int32_t* targets, int6
   for (int64_t l = c.n_layers - 1; l >= 0; --l) {
     const auto ul = static_cast<size_t>(l);
     if (opt.memo) opt.memo->before_backward(l, saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
+    if (opt.arena) opt.arena->mark(memo::step_phase::backward_begin, l);
     layer_backward(dx.data(), grads.layers[ul], saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
+    if (opt.arena) opt.arena->mark(memo::step_phase::backward_end, l);
     if (opt.memo) opt.memo->after_backward(l, saved_[ul]);
+    if (opt.arena) saved_[ul] = layer_activations{};  // its backward is done
     ready(l);
   }
+  if (opt.memo) opt.memo->end_backward();
   kc::embedding_backward(grads.embed.data<float>(), dx.data(), ids, N, C, V);
   ready(grad_group::embedding);
   return denom > 0 ? static_cast<float>(sum / denom) : 0.0f;

@@ -57,6 +57,7 @@ namespace troupe::parallel {
 struct context_parallel;
 namespace memo {
 class memo_swap;
+class step_arena;
 }
 
 // The parameter groups fb_options::grads_ready reports: a layer index >= 0, or one of these.
@@ -80,7 +81,16 @@ struct fb_options {
   // MEMO activation swapping + recomputation (parallel/memo/swap.h) for forward_backward; nullptr = off.
   // Gradients and loss are bitwise those of memo off. Not used by forward_loss.
   memo::memo_swap* memo = nullptr;
+  // MEMO's step arena (parallel/memo/arena.h) for forward_backward; nullptr = the heap. While set, every
+  // activation and transient of the call comes from it (runtime::allocator_scope), the layers' phases
+  // are marked in it, and no activation outlives the call (saved() is empty afterwards).
+  memo::step_arena* arena = nullptr;
 };
+
+// RoPE cos/sin tables (T x rotary_dim/2 each) of positions [pos0, pos0 + T) in a sequence of seq_len
+// positions (YaRN and llama3 scaling depend on it), as the decoder uses them. -> rotary_dim
+int64_t rope_tables(const model_config& c, int64_t pos0, int64_t T, int64_t seq_len, std::vector<float>* cos,
+                    std::vector<float>* sin);
 
 // The tensors of `w` (a gradient set) in group `group`, in parameters() order; handles share storage.
 std::vector<runtime::tensor> grad_group_tensors(const model_weights& w, int64_t group);
@@ -121,7 +131,10 @@ class decoder {
   // With `save`, per-layer activations go to saved_ and the final norm's to final_*.
   runtime::tensor run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache,
                       std::vector<layer_activations>* save, runtime::tensor* x_final, runtime::tensor* rstd_final,
-                      std::vector<float>* cos, std::vector<float>* sin, memo::memo_swap* memo = nullptr) const;
+                      std::vector<float>* cos, std::vector<float>* sin, memo::memo_swap* memo = nullptr,
+                      memo::step_arena* arena = nullptr) const;
+  float forward_backward_step(const int32_t* ids, const int32_t* targets, int64_t B, int64_t T,
+                              model_weights& grads, const fb_options& opt);
 
   attention_geom geom(int64_t B, int64_t T, int64_t rotary_dim) const;
   double denominator(const fb_options& opt, int64_t n_valid, const char* where) const;

@@ -44,7 +44,7 @@ void layer_forward(float* x, layer_activations& a, const layer_params& L, const 
   ensure(a.rstd2, {N});
   const float eps = static_cast<float>(c.rms_norm_eps);
   const size_t row_bytes = static_cast<size_t>(N * C) * sizeof(float);
-  std::vector<float> branch(static_cast<size_t>(N * C));
+  runtime::work_buffer branch(static_cast<size_t>(N * C));
 
   std::memcpy(a.x_in.data<float>(), x, row_bytes);
   kc::rmsnorm_forward(a.xn1.data<float>(), a.rstd1.data<float>(), x, L.input_norm.data<float>(), N, C, eps);
@@ -63,7 +63,7 @@ void layer_forward(float* x, layer_activations& a, const layer_params& L, const 
 void layer_backward(float* dx, layer_params& G, const layer_activations& a, const layer_params& L,
                     const model_config& c, const attention_geom& g, const float* cos, const float* sin) {
   const int64_t N = g.N(), C = g.C;
-  std::vector<float> dxn(static_cast<size_t>(N * C)), dres(dxn.size());
+  runtime::work_buffer dxn(static_cast<size_t>(N * C)), dres(dxn.size());
   // FFN branch: dx (= d x_out) flows to x_mid directly and through ffn(rmsnorm2(x_mid)).
   if (L.is_moe)
     moe_backward(dxn.data(), G, dx, a.moe, a.xn2.data<float>(), L, c, N);

@@ -27,8 +27,8 @@ void mlp_backward(float* dx, const runtime::tensor& dw_gate, const runtime::tens
                   const runtime::tensor& dw_down, const float* dout, const mlp_activations& a, const float* x,
                   const runtime::tensor& w_gate, const runtime::tensor& w_up, const runtime::tensor& w_down,
                   int64_t N, int64_t C, int64_t I) {
-  std::vector<float> dact(static_cast<size_t>(N * I)), dgate(dact.size()), dup(dact.size());
-  std::vector<float> tmp(static_cast<size_t>(N * C));
+  runtime::work_buffer dact(static_cast<size_t>(N * I)), dgate(dact.size()), dup(dact.size());
+  runtime::work_buffer tmp(static_cast<size_t>(N * C));
   // out = act @ Wd^T
   kc::matmul_backward(dact.data(), fptr(dw_down), nullptr, dout, a.act.data<float>(), w_down.data<float>(), N, I, C);
   kc::swiglu_backward(dgate.data(), dup.data(), dact.data(), a.h_gate.data<float>(), a.h_up.data<float>(), N, I);

@@ -31,7 +31,7 @@ bool moe_normalize_topk(const model_config& c) {
 void moe_forward(float* out, moe_activations& a, const float* x, const layer_params& L, const model_config& c,
                  int64_t N) {
   const int64_t C = c.hidden, E = c.n_experts, K = c.top_k, Im = c.moe_intermediate, R = N * K;
-  std::vector<float> logits(static_cast<size_t>(N * E));
+  runtime::work_buffer logits(static_cast<size_t>(N * E));
   kc::matmul_forward(logits.data(), x, L.router_w.data<float>(), nullptr, N, C, E);  // (N, E)
   a.probs = tensor::empty({N, E});
   a.topk_idx = tensor::empty({N, K}, runtime::dtype::i32);
@@ -69,9 +69,9 @@ void moe_forward(float* out, moe_activations& a, const float* x, const layer_par
 void moe_backward(float* dx, layer_params& G, const float* dout, const moe_activations& a, const float* x,
                   const layer_params& L, const model_config& c, int64_t N) {
   const int64_t C = c.hidden, E = c.n_experts, K = c.top_k, Im = c.moe_intermediate, R = N * K;
-  std::vector<float> dyp(static_cast<size_t>(R * C)), dtopk_w(static_cast<size_t>(N * K));
-  std::vector<float> dxp(static_cast<size_t>(R * C)), dlogits(static_cast<size_t>(N * E));
-  std::vector<float> tmp(static_cast<size_t>(N * C));
+  runtime::work_buffer dyp(static_cast<size_t>(R * C)), dtopk_w(static_cast<size_t>(N * K));
+  runtime::work_buffer dxp(static_cast<size_t>(R * C)), dlogits(static_cast<size_t>(N * E));
+  runtime::work_buffer tmp(static_cast<size_t>(N * C));
   kc::moe_unpermute_backward(dyp.data(), dtopk_w.data(), dout, a.yp.data<float>(), a.topk_w.data<float>(),
                              a.row_slot.data(), N, K, C);
   const auto wg = cptrs(L.expert_gate), wu = cptrs(L.expert_up), wd = cptrs(L.expert_down);
@@ -88,7 +88,7 @@ void moe_backward(float* dx, layer_params& G, const float* dout, const moe_activ
   const int64_t Is = c.shared_expert_intermediate;
   const float* sg = a.shared_gate.data<float>();
   const float* so = a.shared_out.data<float>();
-  std::vector<float> dso(static_cast<size_t>(N * C)), dsg(static_cast<size_t>(N));
+  runtime::work_buffer dso(static_cast<size_t>(N * C)), dsg(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) {
     double dot = 0.0;
     for (int64_t i = 0; i < C; ++i) {

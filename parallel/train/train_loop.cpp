@@ -34,10 +34,17 @@ std::map<std::string, int64_t> as_map(const nlohmann::json& j) {
 
 }  // namespace
 
-nlohmann::json memory_by_tier(bool peak) {
+nlohmann::json memory_by_tier(bool peak, const trainer& t) {
   nlohmann::json m;
   auto& host = runtime::cpu_allocator();
   m["host"] = static_cast<int64_t>(peak ? host.peak_bytes() : host.allocated_bytes());
+  // MEMO: the step arena (the budgeted "device" on the CPU: its reserved block, or its peak live bytes) and the
+  // host buffers of the swapped activations.
+  if (t.arena()) {
+    const memo::arena_stats a = t.arena()->stats();
+    m["arena"] = static_cast<int64_t>(peak ? a.peak_bytes : static_cast<size_t>(t.memory_plan()->plan.arena_bytes));
+  }
+  if (t.memo()) m["memo_host"] = static_cast<int64_t>(t.memo()->stats().host_bytes);
   if (runtime::cuda_status().available) {
     try {
       auto& dev = runtime::cuda_allocator(0);
@@ -76,6 +83,18 @@ nlohmann::json run_training(trainer& t, const train_loop_options& o) {
              {"flops_per_token", flops_per_token},
              {"start_step", t.steps_done()},
              {"spec", runtime::describe(spec)}};
+    if (const memo::memory_report* mp = t.memory_plan()) {
+      start["memory_plan"] = {{"alpha", mp->alpha},
+                              {"alpha_source", mp->alpha_source},
+                              {"arena_bytes", mp->plan.arena_bytes},
+                              {"persistent_bytes", mp->persistent_bytes},
+                              {"device_bytes", mp->device_bytes},
+                              {"device_budget", mp->settings.device_budget},
+                              {"host_bytes", mp->host_bytes},
+                              {"fragmentation", mp->plan.fragmentation()},
+                              {"caching_fragmentation", mp->caching.fragmentation()}};
+      if (o.print) fmt::print("{}", memo::describe(*mp));
+    }
     metrics->write(start);
   }
 
@@ -133,8 +152,8 @@ nlohmann::json run_training(trainer& t, const train_loop_options& o) {
                        {"exposed_comm_ms", s.exposed_comm_s * 1e3},
                        {"elapsed_s", elapsed},
                        {"activation_bytes", static_cast<int64_t>(t.activation_bytes())},
-                       {"mem", memory_by_tier(false)},
-                       {"mem_peak", memory_by_tier(true)}};
+                       {"mem", memory_by_tier(false, t)},
+                       {"mem_peak", memory_by_tier(true, t)}};
     if (o.on_step) o.on_step(rec);
     const bool last = step == max_steps;
     if (lead) {
@@ -183,7 +202,8 @@ nlohmann::json run_training(trainer& t, const train_loop_options& o) {
                          {"tokens_per_s", tps},
                          {"mfu", peak_total > 0 ? flops_per_token * tps / peak_total : 0.0},
                          {"exposed_comm_s", t.sync().exposed_wait_s()},
-                         {"mem_peak", memory_by_tier(true)},
+                         {"arena_fallbacks", t.arena() ? t.arena()->stats().fallbacks : 0},
+                         {"mem_peak", memory_by_tier(true, t)},
                          {"checkpoint", last_ckpt},
                          {"stopped", stopped}};
   if (!std::isnan(initial_val)) summary["initial_val_loss"] = initial_val;

@@ -41,7 +41,8 @@ struct train_loop_options {
 // -> the summary record (also written to the metrics file on rank 0).
 nlohmann::json run_training(trainer& t, const train_loop_options& o);
 
-// Memory per tier through troupe's allocators: {"host": bytes, ["device": bytes]}, current or peak.
-nlohmann::json memory_by_tier(bool peak);
+// Memory per tier through troupe's allocators, current or peak: {"host": bytes, ["device": bytes],
+// ["arena": MEMO step arena live bytes], ["memo_host": swapped activations on host]}.
+nlohmann::json memory_by_tier(bool peak, const trainer& t);
 
 }  // namespace troupe::parallel

@@ -81,6 +81,20 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     dec_.set_context_parallel(&cp_);
   }
   sync_ = std::make_unique<grad_sync>(grads_, comms_.world_size > 1 ? comms_.grads : nullptr);
+  // memory.device_budget / memory.memo (parallel/memo/memory_plan.h): plan before the first step and
+  // refuse to start when the plan does not fit. Every cp rank records its steps together (cp buffers).
+  const memo::memory_settings ms = memo::memory_settings_of(spec_);
+  if (ms.device_budget > 0 || ms.memo) {
+    const int64_t B = spec_.batch().micro_batch(), Tl = spec_.batch().seq_len() / cp;
+    memory_ = std::make_unique<memo::memory_report>(memo::plan_memory(weights_, B, Tl, ms, true, &dec_));
+    TROUPE_CHECK(memory_->fits, errc::invalid_argument, "rank {}: {}", comms_.rank,
+                 memo::memory_does_not_fit(*memory_, weights_, cp,
+                                           std::max<int64_t>(weights_.config().max_position_embeddings / cp, 16)));
+    if (ms.memo)
+      swap_ = std::make_unique<memo::memo_swap>(
+          memo::memo_options{memory_->alpha, ms.keep_last_layers, ms.copy_bandwidth_gbps});
+    if (ms.device_budget > 0) arena_ = std::make_unique<memo::step_arena>(memory_->plan);
+  }
 }
 
 trainer::~trainer() = default;
@@ -109,6 +123,8 @@ step_stats trainer::step() {
     fb_options o;
     o.loss_denominator = static_cast<double>(global_tokens);
     if (a == accum - 1 && sync_->active()) o.grads_ready = [this](int64_t g) { sync_->group_ready(g); };
+    o.memo = swap_.get();
+    o.arena = arena_.get();
     loss += dec_.forward_backward(in.data(), tgt.data(), B, Tl, grads_, o);
   }
   sync_->finish();

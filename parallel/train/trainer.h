@@ -46,6 +46,9 @@
 #include "parallel/train/optimizer.h"
 #include "runtime/communicator.h"
 #include "runtime/proto/job.pb.h"
+#include "parallel/memo/arena.h"
+#include "parallel/memo/memory_plan.h"
+#include "parallel/memo/swap.h"
 
 namespace troupe::parallel {
 
@@ -116,6 +119,11 @@ class trainer {
   double lr_at(int64_t step) const { return sched_.at(step); }
   // Bytes of activations the last forward kept for backward on this rank.
   size_t activation_bytes() const;
+  // memory.device_budget / memory.memo: the plan made at construction (nullptr when neither is set),
+  // the step arena (nullptr without a budget) and the swap engine (nullptr with memo off).
+  const memo::memory_report* memory_plan() const { return memory_.get(); }
+  const memo::step_arena* arena() const { return arena_.get(); }
+  const memo::memo_swap* memo() const { return swap_.get(); }
 
   // Everything of the run's state but the tensors (trainer_state.json).
   nlohmann::json state() const;
@@ -139,6 +147,9 @@ class trainer {
   decoder dec_;
   context_parallel cp_;
   std::unique_ptr<grad_sync> sync_;
+  std::unique_ptr<memo::memory_report> memory_;
+  std::unique_ptr<memo::step_arena> arena_;
+  std::unique_ptr<memo::memo_swap> swap_;
   int64_t tokens_seen_ = 0;
 };
 

@@ -224,7 +224,7 @@ TEST(job_spec, unknown_keys_name_location_path_and_hint) {
             "lr, min_lr, warmup_steps, betas, eps, weight_decay, grad_clip)");
   EXPECT_EQ(error_of(base + "optimiser: {lr: 1e-3}\n"),
             "unknown key `optimiser` at job.yaml:6:1; did you mean `optimizer`? (the top level takes: model, "
-            "data, batch, optimizer, train, parallel, checkpoint, logging, seed, run_dir)");
+            "data, batch, optimizer, train, parallel, checkpoint, logging, seed, run_dir, memory)");
   EXPECT_EQ(error_of(base + "batch:\n  seqlen: 128\n"),
             "unknown key `batch.seqlen` at job.yaml:7:3; did you mean `seq_len`? (`batch` takes: seq_len, "
             "micro_batch, global_batch, grad_accum)");
@@ -233,6 +233,40 @@ TEST(job_spec, unknown_keys_name_location_path_and_hint) {
             "unknown key `parallel.tensor_parallel` at job.yaml:7:3 (`parallel` takes: dp, cp, cp_mode)");
   EXPECT_HAS(error_of("model:\n  path: /m\n  rope_scaling:\n    typ: yarn\ndata: {train: t}\n"),
              "unknown key `model.rope_scaling.typ` at job.yaml:4:5; did you mean `type`?");
+}
+
+TEST(job_spec, memory_section_sizes_alpha_and_defaults) {
+  EXPECT_EQ(parse_byte_size("24GiB", "x"), int64_t{24} << 30);
+  EXPECT_EQ(parse_byte_size("512 MiB", "x"), int64_t{512} << 20);
+  EXPECT_EQ(parse_byte_size("1.5GB", "x"), 1500000000);
+  EXPECT_EQ(parse_byte_size("4096", "x"), 4096);
+  EXPECT_EQ(parse_byte_size("2k", "x"), 2048);
+  EXPECT_THROW(parse_byte_size("12 parsecs", "x"), error);
+  EXPECT_THROW(parse_byte_size("-1GiB", "x"), error);
+  EXPECT_THROW(parse_byte_size("", "x"), error);
+
+  const auto d = parse_job_spec(base, "job.yaml");
+  EXPECT_EQ(job_device_budget(d), 0);
+  EXPECT_FALSE(d.memory().memo().enabled());
+  EXPECT_EQ(job_memo_alpha(d), -1);
+  EXPECT_EQ(job_memo_keep_last_layers(d), 2);
+  EXPECT_EQ(job_host_limit(d), 0);
+  const auto m = parse_job_spec(base + "memory:\n  device_budget: 6GiB\n  host_limit: 64GiB\n  memo: {enabled: true, "
+                                       "alpha: 0.25, keep_last_layers: 0}\n",
+                                "job.yaml");
+  EXPECT_EQ(job_device_budget(m), int64_t{6} << 30);
+  EXPECT_EQ(job_host_limit(m), int64_t{64} << 30);
+  EXPECT_EQ(job_memo_alpha(m), 0.25);
+  EXPECT_EQ(job_memo_keep_last_layers(m), 0);
+  EXPECT_TRUE(same(parse_job_spec(describe(m), "d.yaml"), m));
+
+  EXPECT_HAS(error_of(base + "memory:\n  device_budget: 6 parsecs\n"),
+             "`memory.device_budget` at job.yaml:7:18 is not a size");
+  EXPECT_HAS(error_of(base + "memory:\n  device_budget: 0\n"), "`memory.device_budget` at job.yaml:7:18 must be positive");
+  EXPECT_HAS(error_of(base + "memory:\n  memo: {alpha: 1.5}\n"),
+             "`memory.memo.alpha` at job.yaml:7:17 must be auto or a number in [0, 1], got '1.5'");
+  EXPECT_HAS(error_of(base + "memory:\n  memo: {keep_last_layers: -1}\n"), "`memory.memo.keep_last_layers`");
+  EXPECT_HAS(error_of(base + "memory:\n  memo: {copy_bandwidth_gbps: -3}\n"), "`memory.memo.copy_bandwidth_gbps`");
 }
 
 TEST(job_spec, wrong_types_name_location_and_expected_type) {

@@ -77,6 +77,8 @@ struct run_result {
   double val = 0;
   size_t activation_bytes = 0;  // kept by the last training forward for backward
   model_weights weights;
+  int64_t arena_fallbacks = -1;  // -1: no step arena
+  int64_t arena_bytes = 0;
 };
 
 // Weights after Adam steps are compared to 1e-5 (lr 3e-3): Adam divides by sqrt(v), so fp32
@@ -107,6 +109,10 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
           out[static_cast<size_t>(r)].norms.push_back(st.grad_norm);
         }
         out[static_cast<size_t>(r)].activation_bytes = t->activation_bytes();
+        if (t->arena()) {
+          out[static_cast<size_t>(r)].arena_fallbacks = t->arena()->stats().fallbacks;
+          out[static_cast<size_t>(r)].arena_bytes = t->memory_plan()->plan.arena_bytes;
+        }
         if (eval) out[static_cast<size_t>(r)].val = t->evaluate();
         out[static_cast<size_t>(r)].weights = model_weights::zeros_like(t->weights());
         auto dst = out[static_cast<size_t>(r)].weights.parameters();
@@ -285,6 +291,74 @@ TEST(Trainer, DataTimesContextParallelFourRanksEqualOneRank) {
   ASSERT_EQ(four.size(), 4u);
   for (int s = 0; s < 2; ++s) EXPECT_NEAR(four[3].losses[s], one[0].losses[s], 1e-5 * one[0].losses[s]);
   EXPECT_LT(max_abs_diff(four[3].weights, one[0].weights), 1e-5);
+}
+
+// ------------------------------------------------------------------ MEMO under a device budget
+
+job::JobSpec memo_job(const std::string& run_dir, const std::string& parallel, const std::string& budget, bool memo) {
+  job::JobSpec s = text_job(run_dir, "{seq_len: 64, micro_batch: 2, global_batch: 4}", parallel, 3);
+  s.mutable_model()->mutable_create()->set_layers(4);
+  s.mutable_memory()->set_device_budget(budget);
+  s.mutable_memory()->mutable_memo()->set_enabled(memo);
+  s.mutable_memory()->mutable_memo()->set_alpha("0.5");
+  s.mutable_memory()->mutable_memo()->set_keep_last_layers(0);
+  s.mutable_memory()->set_plan_cache(run_dir + "/plans");
+  return s;
+}
+
+TEST(Trainer, MemoUnderABudgetThatNeedsItEqualsTheUnbudgetedRunBitwise) {
+  tmp_dir d;
+  const job::JobSpec plain = memo_job(d.file("plain"), "{dp: 1}", "", false);
+  // The budget: exactly what MEMO's plan needs; the same job without offload needs more.
+  const model_weights w = parallel::make_model(plain);
+  parallel::memo::memory_settings ms = parallel::memo::memory_settings_of(memo_job(d.file("x"), "{dp: 1}", "1GiB", true));
+  const auto with = parallel::memo::plan_memory(w, 2, 64, ms, false);
+  ms.memo = false;
+  const auto without = parallel::memo::plan_memory(w, 2, 64, ms, false);
+  ASSERT_LT(with.device_bytes, without.device_bytes);
+  const std::string budget = std::to_string(with.device_bytes);
+
+  const auto ref = run_ranks(plain, 3, true);
+  const auto got = run_ranks(memo_job(d.file("memo"), "{dp: 1}", budget, true), 3, true);
+  ASSERT_EQ(got[0].losses.size(), 3u);
+  for (int s = 0; s < 3; ++s) EXPECT_EQ(got[0].losses[s], ref[0].losses[s]) << "step " << s;
+  EXPECT_EQ(got[0].val, ref[0].val);
+  EXPECT_TRUE(bitwise_equal(got[0].weights, ref[0].weights));
+  EXPECT_EQ(got[0].arena_fallbacks, 0) << "every allocation of every step came from the planned arena";
+  EXPECT_EQ(got[0].arena_bytes, with.plan.arena_bytes);
+  EXPECT_EQ(got[0].activation_bytes, 0u) << "no activation outlives an arena step";
+  // Without MEMO the same budget is refused, and the error says what fits.
+  try {
+    parallel::make_trainer(memo_job(d.file("nomemo"), "{dp: 1}", budget, false), {});
+    ADD_FAILURE() << "a budget below the no-offload plan must be refused";
+  } catch (const runtime::error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("does not fit memory.device_budget"), std::string::npos) << m;
+    EXPECT_NE(m.find("largest seq_len that fits"), std::string::npos) << m;
+    EXPECT_NE(m.find("with MEMO on"), std::string::npos) << m;
+  }
+}
+
+TEST(Trainer, ABudgetBelowTheWeightsIsRefusedNamingThem) {
+  tmp_dir d;
+  try {
+    parallel::make_trainer(memo_job(d.file("run"), "{dp: 1}", "64KiB", true), {});
+    ADD_FAILURE() << "64 KiB cannot hold the model";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("weights, gradients and AdamW moments alone exceed it"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Trainer, MemoWithRingContextParallelEqualsThePlainRingRunBitwise) {
+  tmp_dir d;
+  const auto ref = run_ranks(memo_job(d.file("plain"), "{dp: 1, cp: 2, cp_mode: ring}", "", false), 2, false);
+  const auto got = run_ranks(memo_job(d.file("memo"), "{dp: 1, cp: 2, cp_mode: ring}", "1GiB", true), 2, false);
+  for (int r = 0; r < 2; ++r) {
+    for (int s = 0; s < 2; ++s) EXPECT_EQ(got[r].losses[s], ref[r].losses[s]) << "rank " << r << " step " << s;
+    EXPECT_TRUE(bitwise_equal(got[r].weights, ref[r].weights)) << "rank " << r;
+    EXPECT_EQ(got[r].arena_fallbacks, 0) << "rank " << r << ": the plan was recorded with the cp buffers";
+  }
 }
 
 // ------------------------------------------------------------------ resume
