@@ -192,7 +192,9 @@ std::vector<alloc_event> transients(const std::vector<alloc_event>& ev, const wi
   std::vector<alloc_event> out;
   for (size_t i = 0; i < ev.size(); ++i) {
     const alloc_event& e = ev[i];
-    if (e.alloc_time >= w.begin && e.free_time != alloc_event::live && e.free_time <= w.end) {
+    // Freed by an event before the end mark (a tensor freed by the first event after it, e.g.
+    // an activation a hook drops, is not the layer's own transient).
+    if (e.alloc_time >= w.begin && e.free_time != alloc_event::live && e.free_time < w.end) {
       alloc_event t = e;
       t.id = static_cast<int64_t>(out.size());
       t.alloc_time -= w.begin;
@@ -257,7 +259,7 @@ step_plan plan_step(const recorded_step& r, const planner_options& o, const std:
   }
   if (!uniform) {
     sp.note = fw.empty() ? "no layer marks: one flat plan"
-                         : "the layers' transients differ (e.g. dense and MoE layers): one flat plan";
+                         : "the layers' transients differ (dense and MoE layers mixed): one flat plan";
     plan p;
     bool hit = false;
     if (!cache_dir.empty())

@@ -9,6 +9,7 @@
 //   o.memo = &swap;
 //   float loss = dec.forward_backward(ids, targets, B, T, grads, o);  // bitwise == memo off
 //   swap.stats().device_bytes_resident;  // activation bytes left on the device after forward
+//   memo::memo_swap ckpt({.full_recompute = true});  // baseline: keep x_in, rerun each layer's forward
 //
 // Invariants:
 //   1. Layers l < L - keep_last_layers are swapped; the last keep_last_layers stay on the device.
@@ -41,12 +42,19 @@
 //      After the layer's backward its layer_activations are emptied. stats: swapped_layers = the
 //      recomputed layers, swapped_tokens = 0, recomputed_rows = N per recomputed layer, host and
 //      copy bytes 0, device_bytes_resident = x_in of each recomputed layer + the kept layers.
+//      Under context parallelism the rerun repeats the forward's ring exchange. plan_step plans
+//      such a step flat, not bi-level: the first tensor dropped after a recomputed layer's
+//      forward_end mark is freed at that mark's tick, so it counts as one of that layer's forward
+//      transients and recomputed and kept layers differ (arena.h invariant 5).
 //
-// Not yet (issue #5 item 3): CUDA streams/events and pinned host memory; α computed from the
-// measured layer forward time and copy bandwidth (it is given); device buffers from the budgeted
-// arena (they are plain tensors, so a rounding buffer holds whole layers, dropped rows included,
-// until its device->host copy is done); a row-subset recompute on CUDA (cuBLAS's row-stability
-// across shapes is unchecked; the recompute runs the cpu kernels).
+//   9. With fb_options::arena (arena.h) every device tensor here (rounding buffers, prefetch
+//      targets) comes from the step arena; end_backward() releases the rounding buffers, so no
+//      activation outlives the step. α is given here; memory_plan.h measures it (alpha.h).
+//
+// Not yet: CUDA streams/events and pinned host memory (the CUDA model path has no backward
+// ops, so nothing runs a CUDA step to swap); a row-subset recompute on CUDA (cuBLAS's row
+// stability across shapes is unchecked; the recompute runs the cpu kernels). A rounding buffer
+// holds a whole layer, dropped rows included, until its device->host copy is done.
 #pragma once
 #include <chrono>
 #include <cstddef>

@@ -164,7 +164,8 @@ float decoder::forward_loss(const int32_t* ids, const int32_t* targets, int64_t 
                             const fb_options& opt) {
   const model_config& c = config();
   std::vector<float> cos, sin;
-  tensor h = run(ids, B, T, nullptr, &saved_, nullptr, nullptr, &cos, &sin);
+  if (!opt.keep_activations) saved_.clear();
+  tensor h = run(ids, B, T, nullptr, opt.keep_activations ? &saved_ : nullptr, nullptr, nullptr, &cos, &sin);
   const int64_t N = B * T;
   std::vector<float> losses(static_cast<size_t>(N));
   kc::classifier_forward_backward(losses.data(), nullptr, nullptr, h.data<float>(),

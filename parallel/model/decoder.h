@@ -22,7 +22,8 @@
 //   3. Gradients are accumulated (+=) into `grads`, a set with the same names and shapes;
 //      tied embeddings receive the embedding and the LM-head gradient.
 //   4. The per-layer saved activations of the last forward_backward/forward_loss stay in
-//      saved() (layer_activations, the MEMO hook) until the next call.
+//      saved() (layer_activations, the MEMO hook) until the next call; not with
+//      fb_options::arena, nor forward_loss with fb_options::keep_activations = false.
 //   5. forward_cached(x) over a cache holding a prefix gives the same logits (fp32 rounding
 //      aside) as forward_logits over prefix+x at the new positions.
 //   6. The decoder keeps a reference to the weights: they must outlive it.
@@ -85,6 +86,9 @@ struct fb_options {
   // activation and transient of the call comes from it (runtime::allocator_scope), the layers' phases
   // are marked in it, and no activation outlives the call (saved() is empty afterwards).
   memo::step_arena* arena = nullptr;
+  // forward_loss only: false keeps one layer's activations at a time and leaves saved() empty
+  // (validation under a memory budget); true keeps them all in saved().
+  bool keep_activations = true;
 };
 
 // RoPE cos/sin tables (T x rotary_dim/2 each) of positions [pos0, pos0 + T) in a sequence of seq_len

@@ -158,7 +158,9 @@ double trainer::evaluate() {
     slice_for_cp(in_full, in);
     slice_for_cp(tgt_full, tgt);
     // forward_loss: the mean over this call's B * Tl (all valid) targets.
-    sum += static_cast<double>(dec_.forward_loss(in.data(), tgt.data(), B, Tl)) * static_cast<double>(B * Tl);
+    fb_options o;
+    o.keep_activations = false;  // one layer's activations at a time: validation stays small
+    sum += static_cast<double>(dec_.forward_loss(in.data(), tgt.data(), B, Tl, o)) * static_cast<double>(B * Tl);
   }
   tensor l = tensor::empty({1});
   l.data<float>()[0] = static_cast<float>(sum / denom);
