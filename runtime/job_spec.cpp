@@ -259,6 +259,40 @@ void validate_batch_and_parallel(job::JobSpec& s, const spec_locations& L) {
   }
 }
 
+// memory.tiers: the checks that need no machine (tiers_from_spec checks the nodes exist).
+void validate_tiers(const job::Memory& m, const spec_locations& L) {
+  std::map<std::string, int> names;
+  for (int i = 0; i < m.tiers_size(); ++i) {
+    const job::Tier& t = m.tiers(i);
+    const std::string key = fmt::format("memory.tiers[{}]", i);
+    if (t.name().empty()) L.fail(key + ".name", "is missing; give each tier a name (e.g. dram, cxl0)");
+    if (auto [it, fresh] = names.emplace(t.name(), i); !fresh)
+      L.fail(key + ".name", fmt::format("'{}' is also the name of memory.tiers[{}]; tier names must be unique",
+                                        t.name(), it->second));
+    if (t.numa_nodes().empty())
+      L.fail(key + ".numa_nodes", fmt::format("is empty; list the NUMA nodes of tier '{}' (`troupe info` shows them)",
+                                              t.name()));
+    for (int64_t n : t.numa_nodes())
+      if (n < 0 || n > 4095) L.fail(key + ".numa_nodes", fmt::format("holds {}, not a NUMA node number", n));
+    if (!t.capacity().empty()) {
+      int64_t cap = 0;
+      try {
+        cap = parse_byte_size(t.capacity(), key + ".capacity");
+      } catch (const error& e) {
+        L.fail(key + ".capacity", fmt::format("is not a size: {}", e.message()));
+      }
+      if (cap <= 0) L.fail(key + ".capacity", "must be positive (or leave it out for the nodes' total memory)");
+    }
+    if (!(t.emulated_gbps() >= 0))
+      L.fail(key + ".emulated_gbps", fmt::format("must be >= 0 (0 = no cap), got {}", t.emulated_gbps()));
+    if (!(t.emulated_latency_ns() >= 0))
+      L.fail(key + ".emulated_latency_ns", fmt::format("must be >= 0 (0 = none), got {}", t.emulated_latency_ns()));
+    if (t.kind() == job::Tier::DRAM && (t.emulated_gbps() > 0 || t.emulated_latency_ns() > 0))
+      L.fail(key + ".kind", fmt::format("is dram but tier '{}' sets emulated_gbps/emulated_latency_ns; emulation "
+                                        "applies to cxl tiers only: set kind: cxl or drop the emulation", t.name()));
+  }
+}
+
 void validate_optimizer_and_rest(job::JobSpec& s, const spec_locations& L) {
   const auto& o = s.optimizer();
   const auto& t = s.train();
@@ -311,6 +345,8 @@ void validate_optimizer_and_rest(job::JobSpec& s, const spec_locations& L) {
   if (!(m.memo().copy_bandwidth_gbps() >= 0))
     L.fail("memory.memo.copy_bandwidth_gbps",
            fmt::format("must be >= 0 (0 = no cap), got {}", m.memo().copy_bandwidth_gbps()));
+
+  validate_tiers(m, L);
 
   const auto& d = s.data();
   if (d.train().empty()) L.fail("data.train", "is missing; give the training file (text or a .bin of tokens)");
@@ -368,7 +404,13 @@ class yaml_mapper {
   explicit yaml_mapper(spec_locations& L) : L_(L) {}
 
   // "file:line:col", or the `--set` that wrote the key or a key above it.
-  std::string where(const std::string& kp, const YAML::Mark& m) const {
+  std::string where(const std::string& key_path, const YAML::Mark& m) const {
+    std::string kp;  // list indices dropped: `--set memory.tiers=[...]` wrote memory.tiers[1].name
+    for (size_t i = 0; i < key_path.size(); ++i) {
+      if (key_path[i] == '[') i = key_path.find(']', i);
+      else kp += key_path[i];
+      if (i == std::string::npos) break;
+    }
     for (size_t end = 0; end != std::string::npos;) {
       end = kp.find('.', end + 1);
       if (auto it = L_.overrides.find(kp.substr(0, end)); it != L_.overrides.end()) return it->second;
@@ -509,6 +551,19 @@ class yaml_mapper {
         fail(fmt::format("`{}`", kp), kp, mark, fmt::format("must be a list like [a, b], got {}", describe_node(value)));
       }
       r->ClearField(&msg, f);
+      if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {  // a list of mappings
+        size_t i = 0;
+        for (const auto& item : value) {
+          const std::string ikp = fmt::format("{}[{}]", kp, i++);
+          const YAML::Mark im = item.Mark().is_null() ? mark : item.Mark();
+          if (!item.IsMap()) fail(fmt::format("`{}`", ikp), ikp, im, fmt::format("must be a mapping of keys ({}: ...), got {}",
+                                                                                 field_names(f->message_type())[0],
+                                                                                 describe_node(item)));
+          L_.at[ikp] = where(ikp, im);
+          map_message(item, *r->AddMessage(&msg, f), ikp, im);
+        }
+        return;
+      }
       for (const auto& item : value) {
         switch (f->cpp_type()) {
           case pb::FieldDescriptor::CPPTYPE_DOUBLE: r->AddDouble(&msg, f, parse_double(item, kp)); break;
@@ -646,7 +701,19 @@ void emit(const pb::Message& m, int indent, std::string& out) {
     const pb::FieldDescriptor* f = d->field(i);
     if (f->containing_oneof() != nullptr && !r->HasField(m, f)) continue;
     out += fmt::format("{}{}:", pad, f->name());
-    if (f->is_repeated()) {
+    if (f->is_repeated() && f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      if (r->FieldSize(m, f) == 0) {
+        out += " []\n";
+        continue;
+      }
+      out += "\n";
+      for (int j = 0; j < r->FieldSize(m, f); ++j) {  // "  - key: v" then "    key: v"
+        std::string item;
+        emit(r->GetRepeatedMessage(m, f, j), indent + 4, item);
+        item.replace(static_cast<size_t>(indent) + 2, 2, "- ");
+        out += item;
+      }
+    } else if (f->is_repeated()) {
       std::vector<std::string> items;
       for (int j = 0; j < r->FieldSize(m, f); ++j) items.push_back(scalar_text(m, f, j));
       out += fmt::format(" [{}]\n", join(items));
@@ -764,6 +831,47 @@ int64_t job_memo_keep_last_layers(const job::JobSpec& spec) {
 int64_t job_host_limit(const job::JobSpec& spec) {
   const std::string& h = spec.memory().host_limit();
   return h.empty() ? 0 : parse_byte_size(h, "memory.host_limit");
+}
+
+std::vector<memory_tier> tiers_from_spec(const job::JobSpec& spec, const std::vector<numa_node_info>& machine) {
+  if (spec.memory().tiers_size() == 0) return tiers_of_nodes(machine);
+  std::string existing;
+  for (const auto& n : machine)
+    existing += fmt::format("{}{} ({}, {:.1f} GiB)", existing.empty() ? "" : ", ", n.node,
+                            n.cpus > 0 ? "dram" : "cpu-less", static_cast<double>(n.total_bytes) / (1 << 30));
+  std::vector<memory_tier> out;
+  for (int i = 0; i < spec.memory().tiers_size(); ++i) {
+    const job::Tier& jt = spec.memory().tiers(i);
+    memory_tier t;
+    t.name = jt.name();
+    t.type = jt.kind() == job::Tier::CXL ? memory_tier::cxl : memory_tier::dram;
+    t.emulated_gbps = jt.emulated_gbps();
+    t.emulated_latency_ns = jt.emulated_latency_ns();
+    int64_t nodes_bytes = 0;
+    bool any_cpus = false;
+    for (int64_t n : jt.numa_nodes()) {
+      auto it = std::find_if(machine.begin(), machine.end(), [&](const numa_node_info& x) { return x.node == n; });
+      TROUPE_CHECK(it != machine.end(), errc::invalid_argument,
+                   "memory.tiers[{}] ('{}'): NUMA node {} does not exist on this machine (nodes with memory: {}); "
+                   "map the tier onto one of those", i, jt.name(), n, existing);
+      if (std::find(t.numa_nodes.begin(), t.numa_nodes.end(), static_cast<int>(n)) != t.numa_nodes.end()) continue;
+      t.numa_nodes.push_back(static_cast<int>(n));
+      nodes_bytes += it->total_bytes;
+      any_cpus = any_cpus || it->cpus > 0;
+    }
+    t.capacity_bytes = jt.capacity().empty() ? nodes_bytes
+                                             : parse_byte_size(jt.capacity(), fmt::format("memory.tiers[{}].capacity", i));
+    TROUPE_CHECK(t.capacity_bytes <= nodes_bytes, errc::invalid_argument,
+                 "memory.tiers[{}] ('{}'): capacity {} ({} bytes) exceeds the memory of its nodes ({} bytes); lower "
+                 "the capacity or add nodes", i, jt.name(), jt.capacity(), t.capacity_bytes, nodes_bytes);
+    t.emulated = t.type == memory_tier::cxl && (any_cpus || t.emulated_gbps > 0 || t.emulated_latency_ns > 0);
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+std::vector<memory_tier> tiers_from_spec(const job::JobSpec& spec) {
+  return tiers_from_spec(spec, numa_nodes_with_memory());
 }
 
 std::string describe(const job::JobSpec& spec) {

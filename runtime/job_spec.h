@@ -18,13 +18,16 @@
 //   4. An unknown key, a wrong type or an impossible value throws errc::invalid_argument
 //      (YAML syntax: errc::format; missing file: errc::not_found) whose message names
 //      `file:line:col`, the key path (`optimizer.warmup_steps`) and a hint how to fix it.
-//   5. Without yaml-cpp (TROUPE_HAVE_YAML_CPP unset) parsing throws errc::unsupported;
+//   5. A list of mappings (memory.tiers) maps item by item; errors name the index:
+//      `memory.tiers[1].numa_nodes`.
+//   6. Without yaml-cpp (TROUPE_HAVE_YAML_CPP unset) parsing throws errc::unsupported;
 //      job_spec_defaults, validate_job_spec and describe still work.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "runtime/memory_tiers.h"
 #include "runtime/proto/job.pb.h"
 
 namespace troupe::runtime {
@@ -63,5 +66,14 @@ double job_memo_alpha(const job::JobSpec& spec);
 int64_t job_memo_keep_last_layers(const job::JobSpec& spec);
 // memory.host_limit in bytes; 0 = unlimited.
 int64_t job_host_limit(const job::JobSpec& spec);
+
+// memory.tiers mapped onto the NUMA nodes of `machine` (default: this machine's,
+// numa_nodes_with_memory()). No tiers declared: the discovered tiers (memory_tiers.h). A node
+// the machine lacks throws errc::invalid_argument naming the tier and the nodes that exist; a
+// capacity beyond the nodes' memory too. capacity "" = the nodes' total. A cxl tier on nodes
+// with CPUs, or with emulated_gbps/latency set, is emulated (memory_tiers.h invariant 3):
+// that is how a machine without CXL runs the CXL placement.
+std::vector<memory_tier> tiers_from_spec(const job::JobSpec& spec, const std::vector<numa_node_info>& machine);
+std::vector<memory_tier> tiers_from_spec(const job::JobSpec& spec);
 
 }  // namespace troupe::runtime

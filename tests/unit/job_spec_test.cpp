@@ -269,6 +269,105 @@ TEST(job_spec, memory_section_sizes_alpha_and_defaults) {
   EXPECT_HAS(error_of(base + "memory:\n  memo: {copy_bandwidth_gbps: -3}\n"), "`memory.memo.copy_bandwidth_gbps`");
 }
 
+TEST(job_spec, memory_tiers_map_list_items_and_name_the_index) {
+  const std::string tiers = base + R"(memory:
+  tiers:
+    - name: local
+      kind: dram
+      numa_nodes: [0]
+    - {name: far, kind: cxl, numa_nodes: [1, 2], capacity: 256GiB}
+    - name: emu
+      kind: cxl
+      numa_nodes: [0]
+      capacity: 8GiB
+      emulated_gbps: 20
+      emulated_latency_ns: 250
+)";
+  const auto s = parse_job_spec(tiers, "job.yaml");
+  ASSERT_EQ(s.memory().tiers_size(), 3);
+  EXPECT_EQ(s.memory().tiers(0).name(), "local");
+  EXPECT_EQ(s.memory().tiers(1).kind(), job::Tier::CXL);
+  EXPECT_EQ(s.memory().tiers(1).numa_nodes_size(), 2);
+  EXPECT_EQ(s.memory().tiers(2).emulated_latency_ns(), 250);
+  // describe() writes the list as block items and parses back to the same spec.
+  const std::string text = describe(s);
+  EXPECT_HAS(text, "  tiers:\n    - name: \"local\"\n      kind: dram\n      numa_nodes: [0]\n");
+  EXPECT_TRUE(same(parse_job_spec(text, "d.yaml"), s)) << text;
+  EXPECT_HAS(describe(parse_job_spec(base, "job.yaml")), "  tiers: []\n");
+  // --set replaces the whole list.
+  const auto o = parse_job_spec(base, "job.yaml", {"memory.tiers=[{name: a, numa_nodes: [0]}]"});
+  ASSERT_EQ(o.memory().tiers_size(), 1);
+  EXPECT_EQ(o.memory().tiers(0).kind(), job::Tier::DRAM);
+
+  // Errors name the index, the file position and the fix.
+  const std::string m = base + "memory:\n  tiers:\n";
+  EXPECT_EQ(error_of(m + "    - {name: a, numa_nodes: [0]}\n    - {name: b, numa_nodes: [x]}\n"),
+            "`memory.tiers[1].numa_nodes` at job.yaml:9:30 must be an integer, got 'x'");
+  EXPECT_EQ(error_of(m + "    - {name: a, kind: pmem, numa_nodes: [0]}\n"),
+            "`memory.tiers[0].kind` at job.yaml:8:23 must be one of dram, cxl, got 'pmem'");
+  EXPECT_HAS(error_of(m + "    - {name: a, numa_node: [0]}\n"),
+             "unknown key `memory.tiers[0].numa_node` at job.yaml:8:17; did you mean `numa_nodes`?");
+  EXPECT_EQ(error_of(m + "    - dram\n"),
+            "`memory.tiers[0]` at job.yaml:8:7 must be a mapping of keys (name: ...), got 'dram'");
+  EXPECT_HAS(error_of(base + "memory:\n  tiers: {name: a}\n"), "`memory.tiers` at job.yaml:7:10 must be a list");
+  EXPECT_HAS(error_of(m + "    - {name: a, numa_nodes: []}\n"), "`memory.tiers[0].numa_nodes` at job.yaml:8:29 is empty");
+  EXPECT_HAS(error_of(m + "    - {name: a, numa_nodes: [0]}\n    - {name: a, numa_nodes: [1]}\n"),
+             "`memory.tiers[1].name` at job.yaml:9:14 'a' is also the name of memory.tiers[0]");
+  EXPECT_HAS(error_of(m + "    - {name: a, numa_nodes: [0], capacity: lots}\n"),
+             "`memory.tiers[0].capacity` at job.yaml:8:44 is not a size: memory.tiers[0].capacity: 'lots' is not a size");
+  EXPECT_HAS(error_of(m + "    - {name: a, numa_nodes: [0], emulated_gbps: 5}\n"),
+             "`memory.tiers[0].kind` at job.yaml (default) is dram but tier 'a' sets emulated_gbps");
+  EXPECT_HAS(error_of(m + "    - {name: a, kind: cxl, numa_nodes: [0], emulated_latency_ns: -1}\n"),
+             "`memory.tiers[0].emulated_latency_ns`");
+  EXPECT_HAS(error_of(m + "    - {numa_nodes: [0]}\n"), "`memory.tiers[0].name` at job.yaml (default) is missing");
+}
+
+TEST(job_spec, tiers_from_spec_maps_onto_the_machine) {
+  constexpr int64_t GiB = int64_t{1} << 30;
+  // A machine with DRAM node 0 (CPUs) and a CXL card, node 1 (CPU-less); and one without CXL.
+  const std::vector<numa_node_info> cxl_box{{0, 128 * GiB, 100 * GiB, 32}, {1, 256 * GiB, 256 * GiB, 0}};
+  const std::vector<numa_node_info> plain_box{{0, 64 * GiB, 60 * GiB, 16}};
+  // Nothing declared: one tier per kind, from the nodes.
+  auto t = tiers_from_spec(parse_job_spec(base, "job.yaml"), cxl_box);
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_EQ(t[0].name, "dram");
+  EXPECT_EQ(t[1].type, memory_tier::cxl);
+  EXPECT_EQ(t[1].numa_nodes, std::vector<int>{1});
+  EXPECT_EQ(t[1].capacity_bytes, 256 * GiB);
+  EXPECT_FALSE(t[1].emulated);
+  // Declared: a real CXL tier is not emulated; a CXL tier on a DRAM node is.
+  const auto spec = parse_job_spec(base + "memory:\n  tiers:\n    - {name: local, numa_nodes: [0], capacity: 60GiB}\n"
+                                          "    - {name: far, kind: cxl, numa_nodes: [1]}\n", "job.yaml");
+  t = tiers_from_spec(spec, cxl_box);
+  EXPECT_EQ(t[0].capacity_bytes, 60 * GiB);
+  EXPECT_EQ(t[1].capacity_bytes, 256 * GiB);
+  EXPECT_FALSE(t[1].emulated);
+  const auto emu = parse_job_spec(base + "memory:\n  tiers:\n    - {name: local, numa_nodes: [0], capacity: 32GiB}\n"
+                                         "    - {name: cxl, kind: cxl, numa_nodes: [0], capacity: 16GiB, "
+                                         "emulated_gbps: 25, emulated_latency_ns: 200}\n", "job.yaml");
+  t = tiers_from_spec(emu, plain_box);
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_TRUE(t[1].emulated);
+  EXPECT_EQ(t[1].numa_nodes, std::vector<int>{0});
+  EXPECT_EQ(t[1].emulated_gbps, 25);
+  EXPECT_EQ(t[1].emulated_latency_ns, 200);
+  // The CXL spec on the machine without node 1: the error names the tier and the nodes there are.
+  try {
+    tiers_from_spec(spec, plain_box);
+    ADD_FAILURE() << "no error";
+  } catch (const error& e) {
+    EXPECT_EQ(e.code(), errc::invalid_argument);
+    EXPECT_HAS(e.message(), "memory.tiers[1] ('far'): NUMA node 1 does not exist on this machine (nodes with memory: "
+                            "0 (dram, 64.0 GiB))");
+  }
+  try {
+    tiers_from_spec(emu, {{0, 20 * GiB, 20 * GiB, 4}});
+    ADD_FAILURE() << "no error";
+  } catch (const error& e) {
+    EXPECT_HAS(e.message(), "memory.tiers[0] ('local'): capacity 32GiB (34359738368 bytes) exceeds the memory of its nodes");
+  }
+}
+
 TEST(job_spec, wrong_types_name_location_and_expected_type) {
   EXPECT_EQ(error_of("model:\n  path: /m\nbatch:\n  seq_len: abc\n"),
             "`batch.seq_len` at job.yaml:4:12 must be an integer, got 'abc'");
