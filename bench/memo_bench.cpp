@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "parallel/memo/arena.h"
 #include "parallel/memo/caching_allocator_sim.h"
 #include "parallel/memo/memory_plan.h"
@@ -54,29 +55,13 @@
 using namespace troupe;
 using namespace troupe::parallel::memo;
 using clk = std::chrono::steady_clock;
+using namespace troupe::bench;  // seconds_since, median, mib, loadavg
 
 namespace {
 
-double seconds_since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0.0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
-double mib(int64_t b) { return static_cast<double>(b) / (1 << 20); }
 
-// The 1-minute load average (other processes compete for the cores: quoted with the timings).
-std::string loadavg() {
-  std::FILE* f = std::fopen("/proc/loadavg", "r");
-  if (f == nullptr) return "?";
-  char buf[64] = {};
-  const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
-  std::fclose(f);
-  std::string s(buf, n);
-  return s.substr(0, s.find(' '));
-}
 
 runtime::model_config dense(int64_t hidden, int64_t layers, int64_t heads, int64_t kv, int64_t inter, int64_t vocab) {
   return runtime::parse_hf_config(

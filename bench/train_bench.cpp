@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/matmul.h"
 #include "parallel/model/decoder.h"
 #include "parallel/model/model_weights.h"
@@ -43,16 +44,11 @@
 
 using namespace troupe;
 using clk = std::chrono::steady_clock;
+using namespace troupe::bench;  // seconds_since, median, mib, loadavg
 
 namespace {
 
-double seconds_since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 }  // namespace
 

@@ -1,8 +1,10 @@
 // `troupe plan job.yaml [--set k=v] [--find-max-seq] [--max-seq N] [--json]`: the memory plan one
 // rank of the job would run with (parallel/memo/memory_plan.h): α, the level-1 and level-2 peaks,
 // host bytes per tier, the predicted step time and the fragmentation of the planned arena against
-// a caching allocator replaying the same trace. --find-max-seq searches the largest seq_len that
-// fits memory.device_budget with the job's settings, with MEMO at α = 1, and with no offload.
+// a caching allocator replaying the same trace, and where every host group goes across the memory
+// tiers (parallel/cxl/placement.h; with memory.tiers or memory.placement). --find-max-seq searches
+// the largest seq_len that fits memory.device_budget with the job's settings, with MEMO at α = 1,
+// and with no offload.
 //
 //   troupe plan examples/finetune_long_context/memo_budget.yaml
 //   troupe plan job.yaml --set memory.device_budget=64MiB --find-max-seq
@@ -11,6 +13,7 @@
 // parallel.cp > 1 the plan is for one rank's seq_len / cp tokens, recorded without the
 // context-parallel communication buffers (the trainer records with them).
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "launch/commands.h"
+#include "parallel/cxl/tiered_state.h"
 #include "parallel/memo/memory_plan.h"
 #include "parallel/train/trainer.h"
 #include "runtime/error.h"
@@ -62,6 +66,65 @@ nlohmann::json to_json(const parallel::memo::memory_report& r) {
           {"extrapolated", r.extrapolated}};
 }
 
+nlohmann::json to_json(const parallel::cxl::placement_plan& p, const std::vector<runtime::memory_tier>& tiers) {
+  nlohmann::json groups = nlohmann::json::array();
+  for (const auto& g : p.groups) {
+    nlohmann::json shares = nlohmann::json::array();
+    for (const auto& s : g.shares) shares.push_back({{"tier", s.tier}, {"node", s.node}, {"bytes", s.bytes}});
+    groups.push_back({{"name", g.name},
+                      {"priority", g.priority},
+                      {"bytes", g.bytes},
+                      {"dram_bytes", g.dram_bytes},
+                      {"cxl_bytes", g.cxl_bytes},
+                      {"straddles", g.straddles},
+                      {"tiers", g.tiers},
+                      {"mode", g.where.how == runtime::placement::bind
+                                   ? "bind"
+                                   : (g.where.weights.empty() ? "interleave" : "weighted")},
+                      {"nodes", g.where.nodes},
+                      {"weights", g.where.weights},
+                      {"shares", shares}});
+  }
+  nlohmann::json jt = nlohmann::json::array();
+  for (const auto& t : tiers)
+    jt.push_back({{"name", t.name},
+                  {"kind", runtime::tier_kind_name(t.type)},
+                  {"numa_nodes", t.numa_nodes},
+                  {"capacity_bytes", t.capacity_bytes},
+                  {"emulated", t.emulated},
+                  {"emulated_gbps", t.emulated_gbps},
+                  {"emulated_latency_ns", t.emulated_latency_ns}});
+  return {{"policy", parallel::cxl::policy_name(p.policy)},
+          {"local_dram_budget", p.local_dram_budget},
+          {"dram_bytes", p.dram_bytes},
+          {"cxl_bytes", p.cxl_bytes},
+          {"groups", groups},
+          {"tiers", jt}};
+}
+
+// Where every host group of the job goes (trainer.h invariant 6), as the trainer will place it.
+std::string host_placement(const job::JobSpec& spec, const parallel::model_weights& w, int64_t activation_host_bytes,
+                           nlohmann::json& j) {
+  if (runtime::job_host_placement(spec).empty()) {
+    j["host_placement"] = nullptr;
+    return "host placement: off (the heap); declare memory.tiers or set memory.placement to place the host state "
+           "on DRAM/CXL tiers\n";
+  }
+  const std::vector<runtime::memory_tier> tiers = runtime::tiers_from_spec(spec);
+  const parallel::cxl::placement_plan p = parallel::cxl::place_job(spec, w, activation_host_bytes, tiers);
+  j["host_placement"] = to_json(p, tiers);
+  std::string text = parallel::cxl::describe(p);
+  text += "  note: fp32 training keeps no separate compute-precision copies: compute_weights and compute_grads are "
+          "0 bytes\n";
+  for (const auto& t : tiers)
+    text += fmt::format("  tier {:<10} {:<4} nodes {{{}}}  {:.2f} GiB{}\n", t.name, runtime::tier_kind_name(t.type),
+                        fmt::join(t.numa_nodes, ","), static_cast<double>(t.capacity_bytes) / (1 << 30),
+                        t.emulated ? fmt::format("  (emulated CXL: {} GB/s, +{} ns)", t.emulated_gbps,
+                                                 t.emulated_latency_ns)
+                                   : std::string());
+  return text;
+}
+
 void run_plan(const plan_args& a) {
   using runtime::errc;
   const job::JobSpec spec = runtime::load_job_spec(a.job, a.sets);
@@ -72,6 +135,7 @@ void run_plan(const plan_args& a) {
   const parallel::memo::memory_report r = parallel::memo::plan_memory(w, B, T, s);
   nlohmann::json j = to_json(r);
   std::string text = parallel::memo::describe(r);
+  text += host_placement(spec, w, r.host_bytes, j);
   if (cp > 1)
     text += fmt::format("  note                 parallel.cp = {}: one rank's {} of {} tokens; the context-parallel "
                         "buffers are not in this trace\n",

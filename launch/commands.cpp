@@ -10,6 +10,7 @@ void register_commands(CLI::App& app) {
   register_selftest(app);
   register_report(app);
   register_plan(app);
+  register_membench(app);
   register_train(app);
 }
 

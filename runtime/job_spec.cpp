@@ -347,6 +347,13 @@ void validate_optimizer_and_rest(job::JobSpec& s, const spec_locations& L) {
            fmt::format("must be >= 0 (0 = no cap), got {}", m.memo().copy_bandwidth_gbps()));
 
   validate_tiers(m, L);
+  if (!m.placement().empty() && m.placement() != "latency_first" && m.placement() != "dram_only" &&
+      m.placement() != "interleave_all" && m.placement() != "cxl_only")
+    L.fail("memory.placement", fmt::format("must be one of latency_first, dram_only, interleave_all, cxl_only, got "
+                                           "'{}' (leave it out for latency_first when memory.tiers are declared)",
+                                           m.placement()));
+  if (!m.local_dram_budget().empty() && bytes_of("memory.local_dram_budget", m.local_dram_budget()) < 0)
+    L.fail("memory.local_dram_budget", "must be >= 0 (or leave it out for the dram tier's capacity)");
 
   const auto& d = s.data();
   if (d.train().empty()) L.fail("data.train", "is missing; give the training file (text or a .bin of tokens)");
@@ -831,6 +838,20 @@ int64_t job_memo_keep_last_layers(const job::JobSpec& spec) {
 int64_t job_host_limit(const job::JobSpec& spec) {
   const std::string& h = spec.memory().host_limit();
   return h.empty() ? 0 : parse_byte_size(h, "memory.host_limit");
+}
+
+std::string job_host_placement(const job::JobSpec& spec) {
+  const std::string& p = spec.memory().placement();
+  if (!p.empty()) return p;
+  return spec.memory().tiers_size() > 0 ? "latency_first" : "";
+}
+
+int64_t job_local_dram_budget(const job::JobSpec& spec, const std::vector<memory_tier>& tiers) {
+  const std::string& b = spec.memory().local_dram_budget();
+  if (!b.empty()) return parse_byte_size(b, "memory.local_dram_budget");
+  for (const auto& t : tiers)
+    if (t.type == memory_tier::dram) return t.capacity_bytes;
+  return 0;
 }
 
 std::vector<memory_tier> tiers_from_spec(const job::JobSpec& spec, const std::vector<numa_node_info>& machine) {

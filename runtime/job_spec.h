@@ -67,6 +67,13 @@ int64_t job_memo_keep_last_layers(const job::JobSpec& spec);
 // memory.host_limit in bytes; 0 = unlimited.
 int64_t job_host_limit(const job::JobSpec& spec);
 
+// memory.placement: the host placement policy the job runs with ("latency_first", "dram_only",
+// "interleave_all", "cxl_only"), or "" when its host memory is not placed through the tiers
+// (memory.placement not set and no memory.tiers declared: the heap, as before).
+std::string job_host_placement(const job::JobSpec& spec);
+// memory.local_dram_budget in bytes; "" = the capacity of the first dram tier of `tiers` (0 when none).
+int64_t job_local_dram_budget(const job::JobSpec& spec, const std::vector<memory_tier>& tiers);
+
 // memory.tiers mapped onto the NUMA nodes of `machine` (default: this machine's,
 // numa_nodes_with_memory()). No tiers declared: the discovered tiers (memory_tiers.h). A node
 // the machine lacks throws errc::invalid_argument naming the tier and the nodes that exist; a

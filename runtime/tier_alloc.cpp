@@ -11,8 +11,13 @@
 #include <cstring>
 #include <numeric>
 
+#include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
+
+#ifdef TROUPE_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
 
 #ifdef TROUPE_HAVE_NUMA
 #include <numa.h>
@@ -254,10 +259,25 @@ tier_allocation tier_alloc(size_t bytes, const placement& where, const node_free
   // Touch every page after the policy is set, so each page is placed by it.
   volatile char* c = static_cast<char*>(p);
   for (size_t off = 0; off < a.mapped; off += page_size()) c[off] = 0;
+#ifdef TROUPE_HAVE_CUDA
+  if (where.pin && cuda_status().available) {
+    const cudaError_t e = cudaHostRegister(p, a.mapped, cudaHostRegisterDefault);
+    a.pinned = e == cudaSuccess;
+    if (!a.pinned) {
+      (void)cudaGetLastError();  // clear it
+      log::warn("tier_alloc: cudaHostRegister of {} bytes failed: {}; the GPU copies from pageable memory",
+                a.mapped, cudaGetErrorString(e));
+    }
+  }
+#endif
   return a;
 }
 
 void tier_free(tier_allocation& a) {
+#ifdef TROUPE_HAVE_CUDA
+  if (a.pinned && a.ptr != nullptr) cudaHostUnregister(a.ptr);
+#endif
+  a.pinned = false;
   if (a.ptr != nullptr) munmap(a.ptr, a.mapped);
   a.ptr = nullptr;
   a.bytes = a.mapped = 0;

@@ -24,6 +24,10 @@
 //      plain page-aligned allocation with policy "default" (fell_back = false when nothing
 //      but the default was asked for), policy_of returns 0 (MPOL_DEFAULT) and pages_nodes
 //      throws errc::unsupported.
+//   5. placement::pin: after the pages are placed and touched, the range is registered with
+//      cudaHostRegister when this build has CUDA and a GPU answers (pinned: the GPU's copies
+//      run at full speed and asynchronously); a failing registration is a warning and
+//      pinned = false. Without CUDA, pin does nothing.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -42,6 +46,7 @@ struct placement {
   std::vector<int> nodes;        // empty = no placement (default policy)
   mode how = bind;
   std::vector<int64_t> weights;  // interleave only: one per node, empty = uniform
+  bool pin = false;              // GPUs copy from it: cudaHostRegister when CUDA is usable (invariant 5)
 };
 
 // What tier_alloc did. policy is "bind", "interleave", "striped" or "default".
@@ -53,6 +58,7 @@ struct tier_allocation {
   std::vector<int> nodes;  // the nodes the applied policy names (empty for default)
   bool fell_back = false;
   std::string note;      // why it fell back; "" otherwise
+  bool pinned = false;   // registered with cudaHostRegister (tier_free unregisters it)
 };
 
 // The decision tier_alloc would take, without allocating: policy and nodes after the

@@ -188,6 +188,9 @@ placement_plan place(const std::vector<group>& groups_in, const std::vector<memo
         }
         break;
     }
+    // What a GPU copies from (compute weights, offloaded activations, compute grads) is pinned
+    // when CUDA runs (runtime/tier_alloc.h invariant 5); the optimizer's fp32 state is not.
+    g.where.pin = g.priority >= 2;
     plan.dram_bytes += g.dram_bytes;
     plan.cxl_bytes += g.cxl_bytes;
     plan.groups.push_back(std::move(g));

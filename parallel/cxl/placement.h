@@ -30,6 +30,8 @@
 //   5. Bytes per node: a group over n nodes of one tier splits that tier's part evenly (the
 //      remainder to the first nodes). The DRAM tier is the first tier of kind dram; CXL nodes
 //      are the nodes of every cxl tier.
+//   6. Groups of priority >= 2 (what a GPU copies from: compute weights, offloaded activations,
+//      compute grads) get where.pin = true: pinned with cudaHostRegister when CUDA runs.
 #pragma once
 #include <cstdint>
 #include <string>

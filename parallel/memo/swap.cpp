@@ -18,6 +18,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "kernels/swiglu.h"
+#include "runtime/tier_registry.h"
 
 namespace troupe::parallel::memo {
 
@@ -176,13 +177,44 @@ void throttled_copy(void* dst, const void* src, size_t n, double gbps, std::chro
   }
 }
 
+// A host buffer: a heap vector, or tier memory when memo_options::host_placement names nodes (invariant 10).
+struct host_buffer {
+  struct tier_free_fn {
+    void operator()(runtime::tier_allocation* a) const {
+      runtime::unregister_tier_range(a->ptr);  // no-op when it was not registered
+      runtime::tier_free(*a);
+      delete a;
+    }
+  };
+  std::vector<std::byte> heap;
+  std::unique_ptr<runtime::tier_allocation, tier_free_fn> tier;
+  size_t n = 0;
+
+  std::byte* data() { return tier ? static_cast<std::byte*>(tier->ptr) : heap.data(); }
+  const std::byte* data() const { return tier ? static_cast<const std::byte*>(tier->ptr) : heap.data(); }
+  size_t size() const { return n; }
+  void reset(size_t bytes, const memo_options& o) {
+    tier.reset();
+    heap.clear();
+    heap.shrink_to_fit();
+    n = bytes;
+    if (bytes == 0) return;
+    if (o.host_placement.nodes.empty()) {
+      heap.assign(bytes, std::byte{0});
+      return;
+    }
+    tier.reset(new runtime::tier_allocation(runtime::tier_alloc(bytes, o.host_placement)));  // zero filled
+    if (o.host_access.cxl_fraction > 0) runtime::register_tier_range(tier->ptr, tier->bytes, o.host_access);
+  }
+};
+
 // One swapped layer's host copy: per field its shape/dtype, the bytes that went to host, the buffer.
 struct memo_swap::host_layer {
   struct entry {
     runtime::shape_t shape;  // empty: the field was undefined
     runtime::dtype dt = runtime::dtype::f32;
     size_t bytes = 0;  // bytes on host (whole tensor, or its first n_swap rows)
-    std::vector<std::byte> buf;
+    host_buffer buf;
   };
   bool moe = false;
   std::vector<entry> e;
@@ -266,7 +298,7 @@ void memo_swap::after_forward(int64_t layer, layer_activations& a) {
     e.shape = t.shape();
     e.dt = t.dtype();
     e.bytes = f[i].split ? t.nbytes() / static_cast<size_t>(N_) * static_cast<size_t>(n_swap) : t.nbytes();
-    if (e.buf.size() != e.bytes) e.buf.assign(e.bytes, std::byte{0});  // once per run for a fixed shape
+    if (e.buf.size() != e.bytes) e.buf.reset(e.bytes, opt_);  // once per run for a fixed shape
     keep.push_back(t);
     if (e.bytes > 0) jobs.emplace_back(e.buf.data(), t.data_ptr(), e.bytes);
     stats_.d2h_bytes += e.bytes;
@@ -277,7 +309,12 @@ void memo_swap::after_forward(int64_t layer, layer_activations& a) {
   staging_done_[s] = d2h_->submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
     const auto t0 = std::chrono::steady_clock::now();
     size_t done = 0;
-    for (auto& [dst, src, n] : jobs) throttled_copy(dst, src, n, bw, t0, done);
+    double owed = 0;  // host buffers on an emulated CXL tier cost what the tier says (tier_registry.h)
+    for (auto& [dst, src, n] : jobs) {
+      throttled_copy(dst, src, n, bw, t0, done);
+      owed += runtime::emulated_seconds(dst, n) + runtime::emulated_seconds(src, n);
+      runtime::emulate_access(t0, owed);
+    }
     keep.clear();  // before the fence: the last reference is never dropped on the copy thread
   });
 }
@@ -321,7 +358,12 @@ void memo_swap::prefetch(int64_t layer) {
   prefetched_[ul] = h2d_->submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
     const auto t0 = std::chrono::steady_clock::now();
     size_t done = 0;
-    for (auto& [dst, src, n] : jobs) throttled_copy(dst, src, n, bw, t0, done);
+    double owed = 0;  // host buffers on an emulated CXL tier cost what the tier says (tier_registry.h)
+    for (auto& [dst, src, n] : jobs) {
+      throttled_copy(dst, src, n, bw, t0, done);
+      owed += runtime::emulated_seconds(dst, n) + runtime::emulated_seconds(src, n);
+      runtime::emulate_access(t0, owed);
+    }
     keep.clear();
   });
 }

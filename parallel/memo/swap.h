@@ -50,6 +50,9 @@
 //   9. With fb_options::arena (arena.h) every device tensor here (rounding buffers, prefetch
 //      targets) comes from the step arena; end_backward() releases the rounding buffers, so no
 //      activation outlives the step. α is given here; memory_plan.h measures it (alpha.h).
+//  10. With memo_options::host_placement the host buffers are tier_alloc'd (runtime/tier_alloc.h,
+//      page aligned, one mapping per buffer) and freed with the engine; without it they are heap
+//      vectors. Registered ranges (host_access) are unregistered before they are freed.
 //
 // Not yet: CUDA streams/events and pinned host memory (the CUDA model path has no backward
 // ops, so nothing runs a CUDA step to swap); a row-subset recompute on CUDA (cuBLAS's row
@@ -64,6 +67,8 @@
 #include <vector>
 
 #include "parallel/model/decoder_layer.h"
+#include "runtime/tier_alloc.h"
+#include "runtime/tier_registry.h"
 
 namespace troupe::parallel::memo {
 
@@ -77,6 +82,11 @@ struct memo_options {
   int64_t keep_last_layers = 2;     // the last layers are never swapped (paper)
   double copy_bandwidth_gbps = 0;   // 0 = unlimited; > 0 caps each copy thread (1e9 bytes/s)
   bool full_recompute = false;      // keep only x_in, rerun the layer's forward before backward (invariant 8)
+  // Where the host buffers live (invariant 10): no nodes = the heap; else tier_alloc with this
+  // placement (the activations group of a CXL placement plan, parallel/cxl/placement.h), and each
+  // buffer is registered with host_access (tier_registry.h) when host_access.cxl_fraction > 0.
+  runtime::placement host_placement = {};
+  runtime::tier_access host_access = {};
 };
 
 struct memo_swap_stats {

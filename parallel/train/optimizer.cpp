@@ -2,11 +2,13 @@
 #include "parallel/train/optimizer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <vector>
 
 #include "kernels/adamw.h"
 #include "runtime/error.h"
+#include "runtime/tier_registry.h"
 
 namespace troupe::parallel {
 
@@ -75,6 +77,7 @@ void adamw::step(model_weights& weights, const model_weights& grads, double lr) 
   TROUPE_CHECK(w.size() == g.size() && w.size() == m.size(), errc::invalid_argument,
                "adamw: {} weights but {} gradients and {} moments", w.size(), g.size(), m.size());
   ++steps_;
+  tier_wait wait;  // the step's emulated tier time, waited out cumulatively
   for (size_t i = 0; i < w.size(); ++i) {
     TROUPE_CHECK(w[i].value.numel() == g[i].second.numel(), errc::invalid_argument,
                  "adamw: gradient of {} has {} elements, the weight {}", w[i].name, g[i].second.numel(),
@@ -85,8 +88,25 @@ void adamw::step(model_weights& weights, const model_weights& grads, double lr) 
     hp.beta2 = static_cast<float>(cfg_.beta2);
     hp.eps = static_cast<float>(cfg_.eps);
     hp.weight_decay = w[i].value.ndim() >= 2 ? static_cast<float>(cfg_.weight_decay) : 0.0f;
-    kernels::cpu::adamw_update(w[i].value.data<float>(), g[i].second.data<float>(), m[i].value.data<float>(),
-                               v[i].value.data<float>(), w[i].value.numel(), hp, steps_);
+    adamw_update_on_tiers(w[i].value.data<float>(), g[i].second.data<float>(), m[i].value.data<float>(),
+                          v[i].value.data<float>(), w[i].value.numel(), hp, steps_, wait);
+  }
+}
+
+void adamw_update_on_tiers(float* w, const float* g, float* m, float* v, int64_t n, const kernels::adamw_params& hp,
+                           int64_t step, tier_wait& wait) {
+  for (int64_t off = 0; off < n; off += adamw_block) {
+    const int64_t len = std::min(adamw_block, n - off);
+    const auto t0 = std::chrono::steady_clock::now();
+    kernels::cpu::adamw_update(w + off, g + off, m + off, v + off, len, hp, step);
+    const size_t bytes = static_cast<size_t>(len) * sizeof(float);
+    const auto cost = [bytes](const void* p) { return runtime::emulated_seconds(p, bytes); };
+    const double block = cost(w + off) + cost(g + off) + cost(m + off) + cost(v + off);
+    wait.owed += block;
+    if (wait.per_block)
+      runtime::emulate_access(t0, block);
+    else
+      runtime::emulate_access(wait.t_step, wait.owed);
   }
 }
 

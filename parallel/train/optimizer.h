@@ -18,7 +18,12 @@
 //      ndim >= 2 decay by weight_decay, vectors (norms, biases) do not. Moments are f32 sets
 //      with the weights' names and shapes (saved in checkpoints as exp_avg / exp_avg_sq).
 //   4. Deterministic: elementwise and independent of the thread count.
+//   5. Moments, weights or gradients registered on an emulated CXL tier (runtime/tier_registry.h)
+//      make step() wait out their emulated access time (adamw_update_on_tiers); no bit changes.
 #pragma once
+#include <chrono>
+
+#include "kernels/adamw.h"
 #include <cstdint>
 
 #include "parallel/model/model_weights.h"
@@ -46,6 +51,20 @@ double grad_global_norm(const model_weights& grads);
 void scale_grads(model_weights& grads, float factor);
 // -> the norm before clipping; grads scaled by min(1, max_norm / (norm + 1e-6)) when max_norm > 0.
 double clip_grad_norm(model_weights& grads, double max_norm);
+
+// kernels::cpu::adamw_update over n elements in blocks of adamw_block elements; after each block
+// the emulated tier time of its four arrays (runtime/tier_registry.h: zero unless a range is
+// registered) is added to w.owed and the call waits until w.t_step + w.owed — or, with
+// w.per_block, until the block's own start + its time. Cumulative waiting does not pay a late
+// wake-up twice. Elementwise, so the result is bitwise one adamw_update's.
+inline constexpr int64_t adamw_block = int64_t{1} << 18;
+struct tier_wait {
+  std::chrono::steady_clock::time_point t_step = std::chrono::steady_clock::now();
+  double owed = 0;        // emulated seconds charged so far in this step
+  bool per_block = false;
+};
+void adamw_update_on_tiers(float* w, const float* g, float* m, float* v, int64_t n, const kernels::adamw_params& hp,
+                           int64_t step, tier_wait& wait);
 
 class adamw {
  public:

@@ -8,6 +8,7 @@
 #include <ctime>
 #include <memory>
 
+#include "parallel/cxl/placement.h"
 #include "parallel/train/metrics.h"
 #include "runtime/allocator.h"
 #include "runtime/device.h"
@@ -45,6 +46,12 @@ nlohmann::json memory_by_tier(bool peak, const trainer& t) {
     m["arena"] = static_cast<int64_t>(peak ? a.peak_bytes : static_cast<size_t>(t.memory_plan()->plan.arena_bytes));
   }
   if (t.memo()) m["memo_host"] = static_cast<int64_t>(t.memo()->stats().host_bytes);
+  // Host placement through the tiers (trainer.h invariant 6): the bytes the plan puts on DRAM and CXL
+  // (static for the run, so current = peak; an emulated CXL tier is still reported as "cxl").
+  if (const cxl::placement_plan* p = t.placement()) {
+    m["dram"] = p->dram_bytes;
+    m["cxl"] = p->cxl_bytes;
+  }
   if (runtime::cuda_status().available) {
     try {
       auto& dev = runtime::cuda_allocator(0);

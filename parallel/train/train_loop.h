@@ -42,7 +42,8 @@ struct train_loop_options {
 nlohmann::json run_training(trainer& t, const train_loop_options& o);
 
 // Memory per tier through troupe's allocators, current or peak: {"host": bytes, ["device": bytes],
-// ["arena": MEMO step arena live bytes], ["memo_host": swapped activations on host]}.
+// ["arena": MEMO step arena live bytes], ["memo_host": swapped activations on host],
+// ["dram", "cxl": bytes the host placement (memory.tiers) put on each tier kind]}.
 nlohmann::json memory_by_tier(bool peak, const trainer& t);
 
 }  // namespace troupe::parallel

@@ -10,11 +10,13 @@
 #include <cstring>
 #include <filesystem>
 
+#include "parallel/cxl/tiered_state.h"
 #include "parallel/data/byte_tokenizer.h"
 #include "parallel/data/token_file.h"
 #include "parallel/train/checkpoint.h"
 #include "runtime/error.h"
 #include "runtime/job_spec.h"
+#include "runtime/log.h"
 
 namespace troupe::parallel {
 
@@ -48,6 +50,16 @@ void dataset_source::restore(const nlohmann::json& position) {
 
 // ------------------------------------------------------------------ trainer
 
+namespace {
+
+void copy_values(model_weights& dst, const model_weights& src) {
+  auto d = dst.parameters();
+  const auto s = src.parameters();
+  for (size_t i = 0; i < s.size(); ++i) std::memcpy(d[i].value.data_ptr(), s[i].second.data_ptr(), s[i].second.nbytes());
+}
+
+}  // namespace
+
 trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, std::unique_ptr<batch_source> train,
                  std::unique_ptr<batch_source> val)
     : spec_(std::move(spec)),
@@ -80,7 +92,6 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     cp_.mode = spec_.parallel().cp_mode() == job::Parallel::RING ? cp_mode::ring : cp_mode::ulysses;
     dec_.set_context_parallel(&cp_);
   }
-  sync_ = std::make_unique<grad_sync>(grads_, comms_.world_size > 1 ? comms_.grads : nullptr);
   // memory.device_budget / memory.memo (parallel/memo/memory_plan.h): plan before the first step and
   // refuse to start when the plan does not fit. Every cp rank records its steps together (cp buffers).
   const memo::memory_settings ms = memo::memory_settings_of(spec_);
@@ -90,12 +101,28 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     TROUPE_CHECK(memory_->fits, errc::invalid_argument, "rank {}: {}", comms_.rank,
                  memo::memory_does_not_fit(*memory_, weights_, cp,
                                            std::max<int64_t>(weights_.config().max_position_embeddings / cp, 16)));
-    if (ms.memo)
-      swap_ = std::make_unique<memo::memo_swap>(
-          memo::memo_options{memory_->alpha, ms.keep_last_layers, ms.copy_bandwidth_gbps});
-    if (ms.device_budget > 0) arena_ = std::make_unique<memo::step_arena>(memory_->plan);
   }
+  memo::memo_options mo{memory_ ? memory_->alpha : 1.0, ms.keep_last_layers, ms.copy_bandwidth_gbps};
+  // Host placement through the tiers (invariant 6), before grad_sync keeps handles to the gradients.
+  if (const std::string policy = runtime::job_host_placement(spec_); !policy.empty()) {
+    std::vector<runtime::memory_tier> tiers = runtime::tiers_from_spec(spec_);
+    tiered_ = std::make_unique<cxl::tiered_group_memory>(
+        cxl::place_job(spec_, weights_, memory_ ? memory_->host_bytes : 0, tiers), std::move(tiers));
+    tiered_->rehome("momentum", opt_.exp_avg());
+    tiered_->rehome("variance", opt_.exp_avg_sq());
+    tiered_->rehome("master_grads", grads_);
+    tiered_->rehome("master_weights", weights_);
+    if (comms_.rank == 0) runtime::log::info("{}", cxl::describe(tiered_->plan()));
+    const cxl::group_placement& act = tiered_->plan()["activations"];
+    mo.host_placement = act.where;
+    mo.host_access = cxl::group_access(act, tiered_->tiers());
+  }
+  sync_ = std::make_unique<grad_sync>(grads_, comms_.world_size > 1 ? comms_.grads : nullptr);
+  if (ms.memo) swap_ = std::make_unique<memo::memo_swap>(mo);
+  if (ms.device_budget > 0) arena_ = std::make_unique<memo::step_arena>(memory_->plan);
 }
+
+const cxl::placement_plan* trainer::placement() const { return tiered_ ? &tiered_->plan() : nullptr; }
 
 trainer::~trainer() = default;
 
@@ -206,7 +233,18 @@ void trainer::resume(const std::string& path) {
   for (size_t i = 0; i < got.size(); ++i)
     std::memcpy(dst[i].value.data<float>(), got[i].second.data<float>(),
                 static_cast<size_t>(got[i].second.numel()) * sizeof(float));
-  opt_.restore(std::move(c.exp_avg), std::move(c.exp_avg_sq), c.step);
+  if (tiered_) {
+    // The moments live in their groups' tier memory: restore (which checks them), then copy the
+    // values back into that memory and keep its handles.
+    model_weights m = opt_.exp_avg(), v = opt_.exp_avg_sq();
+    opt_.restore(std::move(c.exp_avg), std::move(c.exp_avg_sq), c.step);
+    copy_values(m, opt_.exp_avg());
+    copy_values(v, opt_.exp_avg_sq());
+    opt_.exp_avg() = std::move(m);
+    opt_.exp_avg_sq() = std::move(v);
+  } else {
+    opt_.restore(std::move(c.exp_avg), std::move(c.exp_avg_sq), c.step);
+  }
   train_->restore(c.state["train_position"]);
   tokens_seen_ = c.state.value("tokens_seen", int64_t{0});
 }

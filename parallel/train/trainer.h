@@ -30,6 +30,15 @@
 //      none replaces the RoPE settings and sets max_position_embeddings to seq_len's need.
 //   5. Communicator errors (a dead peer: errc::io; a teardown: errc::aborted) propagate out
 //      of step() / evaluate(); nothing is written after a failed step.
+//   6. Host placement (runtime::job_host_placement non-empty): the groups of ALGORITHMS.md "CXL-aware
+//      host allocation" with this job's sizes — AdamW momentum and variance, master grads and master
+//      weights (4 bytes per parameter each: fp32 training keeps no separate compute-precision copies,
+//      so compute_weights and compute_grads are 0 bytes), activations = the MEMO host bytes of the
+//      memory plan (0 without memo) — are placed (parallel/cxl/placement.h) on memory.tiers (or the
+//      discovered tiers) within memory.local_dram_budget; the four tensor sets are re-homed into
+//      their groups' tier memory before grad_sync is built (parallel/cxl/tiered_state.h, values
+//      unchanged) and MEMO's host buffers follow the activations group. Steps are bitwise those of
+//      the same job without placement.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -49,6 +58,11 @@
 #include "parallel/memo/arena.h"
 #include "parallel/memo/memory_plan.h"
 #include "parallel/memo/swap.h"
+
+namespace troupe::parallel::cxl {
+struct placement_plan;
+class tiered_group_memory;
+}  // namespace troupe::parallel::cxl
 
 namespace troupe::parallel {
 
@@ -124,6 +138,10 @@ class trainer {
   const memo::memory_report* memory_plan() const { return memory_.get(); }
   const memo::step_arena* arena() const { return arena_.get(); }
   const memo::memo_swap* memo() const { return swap_.get(); }
+  // Host placement through the memory tiers (invariant 6): the plan (nullptr when the job's host
+  // memory is not placed: no memory.tiers and no memory.placement) and the groups' memory.
+  const cxl::placement_plan* placement() const;
+  const cxl::tiered_group_memory* tiered_memory() const { return tiered_.get(); }
 
   // Everything of the run's state but the tensors (trainer_state.json).
   nlohmann::json state() const;
@@ -150,6 +168,7 @@ class trainer {
   std::unique_ptr<memo::memory_report> memory_;
   std::unique_ptr<memo::step_arena> arena_;
   std::unique_ptr<memo::memo_swap> swap_;
+  std::unique_ptr<cxl::tiered_group_memory> tiered_;
   int64_t tokens_seen_ = 0;
 };
 

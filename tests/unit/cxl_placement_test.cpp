@@ -89,7 +89,10 @@ TEST(cxl_placement, paper_worked_example) {
     EXPECT_EQ(g.cxl_bytes, g.bytes) << remote;
     EXPECT_EQ(g.where.nodes, std::vector<int>{1});
     EXPECT_EQ(g.tiers, std::vector<std::string>{"cxl"});
+    EXPECT_TRUE(g.where.pin) << remote << ": GPUs copy from it";
   }
+  for (const char* cpu_only : {"momentum", "variance", "master_grads", "master_weights"})
+    EXPECT_FALSE(plan[cpu_only].where.pin) << cpu_only;
   EXPECT_EQ(plan["compute_weights"].bytes, c);
   EXPECT_EQ(plan["activations"].bytes, 40 * GiB);
   EXPECT_EQ(plan.dram_bytes, 100 * GiB);  // DRAM exactly at the budget, never above

@@ -368,6 +368,40 @@ TEST(job_spec, tiers_from_spec_maps_onto_the_machine) {
   }
 }
 
+TEST(job_spec, host_placement_policy_and_local_dram_budget) {
+  constexpr int64_t GiB = int64_t{1} << 30;
+  const std::vector<numa_node_info> box{{0, 64 * GiB, 60 * GiB, 16}};
+  // Nothing set: host memory is not placed; the budget is the dram tier's capacity.
+  const auto d = parse_job_spec(base, "job.yaml");
+  EXPECT_EQ(job_host_placement(d), "");
+  EXPECT_EQ(job_local_dram_budget(d, tiers_from_spec(d, box)), 64 * GiB);
+  EXPECT_EQ(job_local_dram_budget(d, {}), 0) << "no dram tier";
+  // Tiers declared: latency_first by default.
+  const std::string tiers = base + "memory:\n  tiers:\n    - {name: local, numa_nodes: [0], capacity: 32GiB}\n"
+                                   "    - {name: cxl, kind: cxl, numa_nodes: [0], capacity: 16GiB, emulated_gbps: 50}\n";
+  const auto t = parse_job_spec(tiers, "job.yaml");
+  EXPECT_EQ(job_host_placement(t), "latency_first");
+  EXPECT_EQ(job_local_dram_budget(t, tiers_from_spec(t, box)), 32 * GiB);
+  // Given: the policy and the budget as written; describe() parses back to the same spec.
+  const auto g = parse_job_spec(tiers + "  placement: interleave_all\n  local_dram_budget: 100MiB\n", "job.yaml");
+  EXPECT_EQ(job_host_placement(g), "interleave_all");
+  EXPECT_EQ(job_local_dram_budget(g, tiers_from_spec(g, box)), 100 * (int64_t{1} << 20));
+  EXPECT_HAS(describe(g), "  placement: \"interleave_all\"\n  local_dram_budget: \"100MiB\"\n");
+  EXPECT_TRUE(same(parse_job_spec(describe(g), "d.yaml"), g));
+  // A policy without declared tiers places on the discovered ones; --set works; a 0 budget is allowed.
+  const auto o = parse_job_spec(base, "job.yaml", {"memory.placement=dram_only", "memory.local_dram_budget=0"});
+  EXPECT_EQ(job_host_placement(o), "dram_only");
+  EXPECT_EQ(job_local_dram_budget(o, tiers_from_spec(o, box)), 0);
+  EXPECT_EQ(job_host_placement(parse_job_spec(base, "job.yaml", {"memory.placement=cxl_only"})), "cxl_only");
+  // Errors name the key, the position and the choices.
+  EXPECT_EQ(error_of(base + "memory:\n  placement: fastest\n"),
+            "`memory.placement` at job.yaml:7:14 must be one of latency_first, dram_only, interleave_all, cxl_only, "
+            "got 'fastest' (leave it out for latency_first when memory.tiers are declared)");
+  EXPECT_HAS(error_of(base + "memory:\n  local_dram_budget: lots\n"),
+             "`memory.local_dram_budget` at job.yaml:7:22 is not a size");
+  EXPECT_HAS(error_of(base + "memory:\n  local_dram_budget: -1GiB\n"), "`memory.local_dram_budget`");
+}
+
 TEST(job_spec, wrong_types_name_location_and_expected_type) {
   EXPECT_EQ(error_of("model:\n  path: /m\nbatch:\n  seq_len: abc\n"),
             "`batch.seq_len` at job.yaml:4:12 must be an integer, got 'abc'");

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/memory_tiers.h"
 #include "runtime/tier_alloc.h"
@@ -151,6 +152,19 @@ TEST(tier_alloc, missing_node_falls_back_to_default) {
   EXPECT_THROW(plan_tier_alloc(1, {{-1}, placement::bind}), error);
   EXPECT_THROW(plan_tier_alloc(1, {{0}, placement::bind, {1}}), error);  // weights: interleave only
 #endif
+}
+
+TEST(tier_alloc, pin_registers_with_cuda_only_when_a_gpu_answers) {
+  placement where({0}, placement::bind);
+  where.pin = true;
+  tier_allocation a = tier_alloc(size_t{1} << 20, where);
+  ASSERT_NE(a.ptr, nullptr);
+  // Without a usable GPU pin does nothing; with one the range is page-locked.
+  EXPECT_EQ(a.pinned, cuda_status().available);
+  static_cast<char*>(a.ptr)[123] = 7;  // still ordinary memory
+  tier_free(a);
+  EXPECT_FALSE(a.pinned);
+  EXPECT_EQ(a.ptr, nullptr);
 }
 
 TEST(memory_tiers, discovery_and_measurement) {

@@ -9,12 +9,15 @@
 #include <fstream>
 #include <thread>
 
+#include "parallel/cxl/tiered_state.h"
 #include "parallel/train/checkpoint.h"
 #include "parallel/train/optimizer.h"
 #include "parallel/train/trainer.h"
 #include "runtime/communicator.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/job_spec.h"
+#include "runtime/tier_alloc.h"
+#include "runtime/tier_registry.h"
 #include "tests/unit/tmp_dir.h"
 
 namespace {
@@ -403,6 +406,149 @@ TEST(Trainer, ResumeRejectsACheckpointOfAnotherModel) {
     FAIL() << "a checkpoint of another shape was accepted";
   } catch (const runtime::error& e) {
     EXPECT_NE(std::string(e.what()).find("does not match the job's model"), std::string::npos) << e.what();
+  }
+}
+
+// ------------------------------------------------------------------ host placement on memory tiers
+
+// The text job with a dram tier and an emulated CXL tier, both on node 0 (every machine has it).
+job::JobSpec tiered_job(const std::string& run_dir, const std::string& policy, const std::string& budget,
+                        bool memo) {
+  job::JobSpec s = text_job(run_dir, "{seq_len: 32, micro_batch: 2, grad_accum: 2}", "{dp: 1}", 3);
+  auto* m = s.mutable_memory();
+  auto* dram = m->add_tiers();
+  dram->set_name("dram");
+  dram->add_numa_nodes(0);
+  dram->set_capacity("1GiB");
+  auto* cxl = m->add_tiers();
+  cxl->set_name("cxl");
+  cxl->set_kind(job::Tier::CXL);
+  cxl->add_numa_nodes(0);
+  cxl->set_capacity("1GiB");
+  cxl->set_emulated_gbps(50);
+  m->set_placement(policy);
+  m->set_local_dram_budget(budget);
+  if (memo) {
+    m->mutable_memo()->set_enabled(true);
+    m->mutable_memo()->set_alpha("0.5");
+    m->mutable_memo()->set_keep_last_layers(0);
+    m->set_plan_cache(run_dir + "/plans");
+  }
+  runtime::validate_job_spec(s);
+  return s;
+}
+
+// Every parameter of w lies in the allocation a.
+bool inside(const model_weights& w, const runtime::tier_allocation* a) {
+  if (a == nullptr) return false;
+  const auto* lo = static_cast<const std::byte*>(a->ptr);
+  for (const auto& [name, t] : w.parameters()) {
+    const auto* p = static_cast<const std::byte*>(t.data_ptr());
+    if (p < lo || p + t.nbytes() > lo + a->bytes) return false;
+  }
+  return true;
+}
+
+TEST(Trainer, LatencyFirstPlacementOnEmulatedCxlKeepsTheRunBitwiseAndPutsEveryGroupWhereThePlanSays) {
+  tmp_dir d;
+  const job::JobSpec plain = text_job(d.file("plain"), "{seq_len: 32, micro_batch: 2, grad_accum: 2}", "{dp: 1}", 3);
+  const auto ref = run_ranks(plain, 3, false);
+  // Momentum, variance and master grads fit the budget; the master weights straddle it (half in DRAM).
+  const int64_t S = parallel::cxl::tiered_bytes(parallel::make_model(plain));
+  const int64_t budget = 3 * S + S / 2;
+  auto t = parallel::make_trainer(tiered_job(d.file("tiered"), "", std::to_string(budget), true), {});
+
+  // (b) the plan: latency-first with this job's sizes.
+  const parallel::cxl::placement_plan* p = t->placement();
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(p->policy, parallel::cxl::placement_policy::latency_first) << "the default with memory.tiers";
+  EXPECT_EQ(p->local_dram_budget, budget);
+  ASSERT_EQ(p->groups.size(), 7u);
+  const std::vector<std::string> order{"momentum",        "variance",    "master_grads", "master_weights",
+                                       "compute_weights", "activations", "compute_grads"};
+  for (size_t i = 0; i < order.size(); ++i) EXPECT_EQ(p->groups[i].name, order[i]);
+  for (const char* g : {"momentum", "variance", "master_grads"}) {
+    EXPECT_EQ((*p)[g].bytes, S) << g;
+    EXPECT_EQ((*p)[g].dram_bytes, S) << g;
+    EXPECT_EQ((*p)[g].tiers, std::vector<std::string>{"dram"}) << g;
+    EXPECT_EQ((*p)[g].where.how, runtime::placement::bind) << g;
+  }
+  const auto& mw = (*p)["master_weights"];
+  EXPECT_TRUE(mw.straddles);
+  EXPECT_EQ(mw.dram_bytes, S / 2);
+  EXPECT_EQ(mw.cxl_bytes, S - S / 2);
+  EXPECT_EQ(mw.tiers, (std::vector<std::string>{"dram", "cxl"}));
+  EXPECT_EQ((*p)["compute_weights"].bytes, 0) << "fp32 training: no separate compute copies";
+  EXPECT_EQ((*p)["compute_grads"].bytes, 0);
+  const auto& act = (*p)["activations"];
+  ASSERT_NE(t->memory_plan(), nullptr);
+  EXPECT_GT(act.bytes, 0);
+  EXPECT_EQ(act.bytes, t->memory_plan()->host_bytes) << "the MEMO host bytes of this job";
+  EXPECT_EQ(act.cxl_bytes, act.bytes) << "after the budget: CXL";
+  EXPECT_EQ(p->dram_bytes, budget);
+
+  // (c) the tensors live in their groups' tier memory, placed as planned.
+  const auto* mem = t->tiered_memory();
+  ASSERT_NE(mem, nullptr);
+  EXPECT_TRUE(inside(t->optimizer().exp_avg(), mem->allocation("momentum")));
+  EXPECT_TRUE(inside(t->optimizer().exp_avg_sq(), mem->allocation("variance")));
+  EXPECT_TRUE(inside(t->weights(), mem->allocation("master_weights")));
+  const void* m0 = t->optimizer().exp_avg().embed.data_ptr();
+  const void* w0 = t->weights().embed.data_ptr();
+  EXPECT_EQ(runtime::tier_access_of(m0).cxl_fraction, 0.0) << "DRAM groups are not emulated";
+  EXPECT_DOUBLE_EQ(runtime::tier_access_of(w0).cxl_fraction, static_cast<double>(S - S / 2) / static_cast<double>(S));
+  EXPECT_EQ(runtime::tier_access_of(w0).gbps, 50.0);
+  if (runtime::numa_usable() && !mem->allocation("momentum")->fell_back) {
+    EXPECT_EQ(mem->allocation("momentum")->policy, "bind");
+    EXPECT_EQ(runtime::policy_of(m0), 2) << "MPOL_BIND";
+    EXPECT_EQ(runtime::policy_of(t->optimizer().exp_avg_sq().embed.data_ptr()), 2);
+    const auto* a = mem->allocation("momentum");
+    for (int n : runtime::pages_nodes(a->ptr, a->bytes)) EXPECT_EQ(n, 0);
+    // Equal DRAM/CXL shares: plain page interleave over {0} (tier_alloc.h invariant 2).
+    EXPECT_EQ(runtime::policy_of(w0), 3) << "MPOL_INTERLEAVE";
+  } else {
+    std::printf("NUMA policy checks skipped: %s\n", mem->allocation("momentum")->note.c_str());
+  }
+
+  // (a) the run: bitwise the run without tiers (MEMO on too: bitwise by its own invariant).
+  std::vector<double> losses;
+  for (int s = 0; s < 3; ++s) losses.push_back(t->step().loss);
+  for (int s = 0; s < 3; ++s) EXPECT_EQ(losses[s], ref[0].losses[s]) << "step " << s;
+  EXPECT_TRUE(bitwise_equal(t->weights(), ref[0].weights));
+  EXPECT_TRUE(inside(t->optimizer().exp_avg(), mem->allocation("momentum"))) << "steps keep the handles";
+  EXPECT_GT(t->memo()->stats().host_bytes, 0u);
+  t.reset();
+  EXPECT_EQ(runtime::tier_access_of(w0).cxl_fraction, 0.0) << "unregistered when freed";
+}
+
+TEST(Trainer, DramOnlyCxlOnlyAndInterleaveAllPlacementsRunBitwiseLikeTheHeap) {
+  tmp_dir d;
+  const job::JobSpec plain = text_job(d.file("plain"), "{seq_len: 32, micro_batch: 2, grad_accum: 2}", "{dp: 1}", 3);
+  const auto ref = run_ranks(plain, 2, false);
+  for (const std::string& policy : std::vector<std::string>{"dram_only", "cxl_only", "interleave_all"}) {
+    const job::JobSpec spec = tiered_job(d.file(policy), policy, "", false);
+    auto t = parallel::make_trainer(spec, {});
+    const parallel::cxl::placement_plan* p = t->placement();
+    ASSERT_NE(p, nullptr) << policy;
+    EXPECT_EQ(parallel::cxl::policy_name(p->policy), policy);
+    const int64_t S = (*p)["momentum"].bytes;
+    EXPECT_EQ(p->dram_bytes + p->cxl_bytes, 4 * S) << policy;
+    const int64_t dram = policy == "dram_only" ? 4 * S : policy == "cxl_only" ? 0 : 2 * S;  // interleave: 1 of 2 nodes
+    EXPECT_EQ(p->dram_bytes, dram) << policy;
+    const double frac = runtime::tier_access_of(t->optimizer().exp_avg().embed.data_ptr()).cxl_fraction;
+    EXPECT_DOUBLE_EQ(frac, policy == "dram_only" ? 0.0 : policy == "cxl_only" ? 1.0 : 0.5) << policy;
+    std::vector<double> losses;
+    for (int s = 0; s < 2; ++s) losses.push_back(t->step().loss);
+    for (int s = 0; s < 2; ++s) EXPECT_EQ(losses[s], ref[0].losses[s]) << policy << " step " << s;
+  }
+  // The straddle needs a CXL tier: latency_first with a budget below the state and no cxl tier is refused.
+  job::JobSpec no_cxl = tiered_job(d.file("nocxl"), "latency_first", "1KiB", false);
+  no_cxl.mutable_memory()->mutable_tiers()->RemoveLast();
+  try {
+    parallel::make_trainer(no_cxl, {});
+    ADD_FAILURE() << "no cxl tier for the bytes beyond the budget";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("no cxl tier is given"), std::string::npos) << e.what();
   }
 }
 
