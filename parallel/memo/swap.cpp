@@ -70,6 +70,26 @@ struct memo_swap::copy_thread {
 
 namespace {
 
+// (dst, src, bytes) of one copy stream's job.
+using copy_jobs = std::vector<std::tuple<void*, const void*, size_t>>;
+
+// Runs `jobs` on the copy thread `th` under the bandwidth cap; host buffers on an emulated CXL
+// tier cost what the tier says (tier_registry.h). `keep` holds the device tensors until the copies
+// are done and is cleared before the fence, so a last reference never drops on the copy thread.
+std::future<void> submit_copies(memo_swap::copy_thread& th, std::vector<tensor> keep, copy_jobs jobs, double bw) {
+  return th.submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
+    const auto t0 = std::chrono::steady_clock::now();
+    size_t done = 0;
+    double owed = 0;
+    for (auto& [dst, src, n] : jobs) {
+      throttled_copy(dst, src, n, bw, t0, done);
+      owed += runtime::emulated_seconds(dst, n) + runtime::emulated_seconds(src, n);
+      runtime::emulate_access(t0, owed);
+    }
+    keep.clear();
+  });
+}
+
 // One saved tensor of a layer: its field and whether only the first n_swap token rows go to host.
 struct field {
   tensor* t;
@@ -283,7 +303,7 @@ void memo_swap::after_forward(int64_t layer, layer_activations& a) {
   std::vector<field> f = fields(a, h.moe);
   h.e.resize(f.size());
   std::vector<tensor> keep;  // the job holds the device tensors until it is done
-  std::vector<std::tuple<void*, const void*, size_t>> jobs;
+  copy_jobs jobs;
   for (size_t i = 0; i < f.size(); ++i) {
     host_layer::entry& e = h.e[i];
     const tensor& t = *f[i].t;
@@ -306,17 +326,7 @@ void memo_swap::after_forward(int64_t layer, layer_activations& a) {
   take_tensors(staging_[s], a);
   stats_.rounding_bytes_peak = std::max(stats_.rounding_bytes_peak, staging_[0].bytes() + staging_[1].bytes());
   const double bw = opt_.copy_bandwidth_gbps;
-  staging_done_[s] = d2h_->submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
-    const auto t0 = std::chrono::steady_clock::now();
-    size_t done = 0;
-    double owed = 0;  // host buffers on an emulated CXL tier cost what the tier says (tier_registry.h)
-    for (auto& [dst, src, n] : jobs) {
-      throttled_copy(dst, src, n, bw, t0, done);
-      owed += runtime::emulated_seconds(dst, n) + runtime::emulated_seconds(src, n);
-      runtime::emulate_access(t0, owed);
-    }
-    keep.clear();  // before the fence: the last reference is never dropped on the copy thread
-  });
+  staging_done_[s] = submit_copies(*d2h_, std::move(keep), std::move(jobs), bw);
 }
 
 void memo_swap::end_forward(const std::vector<layer_activations>& saved) {
@@ -341,7 +351,7 @@ void memo_swap::prefetch(int64_t layer) {
   std::vector<field> f = fields(p, h.moe);
   TROUPE_CHECK(f.size() == h.e.size(), errc::internal, "memo_swap: layer {} was not swapped out", layer);
   std::vector<tensor> keep;
-  std::vector<std::tuple<void*, const void*, size_t>> jobs;
+  copy_jobs jobs;
   for (size_t i = 0; i < f.size(); ++i) {
     const host_layer::entry& e = h.e[i];
     tensor& t = *f[i].t;
@@ -355,17 +365,7 @@ void memo_swap::prefetch(int64_t layer) {
     stats_.h2d_bytes += e.bytes;
   }
   const double bw = opt_.copy_bandwidth_gbps;
-  prefetched_[ul] = h2d_->submit([keep = std::move(keep), jobs = std::move(jobs), bw]() mutable {
-    const auto t0 = std::chrono::steady_clock::now();
-    size_t done = 0;
-    double owed = 0;  // host buffers on an emulated CXL tier cost what the tier says (tier_registry.h)
-    for (auto& [dst, src, n] : jobs) {
-      throttled_copy(dst, src, n, bw, t0, done);
-      owed += runtime::emulated_seconds(dst, n) + runtime::emulated_seconds(src, n);
-      runtime::emulate_access(t0, owed);
-    }
-    keep.clear();
-  });
+  prefetched_[ul] = submit_copies(*h2d_, std::move(keep), std::move(jobs), bw);
 }
 
 void memo_swap::begin_backward() {
