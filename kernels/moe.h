@@ -20,11 +20,18 @@
 //      order is what makes expert-parallel results bitwise equal to a single rank's.
 //   4. Expert weights are passed as arrays of E pointers (nn.Linear layout: gate/up
 //      (I, C), down (C, I)) so experts may live anywhere (borrowed, remapped).
+//   5. The expert FFN runs each expert's rows in tiles of moe_row_tile rows counted from the
+//      expert's first row, every tile one set of sgemm calls, and accumulates weight gradients
+//      tile after tile. So a rank that computes rows [b, e) of an expert, b a multiple of the
+//      tile, writes bitwise what one call over all the expert's rows writes there (LLEP,
+//      parallel/ep/ep_layer.h).
 #pragma once
 #include <cstdint>
 
 namespace troupe::kernels {
 namespace cpu {
+inline constexpr int64_t moe_row_tile = 64;  // invariant 5
+
 // logits: (N, E)  ->  probs: (N, E), topk_idx: (N, K), topk_w: (N, K)
 void moe_router_forward(float* probs, int32_t* topk_idx, float* topk_w, const float* logits, int64_t N, int64_t E,
                         int64_t K, bool normalize);

@@ -64,9 +64,15 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
   const int cp = static_cast<int>(spec.parallel().cp());
   std::string backend = o.backend;
   if (backend == "auto") backend = mpi_session_of_process() ? "mpi" : "ucx";
-  std::unique_ptr<runtime::communicator> grads, cpc;
+  std::unique_ptr<runtime::communicator> grads, cpc, epc, epw;
   if (world > 1) {
     grads = make_group_comm(backend, ctx, r.local_rank, nullptr, 300000);
+    if (spec.parallel().ep() > 1) {  // the MoE layers' tokens, and their borrowed weights beside them
+      std::vector<int> all(static_cast<size_t>(world));
+      for (int i = 0; i < world; ++i) all[static_cast<size_t>(i)] = i;
+      epc = make_subgroup_comm(backend, ctx, all, 0, "ep", 300000);
+      epw = make_subgroup_comm(backend, ctx, all, 0, "ep_weights", 300000);
+    }
     if (cp > 1) {
       const int dp_rank = rank / cp;
       std::vector<int> members;
@@ -74,12 +80,14 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
       cpc = make_subgroup_comm(backend, ctx, members, dp_rank, "cp", 300000);
     }
   }
-  active_guard guard(ctx, {grads.get(), cpc.get()});
+  active_guard guard(ctx, {grads.get(), cpc.get(), epc.get(), epw.get()});
   parallel::train_comms comms;
   comms.rank = rank;
   comms.world_size = world;
   comms.grads = grads.get();
   comms.cp = cpc.get();
+  comms.ep = epc.get();
+  comms.ep_weights = epw.get();
 
   std::string resume = o.resume_from;
   if (o.resume && resume.empty()) {
@@ -89,8 +97,12 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
   }
   auto t = parallel::make_trainer(spec, comms, resume);
   if (rank == 0) {
-    fmt::print("troupe train: {} parameters, {} rank(s) (dp {} x cp {}, {}), {} threads each{}\n",
-               t->weights().parameter_count(), world, spec.parallel().dp(), cp, world > 1 ? backend : "no communicator",
+    fmt::print("troupe train: {} parameters, {} rank(s) (dp {} x cp {}{}, {}), {} threads each{}\n",
+               t->weights().parameter_count(), world, spec.parallel().dp(), cp,
+               spec.parallel().ep() > 1 ? fmt::format(", ep {} {}", spec.parallel().ep(),
+                                                      parallel::ep::ep_mode_name(t->expert_parallel()->options().mode))
+                                        : std::string(),
+               world > 1 ? backend : "no communicator",
                runtime::num_threads(), resume.empty() ? "" : fmt::format(", resumed from {} at step {}", resume,
                                                                          t->steps_done()));
     std::fflush(stdout);

@@ -162,6 +162,14 @@ void validate_model(job::JobSpec& s, const spec_locations& L) {
     if (c.heads() % c.kv_heads() != 0) {
       L.fail("model.create.kv_heads", fmt::format("= {} must divide heads = {}", c.kv_heads(), c.heads()));
     }
+    if (c.experts() < 0) L.fail("model.create.experts", fmt::format("must be >= 0 (0 = dense), got {}", c.experts()));
+    if (c.experts() > 0 && (c.experts_per_token() < 0 || c.experts_per_token() > c.experts()))
+      L.fail("model.create.experts_per_token",
+             fmt::format("= {} must be in [1, experts = {}] (0 = 2)", c.experts_per_token(), c.experts()));
+    if (c.experts() == 1 && c.experts_per_token() == 0)
+      L.fail("model.create.experts_per_token", "must be given (1) with a single expert");
+    if (c.expert_intermediate() < 0)
+      L.fail("model.create.expert_intermediate", fmt::format("must be >= 0, got {}", c.expert_intermediate()));
     if (s.data().format() == job::Data::TEXT && c.vocab() < 258) {
       L.fail("model.create.vocab",
              fmt::format("= {} is too small for data.format text (byte-level: 256 bytes + BOS + EOS); set vocab >= 258",
@@ -215,6 +223,26 @@ void validate_batch_and_parallel(job::JobSpec& s, const spec_locations& L) {
     L.fail("batch.global_batch", fmt::format("must be >= 0 (0 = derived), got {}", b->global_batch()));
   }
   if (b->grad_accum() < 0) L.fail("batch.grad_accum", fmt::format("must be >= 0 (0 = derived), got {}", b->grad_accum()));
+  if (p.ep() < 0 || (p.ep() > 1 && p.ep() != p.dp() * p.cp())) {
+    L.fail("parallel.ep", fmt::format("= {} must be 1 (off) or dp * cp = {} (every rank of the job forms the one "
+                                      "expert-parallel group)", p.ep(), p.dp() * p.cp()));
+  }
+  {
+    const auto& x = p.expert();
+    const std::string m = x.mode();
+    if (!m.empty() && m != "llep" && m != "ep" && m != "standard" && m != "eplb")
+      L.fail("parallel.expert.mode", fmt::format("'{}' is not one of llep, ep, eplb", m));
+    if (x.lambda() != 0 && x.lambda() < 1)
+      L.fail("parallel.expert.lambda", fmt::format("= {} must be >= 1 (max/mean load; default 1.3)", x.lambda()));
+    if (x.alpha() < 0) L.fail("parallel.expert.alpha", fmt::format("= {} must be > 0 (default 1.0)", x.alpha()));
+    if (x.min_chunk() < 0) L.fail("parallel.expert.min_chunk", fmt::format("= {} must be >= 0", x.min_chunk()));
+    if (x.eplb_redundant_per_rank() < 0)
+      L.fail("parallel.expert.eplb_redundant_per_rank", fmt::format("= {} must be >= 0", x.eplb_redundant_per_rank()));
+    if (p.ep() > 1 && !s.memory().device_budget().empty())
+      L.fail("memory.device_budget", "does not run with parallel.ep > 1 yet; remove one of them");
+    if (p.ep() > 1 && s.memory().memo().enabled())
+      L.fail("memory.memo.enabled", "MEMO swapping does not run with parallel.ep > 1 yet; turn one of them off");
+  }
   if (b->seq_len() % p.cp() != 0) {
     L.fail("batch.seq_len", fmt::format("= {} must be divisible by parallel.cp = {}, which splits each sequence",
                                         b->seq_len(), p.cp()));
@@ -782,6 +810,7 @@ job::JobSpec job_spec_defaults() {
   p->set_dp(1);
   p->set_cp(1);
   p->set_cp_mode(job::Parallel::ULYSSES);
+  p->set_ep(1);
 
   s.mutable_checkpoint()->set_every_steps(500);
   s.mutable_checkpoint()->set_keep(2);

@@ -209,25 +209,28 @@ void moe_expert_ffn_forward(float* yp, float* h_gate, float* h_up, const float* 
                             int64_t E, int64_t C, int64_t I) {
   TROUPE_CHECK(E > 0 && C > 0 && I > 0, errc::invalid_argument,
                "moe_expert_ffn_forward: E={} C={} I={} must all be > 0", E, C, I);
-  const int64_t max_rows = max_expert_rows(expert_offsets, E);
-  std::vector<float> act(static_cast<size_t>(max_rows * I));
+  max_expert_rows(expert_offsets, E);  // checks the offsets
+  std::vector<float> act(static_cast<size_t>(moe_row_tile * I));
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = expert_rows(expert_offsets, e);
     if (rows == 0) continue;
     TROUPE_CHECK(w_gate[e] && w_up[e] && w_down[e], errc::invalid_argument,
                  "moe_expert_ffn_forward: expert {} has {} rows but a null weight pointer", e, rows);
-    const int64_t r0 = expert_offsets[e];
-    const float* x = xp + r0 * C;
-    float* hg = h_gate + r0 * I;
-    float* hu = h_up + r0 * I;
-    // h = x (rows, C) · W^T (C, I)
-    sgemm(false, true, rows, I, C, 1.0f, x, C, w_gate[e], C, 0.0f, hg, I);
-    sgemm(false, true, rows, I, C, 1.0f, x, C, w_up[e], C, 0.0f, hu, I);
-    const int64_t n = rows * I;
+    // Tiles of moe_row_tile rows from the expert's first row (invariant 5).
+    for (int64_t t0 = 0; t0 < rows; t0 += moe_row_tile) {
+      const int64_t m = std::min(moe_row_tile, rows - t0), r0 = expert_offsets[e] + t0;
+      const float* x = xp + r0 * C;
+      float* hg = h_gate + r0 * I;
+      float* hu = h_up + r0 * I;
+      // h = x (m, C) · W^T (C, I)
+      sgemm(false, true, m, I, C, 1.0f, x, C, w_gate[e], C, 0.0f, hg, I);
+      sgemm(false, true, m, I, C, 1.0f, x, C, w_up[e], C, 0.0f, hu, I);
+      const int64_t n = m * I;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) act[i] = hg[i] * sigmoidf(hg[i]) * hu[i];
-    // y = a (rows, I) · Wd^T (I, C)
-    sgemm(false, true, rows, C, I, 1.0f, act.data(), I, w_down[e], I, 0.0f, yp + r0 * C, C);
+      for (int64_t i = 0; i < n; ++i) act[i] = hg[i] * sigmoidf(hg[i]) * hu[i];
+      // y = a (m, I) · Wd^T (I, C)
+      sgemm(false, true, m, C, I, 1.0f, act.data(), I, w_down[e], I, 0.0f, yp + r0 * C, C);
+    }
   }
 }
 
@@ -238,48 +241,49 @@ void moe_expert_ffn_backward(float* dxp, float* const* dw_gate, float* const* dw
                              const int32_t* expert_offsets, int64_t E, int64_t C, int64_t I) {
   TROUPE_CHECK(E > 0 && C > 0 && I > 0, errc::invalid_argument,
                "moe_expert_ffn_backward: E={} C={} I={} must all be > 0", E, C, I);
-  const int64_t max_rows = max_expert_rows(expert_offsets, E);
-  std::vector<float> act(static_cast<size_t>(max_rows * I));   // a, then d(h_up)
-  std::vector<float> dgate(static_cast<size_t>(max_rows * I));  // d(a), then d(h_gate)
+  max_expert_rows(expert_offsets, E);  // checks the offsets
+  std::vector<float> act(static_cast<size_t>(moe_row_tile * I));   // a, then d(h_up)
+  std::vector<float> dgate(static_cast<size_t>(moe_row_tile * I));  // d(a), then d(h_gate)
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = expert_rows(expert_offsets, e);
     if (rows == 0) continue;
     TROUPE_CHECK(w_gate[e] && w_up[e] && w_down[e], errc::invalid_argument,
                  "moe_expert_ffn_backward: expert {} has {} rows but a null weight pointer", e, rows);
-    const int64_t r0 = expert_offsets[e];
-    const float* x = xp + r0 * C;
-    const float* dy = dyp + r0 * C;
-    const float* hg = h_gate + r0 * I;
-    const float* hu = h_up + r0 * I;
-    const int64_t n = rows * I;
-    float* a = act.data();
-    float* da = dgate.data();
-    // da = dy (rows, C) · Wd (C, I)
-    sgemm(false, false, rows, I, C, 1.0f, dy, C, w_down[e], I, 0.0f, da, I);
-    if (dw_down && dw_down[e]) {
+    // Tiles as in forward; the weight gradients accumulate tile after tile (invariant 5).
+    for (int64_t t0 = 0; t0 < rows; t0 += moe_row_tile) {
+      const int64_t m = std::min(moe_row_tile, rows - t0), r0 = expert_offsets[e] + t0;
+      const float* x = xp + r0 * C;
+      const float* dy = dyp + r0 * C;
+      const float* hg = h_gate + r0 * I;
+      const float* hu = h_up + r0 * I;
+      const int64_t n = m * I;
+      float* a = act.data();
+      float* da = dgate.data();
+      // da = dy (m, C) · Wd (C, I)
+      sgemm(false, false, m, I, C, 1.0f, dy, C, w_down[e], I, 0.0f, da, I);
+      if (dw_down && dw_down[e]) {
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) a[i] = hg[i] * sigmoidf(hg[i]) * hu[i];
-      // dWd (C, I) += dy^T (C, rows) · a (rows, I)
-      sgemm(true, false, C, I, rows, 1.0f, dy, C, a, I, 1.0f, dw_down[e], I);
-    }
-    // SwiGLU backward: a = silu(g) * u;  dg = da * u * s (1 + g (1 - s)),  du = da * silu(g).
-    float* dhu = a;
-    float* dhg = da;
+        for (int64_t i = 0; i < n; ++i) a[i] = hg[i] * sigmoidf(hg[i]) * hu[i];
+        // dWd (C, I) += dy^T (C, m) · a (m, I)
+        sgemm(true, false, C, I, m, 1.0f, dy, C, a, I, 1.0f, dw_down[e], I);
+      }
+      // SwiGLU backward: a = silu(g) * u;  dg = da * u * s (1 + g (1 - s)),  du = da * silu(g).
+      float* dhu = a;
+      float* dhg = da;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float g = hg[i], s = sigmoidf(g), d = da[i];
-      dhu[i] = d * g * s;
-      dhg[i] = d * hu[i] * s * (1.0f + g * (1.0f - s));
+      for (int64_t i = 0; i < n; ++i) {
+        const float g = hg[i], s = sigmoidf(g), d = da[i];
+        dhu[i] = d * g * s;
+        dhg[i] = d * hu[i] * s * (1.0f + g * (1.0f - s));
+      }
+      // dx = dhg (m, I) · Wg (I, C) + dhu · Wu
+      float* dx = dxp + r0 * C;
+      sgemm(false, false, m, C, I, 1.0f, dhg, I, w_gate[e], C, 0.0f, dx, C);
+      sgemm(false, false, m, C, I, 1.0f, dhu, I, w_up[e], C, 1.0f, dx, C);
+      // dWg (I, C) += dhg^T (I, m) · x (m, C); same for Wu.
+      if (dw_gate && dw_gate[e]) sgemm(true, false, I, C, m, 1.0f, dhg, I, x, C, 1.0f, dw_gate[e], C);
+      if (dw_up && dw_up[e]) sgemm(true, false, I, C, m, 1.0f, dhu, I, x, C, 1.0f, dw_up[e], C);
     }
-    // dx = dhg (rows, I) · Wg (I, C) + dhu · Wu
-    float* dx = dxp + r0 * C;
-    sgemm(false, false, rows, C, I, 1.0f, dhg, I, w_gate[e], C, 0.0f, dx, C);
-    sgemm(false, false, rows, C, I, 1.0f, dhu, I, w_up[e], C, 1.0f, dx, C);
-    // dWg (I, C) += dhg^T (I, rows) · x (rows, C); same for Wu.
-    if (dw_gate && dw_gate[e])
-      sgemm(true, false, I, C, rows, 1.0f, dhg, I, x, C, 1.0f, dw_gate[e], C);
-    if (dw_up && dw_up[e])
-      sgemm(true, false, I, C, rows, 1.0f, dhu, I, x, C, 1.0f, dw_up[e], C);
   }
 }
 

@@ -105,13 +105,17 @@ tensor decoder::run(const int32_t* ids, int64_t B, int64_t T, kv_cache* cache, s
   if (save) save->resize(static_cast<size_t>(c.n_layers));
   TROUPE_CHECK(memo == nullptr || (save != nullptr && cache == nullptr), errc::internal,
                "decoder: MEMO swapping needs saved activations and no KV cache");
+  TROUPE_CHECK(memo == nullptr || moe_ == nullptr, errc::unsupported,
+               "decoder: MEMO swapping does not run with expert parallelism (it swaps whole MoE layers, which "
+               "the expert-parallel layer keeps on other ranks); turn memory.memo off or use parallel.ep = 1");
   if (memo) memo->begin_forward(c, B, T);
   layer_activations scratch;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     layer_activations& a = save ? (*save)[static_cast<size_t>(l)] : scratch;
     if (memo) memo->before_forward(l, a);
     if (arena) arena->mark(memo::step_phase::forward_begin, l);
-    layer_forward(x.data<float>(), a, w_->layers[static_cast<size_t>(l)], c, g, cos->data(), sin->data(), cache, l);
+    layer_forward(x.data<float>(), a, w_->layers[static_cast<size_t>(l)], c, g, cos->data(), sin->data(), cache, l,
+                  moe_);
     if (arena) arena->mark(memo::step_phase::forward_end, l);
     if (memo) memo->after_forward(l, a);  // overlaps the next layer's forward
   }
@@ -253,7 +257,7 @@ float decoder::forward_backward_step(const int32_t* ids, const int32_t* targets,
     const auto ul = static_cast<size_t>(l);
     if (opt.memo) opt.memo->before_backward(l, saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
     if (opt.arena) opt.arena->mark(memo::step_phase::backward_begin, l);
-    layer_backward(dx.data(), grads.layers[ul], saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data());
+    layer_backward(dx.data(), grads.layers[ul], saved_[ul], w_->layers[ul], c, g, cos.data(), sin.data(), l, moe_);
     if (opt.arena) opt.arena->mark(memo::step_phase::backward_end, l);
     if (opt.memo) opt.memo->after_backward(l, saved_[ul]);
     if (opt.arena) saved_[ul] = layer_activations{};  // its backward is done

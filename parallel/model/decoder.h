@@ -127,6 +127,10 @@ class decoder {
   // `cp` must outlive its use; checks the heads against its mode (errc::invalid_argument).
   void set_context_parallel(const context_parallel* cp);
   const context_parallel* context_parallelism() const { return cp_; }
+  // Expert parallelism: MoE layers run through `moe` (parallel/ep/ep_runner.h); nullptr = this rank
+  // alone. Every rank of its group must run the same calls (forward, forward_loss, forward_backward).
+  void set_expert_parallel(moe_runner* moe) { moe_ = moe; }
+  moe_runner* expert_parallelism() const { return moe_; }
 
   const std::vector<layer_activations>& saved() const { return saved_; }
 
@@ -145,6 +149,7 @@ class decoder {
 
   const model_weights* w_;
   const context_parallel* cp_ = nullptr;
+  moe_runner* moe_ = nullptr;
   std::vector<layer_activations> saved_;
 };
 

@@ -29,7 +29,8 @@ size_t layer_activations::bytes() const {
 }
 
 void layer_forward(float* x, layer_activations& a, const layer_params& L, const model_config& c,
-                   const attention_geom& g, const float* cos, const float* sin, kv_cache* cache, int64_t layer) {
+                   const attention_geom& g, const float* cos, const float* sin, kv_cache* cache, int64_t layer,
+                   moe_runner* moe) {
   const int64_t N = g.N(), C = g.C;
   ensure(a.x_in, {N, C});
   ensure(a.xn1, {N, C});
@@ -53,7 +54,9 @@ void layer_forward(float* x, layer_activations& a, const layer_params& L, const 
   for (int64_t i = 0; i < N * C; ++i) x[i] += branch[static_cast<size_t>(i)];
   std::memcpy(a.x_mid.data<float>(), x, row_bytes);
   kc::rmsnorm_forward(a.xn2.data<float>(), a.rstd2.data<float>(), x, L.post_norm.data<float>(), N, C, eps);
-  if (L.is_moe)
+  if (L.is_moe && moe)
+    moe->forward(layer, branch.data(), a.xn2.data<float>(), L, c, N);
+  else if (L.is_moe)
     moe_forward(branch.data(), a.moe, a.xn2.data<float>(), L, c, N);
   else
     mlp_forward(branch.data(), a.mlp, a.xn2.data<float>(), L.gate_w, L.up_w, L.down_w, N, C, c.intermediate);
@@ -61,11 +64,14 @@ void layer_forward(float* x, layer_activations& a, const layer_params& L, const 
 }
 
 void layer_backward(float* dx, layer_params& G, const layer_activations& a, const layer_params& L,
-                    const model_config& c, const attention_geom& g, const float* cos, const float* sin) {
+                    const model_config& c, const attention_geom& g, const float* cos, const float* sin,
+                    int64_t layer, moe_runner* moe) {
   const int64_t N = g.N(), C = g.C;
   runtime::work_buffer dxn(static_cast<size_t>(N * C)), dres(dxn.size());
   // FFN branch: dx (= d x_out) flows to x_mid directly and through ffn(rmsnorm2(x_mid)).
-  if (L.is_moe)
+  if (L.is_moe && moe)
+    moe->backward(layer, dxn.data(), G, dx, a.xn2.data<float>(), L, c, N);
+  else if (L.is_moe)
     moe_backward(dxn.data(), G, dx, a.moe, a.xn2.data<float>(), L, c, N);
   else
     mlp_backward(dxn.data(), G.gate_w, G.up_w, G.down_w, dx, a.mlp, a.xn2.data<float>(), L.gate_w, L.up_w, L.down_w,

@@ -39,10 +39,13 @@ struct layer_activations {
 };
 
 // x: (N, C) layer input  ->  x: (N, C) layer output (in place); a filled
+// moe: runs an MoE layer's FFN elsewhere (expert parallelism); nullptr = moe_forward here.
 void layer_forward(float* x, layer_activations& a, const layer_params& L, const model_config& c,
-                   const attention_geom& g, const float* cos, const float* sin, kv_cache* cache, int64_t layer);
+                   const attention_geom& g, const float* cos, const float* sin, kv_cache* cache, int64_t layer,
+                   moe_runner* moe = nullptr);
 // dx: (N, C) d(layer output)  ->  dx: (N, C) d(layer input) (in place); G +=
 void layer_backward(float* dx, layer_params& G, const layer_activations& a, const layer_params& L,
-                    const model_config& c, const attention_geom& g, const float* cos, const float* sin);
+                    const model_config& c, const attention_geom& g, const float* cos, const float* sin,
+                    int64_t layer = 0, moe_runner* moe = nullptr);
 
 }  // namespace troupe::parallel

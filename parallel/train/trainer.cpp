@@ -92,6 +92,32 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     cp_.mode = spec_.parallel().cp_mode() == job::Parallel::RING ? cp_mode::ring : cp_mode::ulysses;
     dec_.set_context_parallel(&cp_);
   }
+  // parallel.ep > 1: the MoE layers run across every rank (parallel/ep/ep_runner.h). Each rank keeps
+  // all experts' weights (replicated, so grad_sync and the optimizer are unchanged); an expert's
+  // gradient is computed by the rank that owns it under the placement (zeros elsewhere), so
+  // grad_sync's sum is the whole batch's gradient.
+  if (const int64_t ep = spec_.parallel().ep(); ep > 1) {
+    const model_config& mc = weights_.config();
+    bool moe = false;
+    for (const auto& L : weights_.layers) moe |= L.is_moe;
+    TROUPE_CHECK(moe, errc::invalid_argument, "parallel.ep = {}: the model ({}) has no MoE layer to split", ep,
+                 runtime::model_family_name(mc.family));
+    TROUPE_CHECK(mc.n_experts % ep == 0, errc::invalid_argument,
+                 "parallel.ep = {} must divide the model's {} experts (each rank owns n_experts / ep)", ep,
+                 mc.n_experts);
+    TROUPE_CHECK(comms_.ep && comms_.ep->size() == ep && comms_.ep->rank() == comms_.rank, errc::invalid_argument,
+                 "trainer: parallel.ep {} needs an expert-parallel communicator over all {} ranks", ep, ep);
+    TROUPE_CHECK(spec_.memory().device_budget().empty(), errc::invalid_argument,
+                 "memory.device_budget does not run with parallel.ep > 1 yet (the arena plan is recorded without "
+                 "expert parallelism); remove one of them");
+    ep::ep_context ctx;
+    ctx.tokens = comms_.ep;
+    ctx.weights = comms_.ep_weights;
+    ctx.placement = ep::ep_placement::contiguous(mc.n_experts, static_cast<int>(ep));
+    ctx.options = ep::ep_options_from_spec(spec_);
+    ep_ = std::make_unique<ep::ep_moe_runner>(std::move(ctx));
+    dec_.set_expert_parallel(ep_.get());
+  }
   // memory.device_budget / memory.memo (parallel/memo/memory_plan.h): plan before the first step and
   // refuse to start when the plan does not fit. Every cp rank records its steps together (cp buffers).
   const memo::memory_settings ms = memo::memory_settings_of(spec_);
@@ -189,6 +215,7 @@ double trainer::evaluate() {
     o.keep_activations = false;  // one layer's activations at a time: validation stays small
     sum += static_cast<double>(dec_.forward_loss(in.data(), tgt.data(), B, Tl, o)) * static_cast<double>(B * Tl);
   }
+  if (ep_) ep_->release();  // forward only: the MoE layers' activations are not needed
   tensor l = tensor::empty({1});
   l.data<float>()[0] = static_cast<float>(sum / denom);
   sync_->all_reduce(l, runtime::reduce_op::sum);
@@ -316,6 +343,15 @@ model_weights make_model(const job::JobSpec& spec) {
     c.rope.head_dim = c.head_dim;
     c.rope.theta = m.rope_theta();
     c.rope.max_position_embeddings = c.max_position_embeddings;
+    if (m.experts() > 0) {  // Mixtral layout
+      c.family = runtime::model_family::mixtral;
+      c.model_type = "mixtral";
+      c.n_experts = m.experts();
+      c.top_k = m.experts_per_token() > 0 ? m.experts_per_token() : 2;
+      c.moe_intermediate = m.expert_intermediate() > 0 ? m.expert_intermediate() : m.intermediate();
+      c.intermediate = c.moe_intermediate;
+      c.norm_topk_prob = true;
+    }
     w = model_weights::random_init(c, spec.seed());
   } else {
     std::string dir = spec.model().path();

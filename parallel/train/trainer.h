@@ -49,6 +49,7 @@
 
 #include "parallel/cp/context_parallel.h"
 #include "parallel/data/packed_dataset.h"
+#include "parallel/ep/ep_runner.h"
 #include "parallel/model/decoder.h"
 #include "parallel/model/model_weights.h"
 #include "parallel/train/grad_sync.h"
@@ -71,6 +72,10 @@ struct train_comms {
   int world_size = 1;  // dp * cp
   runtime::communicator* grads = nullptr;  // all ranks; used only by grad_sync's thread
   runtime::communicator* cp = nullptr;     // this rank's context-parallel group (cp ranks), or nullptr when cp = 1
+  // parallel.ep > 1: the expert-parallel group (all ranks) for the MoE layers' token exchange, and
+  // optionally a second one over the same ranks on which borrowed expert weights travel meanwhile.
+  runtime::communicator* ep = nullptr;
+  runtime::communicator* ep_weights = nullptr;
 };
 
 // Where a rank's micro batches come from: full sequences (micro_batch, seq_len).
@@ -142,6 +147,8 @@ class trainer {
   // memory is not placed: no memory.tiers and no memory.placement) and the groups' memory.
   const cxl::placement_plan* placement() const;
   const cxl::tiered_group_memory* tiered_memory() const { return tiered_.get(); }
+  // parallel.ep > 1: the MoE layers' expert-parallel runner (loads, plans, placement); else nullptr.
+  ep::ep_moe_runner* expert_parallel() { return ep_.get(); }
 
   // Everything of the run's state but the tensors (trainer_state.json).
   nlohmann::json state() const;
@@ -169,6 +176,7 @@ class trainer {
   std::unique_ptr<memo::step_arena> arena_;
   std::unique_ptr<memo::memo_swap> swap_;
   std::unique_ptr<cxl::tiered_group_memory> tiered_;
+  std::unique_ptr<ep::ep_moe_runner> ep_;
   int64_t tokens_seen_ = 0;
 };
 

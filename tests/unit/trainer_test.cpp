@@ -82,6 +82,8 @@ struct run_result {
   model_weights weights;
   int64_t arena_fallbacks = -1;  // -1: no step arena
   int64_t arena_bytes = 0;
+  double ep_max_over_mean = 0;   // parallel.ep > 1: the last step's per-rank rows max/mean
+  size_t ep_weight_bytes = 0;    // and the expert weight bytes it moved on this rank
 };
 
 // Weights after Adam steps are compared to 1e-5 (lr 3e-3): Adam divides by sqrt(v), so fp32
@@ -94,6 +96,8 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
   auto world = runtime::make_inproc_group(P);
   std::vector<std::vector<std::unique_ptr<runtime::communicator>>> cp_groups;
   for (int d = 0; d < dp; ++d) cp_groups.push_back(runtime::make_inproc_group(cp));
+  const bool ep = spec.parallel().ep() > 1;
+  auto ep_group = runtime::make_inproc_group(P), ep_weights = runtime::make_inproc_group(P);
   std::vector<run_result> out(static_cast<size_t>(P));
   std::vector<std::string> errors(static_cast<size_t>(P));
   std::vector<std::thread> threads;
@@ -105,6 +109,8 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
         c.world_size = P;
         c.grads = P > 1 ? world[static_cast<size_t>(r)].get() : nullptr;
         c.cp = cp > 1 ? cp_groups[static_cast<size_t>(r / cp)][static_cast<size_t>(r % cp)].get() : nullptr;
+        c.ep = ep ? ep_group[static_cast<size_t>(r)].get() : nullptr;
+        c.ep_weights = ep ? ep_weights[static_cast<size_t>(r)].get() : nullptr;
         auto t = parallel::make_trainer(spec, c);
         for (int s = 0; s < steps; ++s) {
           const auto st = t->step();
@@ -112,6 +118,10 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
           out[static_cast<size_t>(r)].norms.push_back(st.grad_norm);
         }
         out[static_cast<size_t>(r)].activation_bytes = t->activation_bytes();
+        if (auto* e = t->expert_parallel()) {
+          out[static_cast<size_t>(r)].ep_max_over_mean = e->step_max_over_mean();
+          out[static_cast<size_t>(r)].ep_weight_bytes = e->step_weight_bytes();
+        }
         if (t->arena()) {
           out[static_cast<size_t>(r)].arena_fallbacks = t->arena()->stats().fallbacks;
           out[static_cast<size_t>(r)].arena_bytes = t->memory_plan()->plan.arena_bytes;
@@ -126,6 +136,8 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
       } catch (const std::exception& e) {
         errors[static_cast<size_t>(r)] = e.what();
         world[static_cast<size_t>(r)]->abort(e.what());
+        ep_group[static_cast<size_t>(r)]->abort(e.what());
+        ep_weights[static_cast<size_t>(r)]->abort(e.what());
       }
     });
   for (auto& t : threads) t.join();
@@ -264,6 +276,74 @@ TEST(Trainer, DataParallelTwoRanksEqualOneRankWithTheSameGlobalBatch) {
   EXPECT_NEAR(two[0].val, one[0].val, 1e-5 * one[0].val);
   EXPECT_TRUE(bitwise_equal(two[0].weights, two[1].weights)) << "dp ranks must hold identical weights";
   EXPECT_LT(max_abs_diff(two[0].weights, one[0].weights), 1e-5);
+}
+
+// An MoE model (model.create.experts) trained with its experts spread over the ranks (parallel.ep):
+// the same losses, gradient norms and weights as data parallelism alone, for standard EP and LLEP.
+// Within 1e-5, not bitwise: an expert's rows from both ranks are computed in one set of row tiles
+// on its owner instead of two (per rank), which groups the weight-gradient sums differently.
+job::JobSpec moe_job(const std::string& run_dir, const std::string& parallel) {
+  job::JobSpec s = text_job(run_dir, "{seq_len: 32, micro_batch: 4, global_batch: 8}", parallel, 3, 2);
+  auto* c = s.mutable_model()->mutable_create();
+  c->set_experts(8);
+  c->set_experts_per_token(2);
+  c->set_expert_intermediate(48);
+  return s;
+}
+
+TEST(Trainer, ExpertParallelMoeEqualsDataParallelForStandardEpAndLlep) {
+  tmp_dir d;
+  const auto dp = run_ranks(moe_job(d.file("dp"), "{dp: 2}"), 3, true);
+  const auto ep = run_ranks(moe_job(d.file("ep"), "{dp: 2, ep: 2, expert: {mode: ep}}"), 3, true);
+  // LLEP with a gate of 1.0 and small chunks, so it plans (and moves weights) on this small model.
+  const auto ll = run_ranks(moe_job(d.file("llep"), "{dp: 2, ep: 2, expert: {mode: llep, lambda: 1.0, min_chunk: 64}}"),
+                            3, true);
+  ASSERT_EQ(ep.size(), 2u);
+  ASSERT_EQ(ll.size(), 2u);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_NEAR(ep[0].losses[s], dp[0].losses[s], 1e-5 * dp[0].losses[s]) << "step " << s;
+    EXPECT_NEAR(ll[0].losses[s], dp[0].losses[s], 1e-5 * dp[0].losses[s]) << "step " << s;
+    EXPECT_NEAR(ep[0].norms[s], dp[0].norms[s], 1e-4 * dp[0].norms[s]) << "step " << s;
+    EXPECT_EQ(ep[0].losses[s], ep[1].losses[s]);
+  }
+  // Standard EP and LLEP compute every row the same way (ep_layer.h invariant 2): the forward of
+  // the first step is bitwise the same, so the first loss is too.
+  EXPECT_EQ(ll[0].losses[0], ep[0].losses[0]);
+  EXPECT_LT(dp[0].losses[2], dp[0].losses[0]) << "the loss should fall";
+  EXPECT_NEAR(ep[0].val, dp[0].val, 1e-5 * dp[0].val);
+  EXPECT_TRUE(bitwise_equal(ep[0].weights, ep[1].weights)) << "ep ranks must hold identical weights";
+  EXPECT_TRUE(bitwise_equal(ll[0].weights, ll[1].weights)) << "ep ranks must hold identical weights";
+  EXPECT_LT(max_abs_diff(ep[0].weights, dp[0].weights), 1e-5);
+  EXPECT_LT(max_abs_diff(ll[0].weights, dp[0].weights), 1e-5);
+  EXPECT_EQ(ep[0].ep_weight_bytes, 0u);
+  EXPECT_GT(ll[0].ep_weight_bytes + ll[1].ep_weight_bytes, 0u) << "LLEP should have lent an expert";
+  EXPECT_GT(ep[0].ep_max_over_mean, 1.0);
+  EXPECT_LE(ll[0].ep_max_over_mean, ep[0].ep_max_over_mean);
+}
+
+TEST(Trainer, ExpertParallelRefusesADenseModelAndAnEpThatIsNotEveryRank) {
+  tmp_dir d;
+  try {
+    auto s = text_job(d.file("dense"), "{seq_len: 32, micro_batch: 2, global_batch: 4}", "{dp: 2, ep: 2}");
+    auto world = runtime::make_inproc_group(2, 2000);  // rank 1 never comes: the check runs first
+    parallel::train_comms c;
+    c.rank = 0;
+    c.world_size = 2;
+    c.grads = world[0].get();
+    c.ep = world[0].get();
+    (void)parallel::make_trainer(s, c);
+    FAIL() << "a dense model with parallel.ep = 2 should be refused";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.ep = 2: the model (llama) has no MoE layer"), std::string::npos)
+        << e.what();
+  }
+  try {
+    (void)text_job(d.file("ep3"), "{seq_len: 32, micro_batch: 2, global_batch: 8}", "{dp: 4, ep: 2}");
+    FAIL() << "parallel.ep = 2 of 4 ranks should be refused";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("`parallel.ep`"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("must be 1 (off) or dp * cp = 4"), std::string::npos) << e.what();
+  }
 }
 
 void expect_cp_equals_one_rank(const std::string& mode) {

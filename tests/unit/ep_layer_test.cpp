@@ -1,0 +1,380 @@
+// The expert-parallel MoE layer (parallel/ep/ep_layer.h) on 2 and 4 in-process ranks against the
+// single-rank MoE layer (parallel/model/moe_block.h) on the concatenated batch: standard EP, LLEP
+// and EPLB, balanced and skewed routing, with and without a shared expert, with the weight
+// transfers overlapped on a second communicator or not.
+//   * LLEP and EPLB against standard EP: outputs, input gradients, router and shared-expert
+//     gradients bitwise; expert weight gradients bitwise for experts computed on one rank, and
+//     within 1e-6 (norm-wise relative) for an expert split over ranks (a sum of per-rank partials).
+//   * standard EP against the single-rank layer on the concatenated batch: the same top-k experts
+//     for every token; outputs and input gradients bitwise without a shared expert (the router is
+//     batch invariant: moe_block.h invariant 3) and within 1e-6 norm-wise relative error with one
+//     (the shared expert's dense MLP is not batch invariant: OpenBLAS picks kernels by shape);
+//     expert weight gradients bitwise; the ranks' router gradients summed within 1e-6.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "parallel/ep/ep_layer.h"
+#include "parallel/model/model_weights.h"
+#include "runtime/error.h"
+#include "runtime/io/hf_config.h"
+
+namespace {
+
+using namespace troupe::parallel;
+using namespace troupe::parallel::ep;
+using troupe::runtime::tensor;
+
+model_config moe_config(bool shared) {
+  const std::string j =
+      shared ? R"({"model_type":"qwen2_moe","vocab_size":17,"hidden_size":32,"intermediate_size":40,
+                  "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"num_experts":8,
+                  "num_experts_per_tok":2,"moe_intermediate_size":24,"shared_expert_intermediate_size":20,
+                  "norm_topk_prob":false,"max_position_embeddings":16})"
+             : R"({"model_type":"mixtral","vocab_size":17,"hidden_size":32,"intermediate_size":24,
+                  "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"num_local_experts":8,
+                  "num_experts_per_tok":2,"max_position_embeddings":16})";
+  return troupe::runtime::parse_hf_config(j, shared ? "test:qwen2_moe" : "test:mixtral");
+}
+
+std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(gen);
+  return v;
+}
+
+// A layer whose router sends most tokens to expert 0 (all native on rank 0) when `skew`: the router
+// row of expert 0 is a large multiple of a direction u that every input shares.
+struct problem {
+  model_config cfg;
+  model_weights w;
+  std::vector<int64_t> tokens;          // per rank
+  std::vector<std::vector<float>> x, dout;
+  std::vector<float> u;
+};
+
+problem make_problem(bool shared, bool skew, int P, uint32_t seed) {
+  problem p{moe_config(shared), {}, {}, {}, {}, {}};
+  p.w = model_weights::random_init(p.cfg, seed, 0.3f);
+  const int64_t C = p.cfg.hidden;
+  p.u = randn(static_cast<size_t>(C), seed + 1);
+  if (skew) {
+    float* r0 = p.w.layers[0].router_w.data<float>();  // (E, C), row 0
+    for (int64_t i = 0; i < C; ++i) r0[i] = 1.5f * p.u[static_cast<size_t>(i)];
+  }
+  for (int r = 0; r < P; ++r) {
+    const int64_t N = 150 + 37 * r;  // ranks hold different token counts
+    p.tokens.push_back(N);
+    auto x = randn(static_cast<size_t>(N * C), seed + 10 + r);
+    if (skew)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t i = 0; i < C; ++i) x[static_cast<size_t>(n * C + i)] += p.u[static_cast<size_t>(i)];
+    p.x.push_back(x);
+    p.dout.push_back(randn(static_cast<size_t>(N * C), seed + 100 + r));
+  }
+  return p;
+}
+
+std::vector<float> concat(const std::vector<std::vector<float>>& v) {
+  std::vector<float> out;
+  for (const auto& a : v) out.insert(out.end(), a.begin(), a.end());
+  return out;
+}
+
+bool same_bits(const float* a, const float* b, int64_t n) {
+  return std::memcmp(a, b, static_cast<size_t>(n) * sizeof(float)) == 0;
+}
+
+struct rank_result {
+  std::vector<float> out, dx;
+  std::vector<int32_t> topk;
+  layer_params grads;
+  ep_step_stats stats;
+};
+
+std::vector<rank_result> run_ep(const problem& p, int P, const ep_options& opt, bool overlap, ep_placement placement) {
+  auto tok = troupe::runtime::make_inproc_group(P, 20000);
+  auto wts = troupe::runtime::make_inproc_group(P, 20000);
+  std::vector<rank_result> res(static_cast<size_t>(P));
+  std::vector<std::string> errors(static_cast<size_t>(P));
+  std::vector<std::thread> th;
+  const int64_t C = p.cfg.hidden;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      try {
+        // This rank's shard: a copy of the layer keeping its native experts only.
+        layer_params L = p.w.layers[0];
+        ep_shard_layer(L, placement, r);
+        model_weights g = model_weights::zeros_like(p.w);
+        layer_params G = g.layers[0];
+        ep_shard_layer(G, placement, r);
+        ep_context ctx;
+        ctx.tokens = tok[static_cast<size_t>(r)].get();
+        ctx.weights = overlap ? wts[static_cast<size_t>(r)].get() : nullptr;
+        ctx.placement = placement;
+        ctx.options = opt;
+        const int64_t N = p.tokens[static_cast<size_t>(r)];
+        auto& out = res[static_cast<size_t>(r)];
+        out.out.assign(static_cast<size_t>(N * C), 0.0f);
+        out.dx.assign(static_cast<size_t>(N * C), 0.0f);
+        ep_activations a;
+        ep_moe_forward(out.out.data(), a, p.x[static_cast<size_t>(r)].data(), L, p.cfg, N, ctx);
+        ep_moe_backward(out.dx.data(), G, p.dout[static_cast<size_t>(r)].data(), a, p.x[static_cast<size_t>(r)].data(),
+                        L, p.cfg, N, ctx);
+        out.grads = G;
+        out.stats = ctx.last;
+        out.topk.assign(a.local.topk_idx.data<int32_t>(), a.local.topk_idx.data<int32_t>() + a.local.topk_idx.numel());
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+        tok[static_cast<size_t>(r)]->abort(e.what());
+        wts[static_cast<size_t>(r)]->abort(e.what());
+      }
+    });
+  for (auto& t : th) t.join();
+  for (int r = 0; r < P; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  return res;
+}
+
+struct reference {
+  std::vector<float> out, dx;
+  std::vector<int32_t> topk;
+  layer_params grads;  // whole batch
+};
+
+reference run_single(const problem& p) {
+  const int64_t C = p.cfg.hidden;
+  reference ref;
+  const auto x = concat(p.x), dout = concat(p.dout);
+  const int64_t N = static_cast<int64_t>(x.size()) / C;
+  ref.out.assign(x.size(), 0.0f);
+  ref.dx.assign(x.size(), 0.0f);
+  model_weights g = model_weights::zeros_like(p.w);
+  moe_activations a;
+  moe_forward(ref.out.data(), a, x.data(), p.w.layers[0], p.cfg, N);
+  moe_backward(ref.dx.data(), g.layers[0], dout.data(), a, x.data(), p.w.layers[0], p.cfg, N);
+  ref.grads = g.layers[0];
+  ref.topk.assign(a.topk_idx.data<int32_t>(), a.topk_idx.data<int32_t>() + a.topk_idx.numel());
+  return ref;
+}
+
+double rel_err(const float* got, const float* want, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(got[i]) - want[i];
+    num += d * d;
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+
+const tensor& expert_tensor(const layer_params& L, int j, int64_t e) {
+  return (j == 0 ? L.expert_gate : j == 1 ? L.expert_up : L.expert_down)[static_cast<size_t>(e)];
+}
+
+// Experts whose rows the plan splits over ranks or computes away from their native rank.
+std::vector<bool> split_experts(const ep_plan& plan) {
+  std::vector<bool> split(plan.placement.native.size(), false);
+  for (const auto& c : plan.chunks)
+    if (c.rank != plan.placement.native[static_cast<size_t>(c.expert)] || c.begin > 0) split[static_cast<size_t>(c.expert)] = true;
+  return split;
+}
+
+// Standard EP against the single-rank layer (see the top of the file).
+void check_against_single_rank(const problem& p, const reference& ref, const std::vector<rank_result>& ep,
+                               const ep_placement& placement) {
+  const int P = static_cast<int>(ep.size());
+  const int64_t C = p.cfg.hidden, K = p.cfg.top_k;
+  int64_t tok = 0;
+  for (int r = 0; r < P; ++r) {
+    const int64_t n = p.tokens[static_cast<size_t>(r)];
+    const auto& e = ep[static_cast<size_t>(r)];
+    EXPECT_TRUE(std::equal(e.topk.begin(), e.topk.end(), ref.topk.begin() + tok * K)) << "top-k of rank " << r;
+    if (p.cfg.shared_expert_intermediate > 0) {
+      EXPECT_LE(rel_err(e.out.data(), ref.out.data() + tok * C, n * C), 1e-6) << "out rank " << r;
+      EXPECT_LE(rel_err(e.dx.data(), ref.dx.data() + tok * C, n * C), 1e-6) << "dx rank " << r;
+    } else {
+      EXPECT_TRUE(same_bits(e.out.data(), ref.out.data() + tok * C, n * C)) << "out rank " << r;
+      EXPECT_TRUE(same_bits(e.dx.data(), ref.dx.data() + tok * C, n * C)) << "dx rank " << r;
+    }
+    tok += n;
+  }
+  for (int64_t ex = 0; ex < p.cfg.n_experts; ++ex)
+    for (int j = 0; j < 3; ++j) {
+      const tensor& got = expert_tensor(ep[static_cast<size_t>(placement.native[static_cast<size_t>(ex)])].grads, j, ex);
+      const tensor& want = expert_tensor(ref.grads, j, ex);
+      EXPECT_TRUE(same_bits(got.data<float>(), want.data<float>(), want.numel())) << "expert " << ex << " grad " << j;
+    }
+  // The router's gradient: data parallel, so the ranks' sum (in rank order) is the whole batch's.
+  std::vector<float> sum(static_cast<size_t>(ref.grads.router_w.numel()), 0.0f);
+  for (const auto& e : ep)
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += e.grads.router_w.data<float>()[i];
+  EXPECT_LE(rel_err(sum.data(), ref.grads.router_w.data<float>(), ref.grads.router_w.numel()), 1e-6);
+}
+
+// Another plan against standard EP's run: bitwise, except split experts' weight gradients.
+int check_against_ep(const problem& p, const std::vector<rank_result>& ep, const std::vector<rank_result>& got,
+                     const ep_placement& placement, const std::string& what) {
+  const int P = static_cast<int>(ep.size());
+  const int64_t C = p.cfg.hidden;
+  for (int r = 0; r < P; ++r) {
+    const int64_t n = p.tokens[static_cast<size_t>(r)] * C;
+    const auto &a = got[static_cast<size_t>(r)], &b = ep[static_cast<size_t>(r)];
+    EXPECT_TRUE(same_bits(a.out.data(), b.out.data(), n)) << what << " out rank " << r;
+    EXPECT_TRUE(same_bits(a.dx.data(), b.dx.data(), n)) << what << " dx rank " << r;
+    EXPECT_TRUE(same_bits(a.grads.router_w.data<float>(), b.grads.router_w.data<float>(), b.grads.router_w.numel()))
+        << what << " router grad rank " << r;
+    if (p.cfg.shared_expert_intermediate > 0) {
+      EXPECT_TRUE(same_bits(a.grads.shared_down_w.data<float>(), b.grads.shared_down_w.data<float>(),
+                            b.grads.shared_down_w.numel()))
+          << what << " shared expert grad rank " << r;
+      EXPECT_TRUE(same_bits(a.grads.shared_expert_gate.data<float>(), b.grads.shared_expert_gate.data<float>(),
+                            b.grads.shared_expert_gate.numel()))
+          << what << " shared gate grad rank " << r;
+    }
+  }
+  const auto split = split_experts(got[0].stats.plan);
+  int n_split = 0;
+  for (int64_t e = 0; e < p.cfg.n_experts; ++e) {
+    const int owner = placement.native[static_cast<size_t>(e)];
+    for (int j = 0; j < 3; ++j) {
+      const tensor& g = expert_tensor(got[static_cast<size_t>(owner)].grads, j, e);
+      const tensor& w = expert_tensor(ep[static_cast<size_t>(owner)].grads, j, e);
+      if (split[static_cast<size_t>(e)])
+        EXPECT_LE(rel_err(g.data<float>(), w.data<float>(), w.numel()), 1e-6) << what << " split expert " << e;
+      else
+        EXPECT_TRUE(same_bits(g.data<float>(), w.data<float>(), w.numel())) << what << " expert " << e << " grad " << j;
+    }
+    n_split += split[static_cast<size_t>(e)] ? 1 : 0;
+  }
+  return n_split;
+}
+
+struct ep_case {
+  int P;
+  bool shared, skew, overlap;
+};
+
+class EpLayerExact : public ::testing::TestWithParam<ep_case> {};
+
+TEST_P(EpLayerExact, EveryPlanEqualsStandardEpAndTheSingleRankLayer) {
+  const auto c = GetParam();
+  const problem p = make_problem(c.shared, c.skew, c.P, 7u + static_cast<uint32_t>(c.P));
+  const ep_placement native = ep_placement::contiguous(p.cfg.n_experts, c.P);
+  ep_options opt;
+  opt.llep.min_chunk = 64;
+  opt.mode = ep_mode::standard;
+  const auto ep = run_ep(p, c.P, opt, c.overlap, native);
+  ASSERT_EQ(ep.size(), static_cast<size_t>(c.P));
+  check_against_single_rank(p, run_single(p), ep, native);
+  for (const auto& r : ep) EXPECT_EQ(r.stats.weight_bytes_sent + r.stats.weight_bytes_received, 0u);
+  const double ep_balance = ep[0].stats.plan.max_over_mean();
+
+  for (ep_mode mode : {ep_mode::llep, ep_mode::eplb}) {
+    opt.mode = mode;
+    const auto res = run_ep(p, c.P, opt, c.overlap, native);
+    const std::string what = std::string(ep_mode_name(mode)) + (c.skew ? " skewed" : " balanced");
+    const int split = check_against_ep(p, ep, res, native, what);
+    const ep_plan& plan = res[0].stats.plan;
+    for (int r = 1; r < c.P; ++r)  // every rank planned the same
+      EXPECT_EQ(res[static_cast<size_t>(r)].stats.plan.describe(), plan.describe()) << what;
+    size_t sent = 0, received = 0;
+    for (const auto& r : res) sent += r.stats.weight_bytes_sent, received += r.stats.weight_bytes_received;
+    EXPECT_EQ(sent, received) << what;
+    if (mode == ep_mode::llep && c.skew) {
+      // Expert 0 takes most tokens: LLEP spills it, moves its weights and returns their gradients.
+      EXPECT_FALSE(plan.gated) << plan.describe();
+      EXPECT_GT(split, 0) << plan.describe();
+      EXPECT_GT(sent, 0u);
+      EXPECT_GT(ep_balance, 1.5);
+      EXPECT_LT(plan.max_over_mean(), ep_balance) << plan.describe();
+    }
+    if (mode == ep_mode::llep && !c.skew) {
+      EXPECT_TRUE(plan.gated) << plan.describe();
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, EpLayerExact,
+                         ::testing::Values(ep_case{2, false, true, true}, ep_case{2, true, true, false},
+                                           ep_case{2, false, false, true}, ep_case{4, false, true, true},
+                                           ep_case{4, true, true, true}, ep_case{4, true, false, false}),
+                         [](const auto& info) {
+                           const auto& c = info.param;
+                           return "P" + std::to_string(c.P) + (c.shared ? "_shared" : "_mixtral") +
+                                  (c.skew ? "_skewed" : "_balanced") + (c.overlap ? "_overlap" : "_serial");
+                         });
+
+TEST(EpLayer, MigratedPlacementGivesTheSameOutputs) {
+  const int P = 2;
+  const problem p = make_problem(false, true, P, 21);
+  // Experts 0..3 native on rank 0 at first; then 0, 2, 4, 6 on rank 0 (a rebalanced placement).
+  const ep_placement from = ep_placement::contiguous(p.cfg.n_experts, P);
+  ep_placement to = from;
+  for (int e = 0; e < 8; ++e) to.native[static_cast<size_t>(e)] = e % 2;
+  auto tok = troupe::runtime::make_inproc_group(P, 20000);
+  std::vector<std::vector<tensor>> gate(P), up(P), down(P);
+  std::vector<size_t> sent(P);
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      layer_params L = p.w.layers[0];
+      for (auto* v : {&L.expert_gate, &L.expert_up, &L.expert_down})
+        for (auto& t : *v) t = t.clone();
+      ep_shard_layer(L, from, r);
+      sent[static_cast<size_t>(r)] = ep_migrate(ep_expert_sets(L, p.cfg), from, to, *tok[static_cast<size_t>(r)]);
+      gate[static_cast<size_t>(r)] = L.expert_gate;
+      up[static_cast<size_t>(r)] = L.expert_up;
+      down[static_cast<size_t>(r)] = L.expert_down;
+    });
+  for (auto& t : th) t.join();
+  const size_t expert_bytes = 3 * static_cast<size_t>(p.cfg.hidden * p.cfg.moe_intermediate) * sizeof(float);
+  EXPECT_EQ(sent[0], 2 * expert_bytes);  // experts 1 and 3 leave rank 0
+  EXPECT_EQ(sent[1], 2 * expert_bytes);  // experts 4 and 6 leave rank 1
+  for (int e = 0; e < 8; ++e) {
+    const int owner = to.native[static_cast<size_t>(e)];
+    EXPECT_FALSE(gate[static_cast<size_t>(1 - owner)][static_cast<size_t>(e)].defined()) << e;
+    const tensor& want = p.w.layers[0].expert_down[static_cast<size_t>(e)];
+    ASSERT_TRUE(down[static_cast<size_t>(owner)][static_cast<size_t>(e)].defined()) << e;
+    EXPECT_TRUE(same_bits(down[static_cast<size_t>(owner)][static_cast<size_t>(e)].data<float>(), want.data<float>(),
+                          want.numel()));
+  }
+  // And the layer under the new placement is still the single-rank layer, with a better balance.
+  ep_options opt;
+  opt.mode = ep_mode::standard;
+  const auto before = run_ep(p, P, opt, false, from);
+  const auto after = run_ep(p, P, opt, false, to);
+  for (int r = 0; r < P; ++r) {  // the same computation, other owners: bitwise
+    EXPECT_TRUE(same_bits(after[static_cast<size_t>(r)].out.data(), before[static_cast<size_t>(r)].out.data(),
+                          static_cast<int64_t>(before[static_cast<size_t>(r)].out.size())));
+    EXPECT_TRUE(same_bits(after[static_cast<size_t>(r)].dx.data(), before[static_cast<size_t>(r)].dx.data(),
+                          static_cast<int64_t>(before[static_cast<size_t>(r)].dx.size())));
+  }
+  for (int64_t e = 0; e < 8; ++e)
+    EXPECT_TRUE(same_bits(expert_tensor(after[static_cast<size_t>(to.native[static_cast<size_t>(e)])].grads, 2, e).data<float>(),
+                          expert_tensor(before[static_cast<size_t>(from.native[static_cast<size_t>(e)])].grads, 2, e).data<float>(),
+                          p.cfg.hidden * p.cfg.moe_intermediate)) << e;
+  EXPECT_LT(after[0].stats.plan.max_over_mean(), before[0].stats.plan.max_over_mean());
+}
+
+TEST(EpLayer, MismatchedPlacementIsRefused) {
+  const problem p = make_problem(false, false, 2, 3);
+  auto tok = troupe::runtime::make_inproc_group(1, 2000);
+  ep_context ctx;
+  ctx.tokens = tok[0].get();
+  ctx.placement = ep_placement::contiguous(p.cfg.n_experts, 2);  // 2 ranks, group of 1
+  ep_activations a;
+  std::vector<float> out(p.x[0].size());
+  try {
+    ep_moe_forward(out.data(), a, p.x[0].data(), p.w.layers[0], p.cfg, p.tokens[0], ctx);
+    FAIL() << "expected an error";
+  } catch (const troupe::runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("placement is for 8 experts on 2 ranks"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
