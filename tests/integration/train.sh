@@ -8,6 +8,7 @@
 # E. troupe report draws the SVG.
 # F. kill -9 of rank 1 during dp-2 training: the supervisor names it, rank 0 exits with 3,
 #    the launcher fails, within a bounded time.
+# M. an MoE model with parallel.ep 2 (LLEP) under troupe-launch -n 2 = one rank.
 set -uo pipefail
 launch="$1"; troupe="$2"; mpirun="${3:-}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -76,6 +77,22 @@ grep -q "rank 1: step 8/8" "$tmp/log" || fail "C: the supervisor did not report 
 losses "$tmp/dp2/metrics.jsonl" >"$tmp/dp2.loss"
 close "$tmp/single.loss" "$tmp/dp2.loss" 1e-5 || fail "C: dp 2 losses differ from one rank"
 echo "C: troupe-launch -n 2, dp 2 (ucx): losses equal one rank's within 1e-5"
+
+# M. an MoE model (model.create.experts) with its experts over 2 ranks: parallel.ep 2, LLEP planning
+#    at every imbalance (lambda 1), under troupe-launch (UCX) = one rank with the same global batch
+moe_job() {  # moe_job NAME EXTRA_YAML: job, with 8 experts (top-2) in every layer
+  job "$1" "$2"
+  sed -i 's/max_position: 64}/max_position: 64, experts: 8, experts_per_token: 2, expert_intermediate: 48}/' "$tmp/$1.yaml"
+}
+moe_job moe1 "parallel: {dp: 1}"
+"$troupe" train "$tmp/moe1.yaml" --no-progress >"$tmp/log" 2>&1 || fail "M: single-rank MoE training failed"
+losses "$tmp/moe1/metrics.jsonl" >"$tmp/moe1.loss"
+moe_job moe2 "parallel: {dp: 2, ep: 2, expert: {mode: llep, lambda: 1.0, min_chunk: 64}}"
+"$launch" -n 2 -- "$troupe" train "$tmp/moe2.yaml" --no-progress >"$tmp/log" 2>&1 || fail "M: MoE with ep 2 failed"
+grep -q "dp 2 x cp 1, ep 2 llep, ucx" "$tmp/log" || fail "M: not expert parallel (ep 2 llep) on UCX"
+losses "$tmp/moe2/metrics.jsonl" >"$tmp/moe2.loss"
+close "$tmp/moe1.loss" "$tmp/moe2.loss" 1e-5 || fail "M: ep 2 losses differ from one rank"
+echo "M: troupe-launch -n 2, MoE with ep 2 (llep, ucx): losses equal one rank's within 1e-5"
 
 # D. cp 2 (ring) under mpirun (MPI)
 if [ -n "$mpirun" ]; then
