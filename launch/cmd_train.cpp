@@ -57,6 +57,16 @@ struct active_guard {
   ~active_guard() { ctx.set_active(nullptr); }
 };
 
+int64_t total_parameters(const runtime::model_config& c) {  // every rank's, under parallel.ep too
+  int64_t n = 0;
+  for (const auto& [name, shape] : parallel::model_weights::specs(c)) {
+    int64_t k = 1;
+    for (int64_t d : shape) k *= d;
+    n += k;
+  }
+  return n;
+}
+
 // One rank's whole job, on the worker's compute thread.
 void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsReport& rep, const job::JobSpec& spec,
                const train_options& o, const rank_info& r) {
@@ -98,7 +108,7 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
   auto t = parallel::make_trainer(spec, comms, resume);
   if (rank == 0) {
     fmt::print("troupe train: {} parameters, {} rank(s) (dp {} x cp {}{}, {}), {} threads each{}\n",
-               t->weights().parameter_count(), world, spec.parallel().dp(), cp,
+               total_parameters(t->weights().config()), world, spec.parallel().dp(), cp,
                spec.parallel().ep() > 1 ? fmt::format(", ep {} {}", spec.parallel().ep(),
                                                       parallel::ep::ep_mode_name(t->expert_parallel()->options().mode))
                                         : std::string(),

@@ -107,15 +107,24 @@ void model_weights::visit(const visit_fn& f) {
 
 std::vector<param_ref> model_weights::parameters() {
   std::vector<param_ref> out;
-  visit([&](const std::string& name, tensor& t, const shape_t&) { out.push_back(param_ref{name, t}); });
+  visit([&](const std::string& name, tensor& t, const shape_t&) {
+    if (t.defined()) out.push_back(param_ref{name, t});  // a shard skips what it does not hold
+  });
   return out;
 }
 
 std::vector<std::pair<std::string, tensor>> model_weights::parameters() const {
   std::vector<std::pair<std::string, tensor>> out;
-  const_cast<model_weights*>(this)->visit(
-      [&](const std::string& name, tensor& t, const shape_t&) { out.emplace_back(name, t); });
+  const_cast<model_weights*>(this)->visit([&](const std::string& name, tensor& t, const shape_t&) {
+    if (t.defined()) out.emplace_back(name, t);
+  });
   return out;
+}
+
+bool model_weights::complete() const {
+  bool all = true;
+  const_cast<model_weights*>(this)->visit([&](const std::string&, tensor& t, const shape_t&) { all &= t.defined(); });
+  return all;
 }
 
 int64_t model_weights::parameter_count() const {
@@ -145,7 +154,17 @@ void model_weights::set_rope(const runtime::rope_config& rope, int64_t max_posit
   config_.max_position_embeddings = max_position_embeddings;
 }
 
-model_weights model_weights::zeros_like(const model_weights& w) { return allocate(w.config()); }
+model_weights model_weights::zeros_like(const model_weights& w) {
+  model_weights z = allocate(w.config());
+  if (w.complete()) return z;
+  std::vector<bool> held;  // mirror a shard (invariant 5)
+  const_cast<model_weights&>(w).visit([&](const std::string&, tensor& t, const shape_t&) { held.push_back(t.defined()); });
+  size_t i = 0;
+  z.visit([&](const std::string&, tensor& t, const shape_t&) {
+    if (!held[i++]) t = tensor();
+  });
+  return z;
+}
 
 model_weights model_weights::random_init(const model_config& c, uint64_t seed, float std) {
   model_weights w = allocate(c);
@@ -197,6 +216,8 @@ model_weights model_weights::load(const std::string& dir) {
 
 void model_weights::save(const std::string& dir) const {
   namespace fs = std::filesystem;
+  TROUPE_CHECK(complete(), errc::invalid_argument,
+               "save {}: this is one rank's shard of the experts; gather the whole set first (ep_gather_weights)", dir);
   std::error_code ec;
   fs::create_directories(dir, ec);
   TROUPE_CHECK(!ec, errc::io, "save: cannot create directory {}: {}", dir, ec.message());

@@ -16,6 +16,9 @@
 //      tensors and are not parameters. Tied embeddings: lm_head() returns embed.
 //   3. Every parameter is a contiguous f32 cpu tensor owning its storage; code writes
 //      into parameters in place and never rebinds the handles.
+//   5. A shard (expert parallelism: parallel/ep/ep_shard.h) leaves the experts this rank does not
+//      own undefined; parameters() then lists only what the rank holds, zeros_like() mirrors
+//      the shard, and complete() is false (save() refuses it).
 //   4. load() reads any float dtype, checks every shape, and throws errc::not_found
 //      naming the tensor and the directory when one is missing, errc::format naming the
 //      tensor, expected and found shapes when one is misshaped. Nothing is returned on error.
@@ -78,7 +81,8 @@ class model_weights {
   void set_rope(const runtime::rope_config& rope, int64_t max_position_embeddings);
   std::vector<param_ref> parameters();
   std::vector<std::pair<std::string, runtime::tensor>> parameters() const;  // handles share storage
-  int64_t parameter_count() const;
+  int64_t parameter_count() const;        // of the tensors held (a shard: this rank's)
+  bool complete() const;                  // every parameter of the config is held (not a shard)
   void zero_();
 
   // lm_head, or the embedding when tied.

@@ -31,7 +31,9 @@ double now_s() {
 
 }  // namespace
 
-grad_sync::grad_sync(model_weights& grads, runtime::communicator* comm, size_t bucket_bytes) : comm_(comm) {
+grad_sync::grad_sync(model_weights& grads, runtime::communicator* comm, size_t bucket_bytes,
+                     std::function<bool(const std::string&)> local_only)
+    : comm_(comm) {
   if (!active()) return;
   // Groups in the order backward finishes them.
   const int64_t L = static_cast<int64_t>(grads.layers.size());
@@ -39,7 +41,8 @@ grad_sync::grad_sync(model_weights& grads, runtime::communicator* comm, size_t b
   for (int64_t l = L - 1; l >= 0; --l) order.push_back(l);
   order.push_back(group_embedding);
   std::map<int64_t, std::vector<tensor>> by_group;
-  for (auto& p : grads.parameters()) by_group[group_of(p.name)].push_back(p.value);
+  for (auto& p : grads.parameters())
+    if (!local_only || !local_only(p.name)) by_group[group_of(p.name)].push_back(p.value);
   bucket cur;
   for (int64_t g : order) {
     auto it = by_group.find(g);

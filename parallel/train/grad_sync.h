@@ -42,7 +42,10 @@ namespace troupe::parallel {
 
 class grad_sync {
  public:
-  grad_sync(model_weights& grads, runtime::communicator* comm, size_t bucket_bytes = size_t{4} << 20);
+  // local_only(name): a gradient that is not reduced (an expert-parallel shard's experts: each rank
+  // computed the whole batch's gradient of the experts it owns); nullptr = every gradient.
+  grad_sync(model_weights& grads, runtime::communicator* comm, size_t bucket_bytes = size_t{4} << 20,
+            std::function<bool(const std::string&)> local_only = nullptr);
   ~grad_sync();
   grad_sync(const grad_sync&) = delete;
   grad_sync& operator=(const grad_sync&) = delete;

@@ -21,12 +21,15 @@ double lr_schedule::at(int64_t step) const {
   return min_lr + (lr - min_lr) * 0.5 * (1.0 + std::cos(M_PI * p));
 }
 
-double grad_global_norm(const model_weights& grads) {
+double grad_global_norm(const model_weights& grads) { return std::sqrt(grad_sum_squares(grads)); }
+
+double grad_sum_squares(const model_weights& grads, const std::function<bool(const std::string&)>& include) {
   // Fixed chunks summed in order: the same bits whatever the thread count or schedule.
   constexpr int64_t chunk = 1 << 15;
   double sum = 0.0;
   std::vector<double> partial;
   for (const auto& [name, t] : grads.parameters()) {
+    if (include && !include(name)) continue;
     const float* p = t.data<float>();
     const int64_t n = t.numel();
     const int64_t chunks = (n + chunk - 1) / chunk;
@@ -40,7 +43,7 @@ double grad_global_norm(const model_weights& grads) {
     }
     for (double s : partial) sum += s;
   }
-  return std::sqrt(sum);
+  return sum;
 }
 
 void scale_grads(model_weights& grads, float factor) {
@@ -54,11 +57,15 @@ void scale_grads(model_weights& grads, float factor) {
 
 double clip_grad_norm(model_weights& grads, double max_norm) {
   const double norm = grad_global_norm(grads);
+  clip_grads_to(grads, norm, max_norm);
+  return norm;
+}
+
+void clip_grads_to(model_weights& grads, double norm, double max_norm) {
   if (max_norm > 0) {
     const double coef = std::min(1.0, max_norm / (norm + 1e-6));
     if (coef < 1.0) scale_grads(grads, static_cast<float>(coef));
   }
-  return norm;
 }
 
 adamw::adamw(const model_weights& weights, adamw_config cfg)

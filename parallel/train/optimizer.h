@@ -47,6 +47,11 @@ struct adamw_config {
 
 // The L2 norm over every parameter of a gradient set (double accumulation).
 double grad_global_norm(const model_weights& grads);
+// The sum of squares of the gradients whose name passes `include` (nullptr: all); fixed chunks in
+// order, so the same bits whatever the threads (an expert-parallel shard adds the ranks' expert parts).
+double grad_sum_squares(const model_weights& grads, const std::function<bool(const std::string&)>& include = nullptr);
+// grads scaled by min(1, max_norm / (norm + 1e-6)) when max_norm > 0, for a norm computed elsewhere.
+void clip_grads_to(model_weights& grads, double norm, double max_norm);
 // Scales every gradient in place.
 void scale_grads(model_weights& grads, float factor);
 // -> the norm before clipping; grads scaled by min(1, max_norm / (norm + 1e-6)) when max_norm > 0.

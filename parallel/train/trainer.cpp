@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "parallel/cxl/tiered_state.h"
+#include "parallel/ep/ep_shard.h"
 #include "parallel/data/byte_tokenizer.h"
 #include "parallel/data/token_file.h"
 #include "parallel/train/checkpoint.h"
@@ -92,10 +93,10 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     cp_.mode = spec_.parallel().cp_mode() == job::Parallel::RING ? cp_mode::ring : cp_mode::ulysses;
     dec_.set_context_parallel(&cp_);
   }
-  // parallel.ep > 1: the MoE layers run across every rank (parallel/ep/ep_runner.h). Each rank keeps
-  // all experts' weights (replicated, so grad_sync and the optimizer are unchanged); an expert's
-  // gradient is computed by the rank that owns it under the placement (zeros elsewhere), so
-  // grad_sync's sum is the whole batch's gradient.
+  // parallel.ep > 1: the MoE layers run across every rank (parallel/ep/ep_runner.h) and each rank
+  // holds the non-expert parameters and its native experts only (weights, gradients, AdamW moments:
+  // parallel/ep/ep_shard.h). An expert's gradient is the whole batch's on its owner, so grad_sync
+  // reduces only the other parameters.
   if (const int64_t ep = spec_.parallel().ep(); ep > 1) {
     const model_config& mc = weights_.config();
     bool moe = false;
@@ -115,6 +116,9 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     ctx.weights = comms_.ep_weights;
     ctx.placement = ep::ep_placement::contiguous(mc.n_experts, static_cast<int>(ep));
     ctx.options = ep::ep_options_from_spec(spec_);
+    ep::ep_shard_weights(weights_, ctx.placement, comms_.rank);
+    grads_ = model_weights::zeros_like(weights_);
+    opt_ = adamw(weights_, opt_.config());
     ep_ = std::make_unique<ep::ep_moe_runner>(std::move(ctx));
     dec_.set_expert_parallel(ep_.get());
   }
@@ -143,7 +147,9 @@ trainer::trainer(job::JobSpec spec, train_comms comms, model_weights weights, st
     mo.host_placement = act.where;
     mo.host_access = cxl::group_access(act, tiered_->tiers());
   }
-  sync_ = std::make_unique<grad_sync>(grads_, comms_.world_size > 1 ? comms_.grads : nullptr);
+  sync_ = std::make_unique<grad_sync>(grads_, comms_.world_size > 1 ? comms_.grads : nullptr, size_t{4} << 20,
+                                      ep_ ? std::function<bool(const std::string&)>(ep::ep_is_expert_param)
+                                          : std::function<bool(const std::string&)>());
   if (ms.memo) swap_ = std::make_unique<memo::memo_swap>(mo);
   if (ms.device_budget > 0) arena_ = std::make_unique<memo::step_arena>(memory_->plan);
 }
@@ -185,7 +191,25 @@ step_stats trainer::step() {
   l.data<float>()[0] = static_cast<float>(loss);
   sync_->all_reduce(l, runtime::reduce_op::sum);
   step_stats s;
-  s.grad_norm = clip_grad_norm(grads_, spec_.optimizer().grad_clip());
+  if (ep_) {
+    // Replicated parameters' squares here, plus every rank's experts' (exact: each rank's double
+    // in its own slot of an i64 sum), added in rank order.
+    const double shared = grad_sum_squares(grads_, [](const std::string& n) { return !ep::ep_is_expert_param(n); });
+    const double mine = grad_sum_squares(grads_, ep::ep_is_expert_param);
+    tensor parts = tensor::zeros({comms_.world_size}, runtime::dtype::i64);
+    std::memcpy(parts.data<int64_t>() + comms_.rank, &mine, sizeof(double));
+    sync_->all_reduce(parts, runtime::reduce_op::sum);
+    double sq = shared;
+    for (int r = 0; r < comms_.world_size; ++r) {
+      double d;
+      std::memcpy(&d, parts.data<int64_t>() + r, sizeof(double));
+      sq += d;
+    }
+    s.grad_norm = std::sqrt(sq);
+    clip_grads_to(grads_, s.grad_norm, spec_.optimizer().grad_clip());
+  } else {
+    s.grad_norm = clip_grad_norm(grads_, spec_.optimizer().grad_clip());
+  }
   s.lr = sched_.at(opt_.steps());
   opt_.step(weights_, grads_, s.lr);
   tokens_seen_ += global_tokens;
@@ -238,13 +262,17 @@ nlohmann::json trainer::state() const {
   s["rng"] = {{"data_shuffle", "mt19937_64 Fisher-Yates per epoch"},
               {"data_seed", spec_.data().seed()},
               {"init_seed", spec_.seed()}};
-  s["parallel"] = {{"dp", spec_.parallel().dp()}, {"cp", spec_.parallel().cp()}};
+  s["parallel"] = {{"dp", spec_.parallel().dp()}, {"cp", spec_.parallel().cp()}, {"ep", spec_.parallel().ep()}};
   s["spec"] = runtime::describe(spec_);
   return s;
 }
 
 void trainer::resume(const std::string& path) {
   checkpoint_contents c = load_checkpoint(path);
+  if (ep_) {  // the checkpoint holds every expert: keep this rank's
+    for (model_weights* w : {&c.weights, &c.exp_avg, &c.exp_avg_sq})
+      ep::ep_shard_weights(*w, ep_->placement(), comms_.rank);
+  }
   const auto want = weights_.parameters();
   const auto got = static_cast<const model_weights&>(c.weights).parameters();
   TROUPE_CHECK(got.size() == want.size(), errc::format, "resume from {}: {} tensors, the job's model has {}", c.dir,
@@ -276,7 +304,21 @@ void trainer::resume(const std::string& path) {
   tokens_seen_ = c.state.value("tokens_seen", int64_t{0});
 }
 
+model_weights trainer::gathered_weights() {
+  if (!ep_) return model_weights(weights_);
+  return ep::ep_gather_weights(weights_, [this](tensor& t) { sync_->all_reduce(t, runtime::reduce_op::sum); });
+}
+
 std::string trainer::save_checkpoint() {
+  if (ep_) {  // every rank contributes its experts (weights and moments); rank 0 writes them all
+    auto sum = [this](tensor& t) { sync_->all_reduce(t, runtime::reduce_op::sum); };
+    model_weights w = ep::ep_gather_weights(weights_, sum);
+    model_weights m = ep::ep_gather_weights(opt_.exp_avg(), sum);
+    model_weights v = ep::ep_gather_weights(opt_.exp_avg_sq(), sum);
+    if (comms_.rank != 0) return "";
+    return parallel::save_checkpoint(spec_.checkpoint().dir(), opt_.steps(), w, m, v, state(),
+                                     spec_.checkpoint().keep());
+  }
   if (comms_.rank != 0) return "";
   return parallel::save_checkpoint(spec_.checkpoint().dir(), opt_.steps(), weights_, opt_.exp_avg(),
                                    opt_.exp_avg_sq(), state(), spec_.checkpoint().keep());

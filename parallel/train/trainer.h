@@ -156,6 +156,9 @@ class trainer {
   void resume(const std::string& path);
   // Rank 0 writes checkpoint.dir/step-N (atomic, keeps checkpoint.keep); other ranks return "".
   std::string save_checkpoint();
+  // The whole parameter set: weights() itself, or under parallel.ep (a shard) gathered from every
+  // rank — collective then (all ranks call it).
+  model_weights gathered_weights();
   // A reduction among all ranks on the gradient communicator's thread (metrics).
   void all_reduce(runtime::tensor& t, runtime::reduce_op op) { sync_->all_reduce(t, op); }
 

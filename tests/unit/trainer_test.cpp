@@ -84,13 +84,18 @@ struct run_result {
   int64_t arena_bytes = 0;
   double ep_max_over_mean = 0;   // parallel.ep > 1: the last step's per-rank rows max/mean
   size_t ep_weight_bytes = 0;    // and the expert weight bytes it moved on this rank
+  int64_t held_experts = 0;      // expert tensors this rank holds (weights; a shard under parallel.ep)
+  int64_t held_moments = 0;      // and AdamW exp_avg tensors of experts
+  std::string checkpoint;        // rank 0: the checkpoint written after step `ckpt_after`
+  int64_t resumed_at = -1;
 };
 
 // Weights after Adam steps are compared to 1e-5 (lr 3e-3): Adam divides by sqrt(v), so fp32
 // summation-order differences in tiny gradients become differences of a fraction of a step.
 
 // Runs `ranks` trainers of one job on threads over in-process communicators.
-std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval) {
+std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval, int ckpt_after = -1,
+                                  const std::string& resume = "") {
   const int dp = static_cast<int>(spec.parallel().dp()), cp = static_cast<int>(spec.parallel().cp());
   const int P = dp * cp;
   auto world = runtime::make_inproc_group(P);
@@ -111,12 +116,18 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
         c.cp = cp > 1 ? cp_groups[static_cast<size_t>(r / cp)][static_cast<size_t>(r % cp)].get() : nullptr;
         c.ep = ep ? ep_group[static_cast<size_t>(r)].get() : nullptr;
         c.ep_weights = ep ? ep_weights[static_cast<size_t>(r)].get() : nullptr;
-        auto t = parallel::make_trainer(spec, c);
+        auto t = parallel::make_trainer(spec, c, resume);
+        out[static_cast<size_t>(r)].resumed_at = t->steps_done();
         for (int s = 0; s < steps; ++s) {
           const auto st = t->step();
           out[static_cast<size_t>(r)].losses.push_back(st.loss);
           out[static_cast<size_t>(r)].norms.push_back(st.grad_norm);
+          if (s + 1 == ckpt_after) out[static_cast<size_t>(r)].checkpoint = t->save_checkpoint();  // every rank calls
         }
+        for (const auto& [name, tt] : static_cast<const model_weights&>(t->weights()).parameters())
+          out[static_cast<size_t>(r)].held_experts += name.find(".experts.") != std::string::npos ? 1 : 0;
+        for (const auto& [name, tt] : static_cast<const model_weights&>(t->optimizer().exp_avg()).parameters())
+          out[static_cast<size_t>(r)].held_moments += name.find(".experts.") != std::string::npos ? 1 : 0;
         out[static_cast<size_t>(r)].activation_bytes = t->activation_bytes();
         if (auto* e = t->expert_parallel()) {
           out[static_cast<size_t>(r)].ep_max_over_mean = e->step_max_over_mean();
@@ -127,9 +138,10 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
           out[static_cast<size_t>(r)].arena_bytes = t->memory_plan()->plan.arena_bytes;
         }
         if (eval) out[static_cast<size_t>(r)].val = t->evaluate();
-        out[static_cast<size_t>(r)].weights = model_weights::zeros_like(t->weights());
+        const model_weights full = t->gathered_weights();  // collective under parallel.ep
+        out[static_cast<size_t>(r)].weights = model_weights::zeros_like(full);
         auto dst = out[static_cast<size_t>(r)].weights.parameters();
-        const auto src = static_cast<const model_weights&>(t->weights()).parameters();
+        const auto src = full.parameters();
         for (size_t i = 0; i < src.size(); ++i)
           std::memcpy(dst[i].value.data<float>(), src[i].second.data<float>(),
                       static_cast<size_t>(src[i].second.numel()) * sizeof(float));
@@ -315,10 +327,39 @@ TEST(Trainer, ExpertParallelMoeEqualsDataParallelForStandardEpAndLlep) {
   EXPECT_TRUE(bitwise_equal(ll[0].weights, ll[1].weights)) << "ep ranks must hold identical weights";
   EXPECT_LT(max_abs_diff(ep[0].weights, dp[0].weights), 1e-5);
   EXPECT_LT(max_abs_diff(ll[0].weights, dp[0].weights), 1e-5);
+  // Each rank holds its 4 of the 8 experts (x 3 matrices x 2 layers), in weights and moments.
+  for (const auto* run : {&ep, &ll})
+    for (const auto& r : *run) {
+      EXPECT_EQ(r.held_experts, 4 * 3 * 2);
+      EXPECT_EQ(r.held_moments, 4 * 3 * 2);
+    }
+  EXPECT_EQ(dp[0].held_experts, 8 * 3 * 2);
   EXPECT_EQ(ep[0].ep_weight_bytes, 0u);
   EXPECT_GT(ll[0].ep_weight_bytes + ll[1].ep_weight_bytes, 0u) << "LLEP should have lent an expert";
   EXPECT_GT(ep[0].ep_max_over_mean, 1.0);
   EXPECT_LE(ll[0].ep_max_over_mean, ep[0].ep_max_over_mean);
+}
+
+// A checkpoint of an expert-parallel run holds every expert (gathered from both ranks) and resumes
+// (each rank taking its shard back) into the uninterrupted run, bitwise.
+TEST(Trainer, ExpertParallelCheckpointHoldsEveryExpertAndResumesBitwise) {
+  tmp_dir d;
+  const job::JobSpec spec = moe_job(d.file("run"), "{dp: 2, ep: 2, expert: {mode: llep, lambda: 1.0, min_chunk: 64}}");
+  const auto straight = run_ranks(spec, 4, false, /*ckpt_after=*/2);
+  ASSERT_FALSE(straight[0].checkpoint.empty());
+  EXPECT_EQ(straight[1].checkpoint, "");
+  const model_weights saved = model_weights::load(straight[0].checkpoint);
+  EXPECT_TRUE(saved.complete());
+  EXPECT_EQ(saved.layers[1].expert_down.size(), 8u);
+  const auto resumed = run_ranks(spec, 2, false, -1, straight[0].checkpoint);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(resumed[static_cast<size_t>(r)].resumed_at, 2);
+    for (int s = 0; s < 2; ++s)
+      EXPECT_EQ(resumed[static_cast<size_t>(r)].losses[static_cast<size_t>(s)],
+                straight[static_cast<size_t>(r)].losses[static_cast<size_t>(s + 2)])
+          << "rank " << r << " step " << s + 3;
+  }
+  EXPECT_TRUE(bitwise_equal(resumed[0].weights, straight[0].weights));
 }
 
 TEST(Trainer, ExpertParallelRefusesADenseModelAndAnEpThatIsNotEveryRank) {
