@@ -52,6 +52,8 @@ using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;
 using report_atom = caf::atom_constant<caf::atom("report")>;
 using progress_atom = caf::atom_constant<caf::atom("progress")>;
 using members_atom = caf::atom_constant<caf::atom("members")>;
+using expert_loads_atom = caf::atom_constant<caf::atom("exp_loads")>;
+using placements_atom = caf::atom_constant<caf::atom("placements")>;
 
 // Registers every control message (control.proto) under "troupe.<Name>".
 void add_control_messages(caf::actor_system_config& cfg);

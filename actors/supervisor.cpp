@@ -6,6 +6,7 @@
 #include <chrono>
 #include <map>
 
+#include "actors/expert_balancer.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 
@@ -53,6 +54,7 @@ struct supervisor_state {
   std::vector<caf::response_promise> group_waiters;
   std::map<std::string, pending_exchange> exchanges;
   pending_command cmd;
+  expert_balancer balancer;       // of the running command (invariant 6)
   static inline const char* name = "troupe.supervisor";
 };
 
@@ -86,6 +88,7 @@ void send_command_to_group(sup_actor self) {
   auto& st = self->state;
   st.cmd.cmd.set_epoch(st.epoch);
   st.cmd.reports.clear();
+  st.balancer.reset(st.epoch, static_cast<int>(st.group.size()), st.cmd.cmd.id());
   for (int r : st.group) self->send(st.members[r].handle, st.cmd.cmd);
 }
 
@@ -178,6 +181,7 @@ bool token_matches(const std::string& a, const std::string& b) {
 
 caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
   self->state.o = o;
+  self->state.balancer = expert_balancer(o.experts);
   self->set_down_handler([=](caf::down_msg& dm) {
     for (auto& [r, m] : self->state.members)
       if (m.alive && m.handle.address() == dm.source) return lose(self, r, down_reason(self->system(), dm.reason));
@@ -188,6 +192,7 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         auto& st = self->state;
         control::JoinReply reply;
         reply.set_heartbeat_interval_ms(st.o.heartbeat_interval_ms);
+        reply.set_expert_load_decay(st.o.experts.decay);
         std::string why;
         if (!token_matches(j.cluster_token(), st.o.cluster_token)) why = "wrong cluster token";
         else if (j.rank() < 0 || j.rank() >= st.o.world_size)
@@ -328,6 +333,19 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
           }
         }
       },
+      [=](control::ExpertLoads& l) {
+        auto& st = self->state;
+        const int r = sender_rank(self);
+        if (r < 0 || !st.o.rebalance_experts || !st.cmd.active || l.command_id() != st.cmd.cmd.id() ||
+            l.epoch() != st.epoch)
+          return;
+        const auto pos = std::find(st.group.begin(), st.group.end(), r);
+        if (pos == st.group.end()) return;
+        l.set_rank(r);
+        for (const auto& u : st.balancer.add(static_cast<int>(pos - st.group.begin()), l))
+          for (int g : st.group) self->send(st.members[g].handle, u);
+      },
+      [=](placements_atom) { return self->state.balancer.latest(); },
       [=](progress_atom) {
         std::vector<control::Progress> out;
         for (const auto& [r, p] : self->state.cmd.progress) out.push_back(p);
@@ -365,6 +383,7 @@ caf::actor spawn_supervisor(caf::actor_system& system, const supervisor_options&
                options.world_size);
   TROUPE_CHECK(!options.cluster_token.empty(), errc::invalid_argument,
                "supervisor: an empty cluster token would admit anyone (set TROUPE_CLUSTER_TOKEN)");
+  options.experts.validate();
   return system.spawn(supervisor_actor, options);
 }
 
@@ -412,6 +431,17 @@ std::vector<control::Progress> supervisor_client::progress(int timeout_ms) {
       .receive([&](std::vector<control::Progress>& r) { out = std::move(r); },
                [&](caf::error& e) { err = error_text(system_, e); });
   TROUPE_CHECK(err.empty(), errc::io, "asking the supervisor for progress: {}", err);
+  return out;
+}
+
+std::vector<control::PlacementUpdate> supervisor_client::placements(int timeout_ms) {
+  caf::scoped_actor self{system_};
+  std::vector<control::PlacementUpdate> out;
+  std::string err;
+  self->request(supervisor_, std::chrono::milliseconds(timeout_ms), placements_atom::value)
+      .receive([&](std::vector<control::PlacementUpdate>& r) { out = std::move(r); },
+               [&](caf::error& e) { err = error_text(system_, e); });
+  TROUPE_CHECK(err.empty(), errc::io, "asking the supervisor for expert placements: {}", err);
   return out;
 }
 

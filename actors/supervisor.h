@@ -24,6 +24,10 @@
 //      of the current epoch sent its blob for that key; stale epochs get an error.
 //   5. Progress from members (worker_context::report_progress) is kept per rank for the
 //      running command; a rank 3+ steps behind the fastest is logged as a straggler.
+//   6. ExpertLoads from members (worker_context::report_expert_loads) feed one expert_balancer
+//      (actors/expert_balancer.h) per group epoch and command; when a layer's imbalance persists
+//      it sends PlacementUpdate{layer, version} to every member of the group. JoinReply tells
+//      workers the EMA decay (experts.decay), so the supervisor's options are the only ones.
 #pragma once
 #include <caf/all.hpp>
 
@@ -31,6 +35,7 @@
 #include <vector>
 
 #include "actors/messages.h"
+#include "parallel/ep/ep_rebalance.h"
 
 namespace troupe::actors {
 
@@ -41,6 +46,10 @@ struct supervisor_options {
   int heartbeat_timeout_ms = 5000;   // silence longer than this = lost
   int join_timeout_ms = 60000;       // every rank must have joined by then
   int max_restarts = 0;              // group rebuilds allowed after losing members
+  // Expert placement (invariant 6): decay of the load EMA, imbalance threshold (native per-rank
+  // max/mean), patience and cooldown in steps, the improvement a change must promise.
+  bool rebalance_experts = true;
+  parallel::ep::ep_rebalance_options experts;
 };
 
 // Exit codes a worker process uses after a Shutdown it did not ask for.
@@ -65,6 +74,8 @@ class supervisor_client {
   std::vector<control::Join> members(int timeout_ms = 10000);
   // The latest Progress of each rank for the running (or last) command, in rank order.
   std::vector<control::Progress> progress(int timeout_ms = 10000);
+  // The last PlacementUpdate of each MoE layer for the running (or last) command, by layer.
+  std::vector<control::PlacementUpdate> placements(int timeout_ms = 10000);
   void shutdown(const std::string& reason, int exit_code);
 
  private:

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "actors/supervisor.h"
+#include "parallel/ep/ep_rebalance.h"
 #include "runtime/allocator.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
@@ -41,6 +42,11 @@ struct worker_shared {
   caf::actor actor;
   caf::actor supervisor;
   std::thread compute;
+  // Expert placement (invariant 4), for the running command.
+  double expert_load_decay = 0.8;
+  int64_t command_id = 0;
+  std::map<int, parallel::ep::ep_load_tracker> load_trackers;                 // by layer
+  std::map<int, std::map<int64_t, control::PlacementUpdate>> placements;      // layer -> version ->
 
   // With mu held: abort the registered communicator when the group it belongs to ended.
   void abort_active_locked(const std::string& why) {
@@ -62,6 +68,8 @@ struct worker_shared {
     if (epoch != 0) abort_active_locked(fmt::format("group epoch {} ended: {}", epoch, s.reason()));
     epoch = s.epoch();
     members.assign(s.members().begin(), s.members().end());
+    placements.clear();
+    load_trackers.clear();
     cv.notify_all();
   }
 };
@@ -103,6 +111,7 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
             {
               std::lock_guard<std::mutex> g(sh->mu);
               sh->state = worker_shared::phase::joined;
+              sh->expert_load_decay = r.expert_load_decay();
               sh->cv.notify_all();
             }
             self->send(self, heartbeat_tick_atom::value, std::max<int64_t>(10, r.heartbeat_interval_ms()));
@@ -141,9 +150,14 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
         sh->finish(s.exit_code(), s.reason());
         self->quit();
       },
-      [=](control::PlacementUpdate&) {
-        // Expert placement arrives with issue #7 (LLEP); accepted and ignored until then.
+      [=](control::PlacementUpdate& u) {
+        std::lock_guard<std::mutex> g(sh->mu);
+        if (u.group_epoch() != sh->epoch || u.command_id() != sh->command_id || u.epoch() <= 0) return;
+        const int layer = u.layer();
+        const int64_t version = u.epoch();
+        sh->placements[layer][version] = std::move(u);
       },
+      [=](expert_loads_atom, control::ExpertLoads& l) { self->send(sup, l); },
       [=](report_atom, control::StatsReport& r) { self->send(sup, r); },
       [=](progress_atom, control::Progress& p) { self->send(sup, p); },
       [=](control::Exchange& e) {
@@ -180,6 +194,9 @@ void compute_loop(std::shared_ptr<worker_shared> sh) {
       sh->queue.pop_front();
       if (cmd.epoch() != sh->epoch) continue;  // stale: the supervisor re-issues it to the new group
       members = sh->members;
+      sh->command_id = cmd.id();
+      sh->placements.clear();
+      sh->load_trackers.clear();
     }
     control::StatsReport rep;
     rep.set_rank(sh->o.rank);
@@ -282,6 +299,48 @@ void worker_context::report_progress(control::Progress p) {
   p.set_rank(rank());
   p.set_epoch(epoch_);
   caf::anon_send(shared_->actor, progress_atom::value, std::move(p));
+}
+
+void worker_context::report_expert_loads(int layer, int64_t step, const std::vector<int64_t>& loads) {
+  control::ExpertLoads m;
+  {
+    std::lock_guard<std::mutex> g(shared_->mu);
+    auto it = shared_->load_trackers.find(layer);
+    if (it == shared_->load_trackers.end())
+      it = shared_->load_trackers
+               .emplace(layer, parallel::ep::ep_load_tracker(static_cast<int64_t>(loads.size()),
+                                                             shared_->expert_load_decay))
+               .first;
+    it->second.observe(loads);
+    m.set_command_id(shared_->command_id);
+    for (double x : it->second.ema()) m.add_ema(x);
+  }
+  m.set_rank(rank());
+  m.set_epoch(epoch_);
+  m.set_step(step);
+  m.set_layer(layer);
+  for (int64_t x : loads) m.add_loads(x);
+  caf::anon_send(shared_->actor, expert_loads_atom::value, std::move(m));
+}
+
+double worker_context::expert_load_decay() const {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  return shared_->expert_load_decay;
+}
+
+int64_t worker_context::placement_version(int layer) const {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  const auto it = shared_->placements.find(layer);
+  return it == shared_->placements.end() || it->second.empty() ? 0 : it->second.rbegin()->first;
+}
+
+std::optional<control::PlacementUpdate> worker_context::placement_update(int layer, int64_t version) const {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  const auto it = shared_->placements.find(layer);
+  if (it == shared_->placements.end()) return std::nullopt;
+  const auto v = it->second.find(version);
+  if (v == it->second.end()) return std::nullopt;
+  return v->second;
 }
 
 bool worker_context::group_over() const {

@@ -19,12 +19,17 @@
 //      re-issues them to the new group).
 //   3. The compute thread is stopped and joined before wait() returns; if a command
 //      ignores the abort for 10 s the process exits with the code anyway.
+//   4. Expert placement (actors/expert_balancer.h): the worker keeps every PlacementUpdate of
+//      the running command and group epoch (others are dropped), by layer and version, and a
+//      load EMA per layer (decay from the supervisor's JoinReply); both start empty with each
+//      command and each new group epoch.
 #pragma once
 #include <caf/all.hpp>
 
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,6 +71,14 @@ class worker_context {
   void set_active(std::vector<runtime::communicator*> comms);  // several (a job's gradient and cp groups)
   // Sends a Progress to the supervisor (rank and epoch filled in); cheap, never blocks.
   void report_progress(control::Progress p);
+  // Folds this step's rows per expert routed from this rank's tokens into the layer's EMA and
+  // sends the EMA to the supervisor as ExpertLoads (rank, epoch, command filled in); never blocks.
+  void report_expert_loads(int layer, int64_t step, const std::vector<int64_t>& loads);
+  double expert_load_decay() const;
+  // The newest placement version of `layer` received for this command (0 = none yet), and the
+  // update of one version (nothing when it never arrived).
+  int64_t placement_version(int layer) const;
+  std::optional<control::PlacementUpdate> placement_update(int layer, int64_t version) const;
   bool group_over() const;  // a newer epoch or a shutdown arrived
 
  private:

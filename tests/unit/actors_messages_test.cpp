@@ -105,7 +105,7 @@ auto one_of_each() {
   j.set_rank(3), j.set_world_size(8), j.set_cluster_token("tok"), j.set_host("node-7"), j.set_pid(4242);
   j.set_device("cuda:3"), j.add_backends("nccl"), j.add_backends("ucx");
   control::JoinReply jr;
-  jr.set_accepted(false), jr.set_reason("wrong cluster token"), jr.set_heartbeat_interval_ms(500);
+  jr.set_accepted(false), jr.set_reason("wrong cluster token"), jr.set_heartbeat_interval_ms(500), jr.set_expert_load_decay(0.875);
   control::Heartbeat h;
   h.set_rank(5), h.set_seq(123456789012345), h.set_sent_unix_us(-7);
   control::Command c;
@@ -118,6 +118,8 @@ auto one_of_each() {
   p.set_epoch(5), p.set_num_experts(64);
   auto* rep = p.add_replicas();
   rep->set_expert(63), rep->set_rank(7), rep->set_share(0.25);
+  p.set_layer(3), p.set_group_epoch(2), p.set_command_id(11), p.set_num_ranks(8), p.set_step(40);
+  p.set_max_over_mean_before(2.8), p.set_max_over_mean_after(1.68);
   control::Scale sc;
   sc.set_epoch(6), sc.add_members(0), sc.add_members(2), sc.set_reason("rank 1 lost");
   control::Shutdown sd;
@@ -130,7 +132,10 @@ auto one_of_each() {
   pr.set_rank(1), pr.set_command_id(7), pr.set_epoch(1), pr.set_step(120), pr.set_max_steps(300);
   pr.set_loss(2.25), pr.set_tokens_per_s(5120.5), pr.set_step_s(0.4), pr.mutable_memory()->set_host_bytes_in_use(1 << 20);
   (*pr.mutable_values())["val_loss"] = 2.5;
-  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr);
+  control::ExpertLoads el;
+  el.set_rank(2), el.set_command_id(11), el.set_epoch(2), el.set_step(40), el.set_layer(3);
+  el.add_ema(40.5), el.add_ema(0.0), el.add_ema(3.25), el.add_loads(41), el.add_loads(0), el.add_loads(3);
+  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr, el);
 }
 
 }  // namespace
@@ -144,8 +149,8 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
   auto remote = sys.middleman().remote_actor("127.0.0.1", child.port);
   ASSERT_TRUE(remote) << sys.render(remote.error());
   const auto all = one_of_each();
-  static_assert(std::tuple_size_v<decltype(all)> == 11);
-  ASSERT_EQ(actors::control_message_names().size(), 11u);
+  static_assert(std::tuple_size_v<decltype(all)> == 12);
+  ASSERT_EQ(actors::control_message_names().size(), 12u);
   int checked = 0;
   std::apply(
       [&](const auto&... msg) {
@@ -160,7 +165,7 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
         (one(msg), ...);
       },
       all);
-  EXPECT_EQ(checked, 11);
+  EXPECT_EQ(checked, 12);
 }
 
 TEST(ActorsMessages, AnUnregisteredTypeWorksLocallyButNotAcrossTheNetwork) {
