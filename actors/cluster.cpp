@@ -53,6 +53,8 @@ cluster_node::cluster_node(const cluster_options& options) : o_(options) {
     so.heartbeat_timeout_ms = o_.heartbeat_timeout_ms;
     so.join_timeout_ms = o_.join_timeout_ms;
     so.max_restarts = o_.max_restarts;
+    so.rebalance_experts = o_.rebalance_experts;
+    so.experts = o_.experts;
     supervisor_ = spawn_supervisor(*system_, so);
     const char* bind = is_loopback(o_.supervisor_host) ? "127.0.0.1" : nullptr;
     auto port = o_.tls.enabled()

@@ -54,6 +54,9 @@ struct cluster_options {
   int heartbeat_timeout_ms = 5000;
   int join_timeout_ms = 60000;
   int max_restarts = 0;
+  // The supervisor's expert placement (parallel/ep/ep_rebalance.h).
+  bool rebalance_experts = false;
+  parallel::ep::ep_rebalance_options experts;
   int scheduler_threads = 2;
   tls_options tls;
 };

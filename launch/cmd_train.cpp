@@ -15,9 +15,11 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <map>
 #include <memory>
 
 #include "actors/cluster.h"
+#include "actors/expert_balancer.h"
 #include "kernels/matmul.h"
 #include "launch/cluster_setup.h"
 #include "launch/commands.h"
@@ -136,6 +138,29 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
     (*p.mutable_values())["host_peak_bytes"] = static_cast<double>(rec["mem_peak"]["host"].get<int64_t>());
     ctx.report_progress(std::move(p));
   };
+  // parallel.expert.rebalance: report each MoE layer's loads to the supervisor after every step and
+  // switch to the placement it sends once every rank holds it (actors/expert_balancer.h).
+  std::map<int64_t, actors::expert_placement_state> placements;
+  if (t->expert_parallel() && spec.parallel().expert().rebalance().enabled())
+    for (int64_t l = 0; l < static_cast<int64_t>(t->weights().layers.size()); ++l)
+      if (t->weights().layers[static_cast<size_t>(l)].is_moe)
+        placements[l] = actors::expert_placement_state{t->expert_parallel()->placement(l)};
+  if (!placements.empty()) {
+    auto progress = lo.on_step;
+    lo.on_step = [&, progress](const nlohmann::json& rec) {
+      progress(rec);
+      const int64_t step = rec["step"].get<int64_t>();
+      for (auto& [l, st] : placements) {
+        ctx.report_expert_loads(static_cast<int>(l), step, t->expert_parallel()->layer_stats(l).loads);
+        if (actors::switch_expert_placement(ctx, *epc, static_cast<int>(l), st, t->expert_sets(l))) {
+          t->set_expert_placement(l, st.placement);
+          if (rank == 0)
+            runtime::log::info("step {}: layer {} moved to expert placement v{} (rank 0 has sent {} bytes of experts "
+                               "in all)", step, l, st.version, st.bytes_sent);
+        }
+      }
+    };
+  }
   lo.stop_requested = [&] { return ctx.group_over(); };
   const nlohmann::json summary = parallel::run_training(*t, lo);
   TROUPE_CHECK(!summary.value("stopped", false), errc::aborted, "rank {}: training stopped at step {}: the group ended",
@@ -192,7 +217,10 @@ int train(const train_options& o) {
   so.join_timeout_ms = o.join_timeout_ms;
   start_mpi_if_launched(r);
   so.backends = available_backends("all");
-  actors::cluster_node node(cluster_options_for(r, so));
+  actors::cluster_options co = cluster_options_for(r, so);
+  co.rebalance_experts = spec.parallel().ep() > 1 && spec.parallel().expert().rebalance().enabled();
+  co.experts = parallel::ep::ep_rebalance_options_from_spec(spec);
+  actors::cluster_node node(co);
   node.local_worker().on(Command::TRAIN, [&](const Command& c, actors::worker_context& ctx,
                                              control::StatsReport& rep) { run_train(c, ctx, rep, spec, o, r); });
   return run_cluster_node(node, "train", [&](actors::supervisor_client& sup) { return drive(sup, o); });

@@ -238,6 +238,17 @@ void validate_batch_and_parallel(job::JobSpec& s, const spec_locations& L) {
     if (x.min_chunk() < 0) L.fail("parallel.expert.min_chunk", fmt::format("= {} must be >= 0", x.min_chunk()));
     if (x.eplb_redundant_per_rank() < 0)
       L.fail("parallel.expert.eplb_redundant_per_rank", fmt::format("= {} must be >= 0", x.eplb_redundant_per_rank()));
+    const auto& rb = x.rebalance();
+    if (rb.threshold() != 0 && rb.threshold() < 1)
+      L.fail("parallel.expert.rebalance.threshold", fmt::format("= {} must be >= 1 (default 1.25)", rb.threshold()));
+    if (rb.decay() < 0 || rb.decay() >= 1)
+      L.fail("parallel.expert.rebalance.decay", fmt::format("= {} must be in [0, 1) (default 0.8)", rb.decay()));
+    if (rb.patience() < 0 || rb.cooldown() < 0)
+      L.fail(rb.patience() < 0 ? "parallel.expert.rebalance.patience" : "parallel.expert.rebalance.cooldown",
+             "must be >= 0");
+    if (rb.min_improvement() < 0 || rb.min_improvement() >= 1)
+      L.fail("parallel.expert.rebalance.min_improvement",
+             fmt::format("= {} must be in [0, 1) (default 0.1)", rb.min_improvement()));
     if (p.ep() > 1 && !s.memory().device_budget().empty())
       L.fail("memory.device_budget", "does not run with parallel.ep > 1 yet; remove one of them");
     if (p.ep() > 1 && s.memory().memo().enabled())

@@ -20,6 +20,18 @@ ep_options ep_options_from_spec(const job::JobSpec& spec) {
   return o;
 }
 
+ep_rebalance_options ep_rebalance_options_from_spec(const job::JobSpec& spec) {
+  const auto& r = spec.parallel().expert().rebalance();
+  ep_rebalance_options o;
+  if (r.threshold() > 0) o.threshold = r.threshold();
+  if (r.patience() > 0) o.patience = static_cast<int>(r.patience());
+  if (r.cooldown() > 0) o.cooldown = static_cast<int>(r.cooldown());
+  if (r.decay() > 0) o.decay = r.decay();
+  if (r.min_improvement() > 0) o.min_improvement = r.min_improvement();
+  o.validate();
+  return o;
+}
+
 ep_moe_runner::ep_moe_runner(ep_context ctx) : ctx_(std::move(ctx)) {
   TROUPE_CHECK(ctx_.tokens, errc::invalid_argument, "expert-parallel runner: no token communicator");
   ctx_.placement.validate();
@@ -28,7 +40,10 @@ ep_moe_runner::ep_moe_runner(ep_context ctx) : ctx_(std::move(ctx)) {
 void ep_moe_runner::forward(int64_t layer, float* out, const float* x, const layer_params& L, const model_config& c,
                             int64_t N) {
   ep_activations& a = acts_[layer];
+  const ep_placement initial = ctx_.placement;
+  ctx_.placement = placement(layer);
   ep_moe_forward(out, a, x, L, c, N, ctx_);
+  ctx_.placement = initial;
   stats_[layer] = ctx_.last;
   pending_backward_[layer] = true;
 }
@@ -39,19 +54,28 @@ void ep_moe_runner::backward(int64_t layer, float* dx, layer_params& G, const fl
   TROUPE_CHECK(it != acts_.end() && pending_backward_[layer], errc::internal,
                "expert-parallel runner: backward of MoE layer {} without its forward", layer);
   ctx_.last = stats_[layer];
+  const ep_placement initial = ctx_.placement;
+  ctx_.placement = placement(layer);
   ep_moe_backward(dx, G, dout, it->second, x, L, c, N, ctx_);
+  ctx_.placement = initial;
   stats_[layer] = ctx_.last;
   pending_backward_[layer] = false;
   acts_.erase(it);
 }
 
-void ep_moe_runner::set_placement(const ep_placement& p) {
+const ep_placement& ep_moe_runner::placement(int64_t layer) const {
+  auto it = layer_placement_.find(layer);
+  return it == layer_placement_.end() ? ctx_.placement : it->second;
+}
+
+void ep_moe_runner::set_placement(int64_t layer, const ep_placement& p) {
   TROUPE_CHECK(p.ranks == ctx_.placement.ranks && p.experts() == ctx_.placement.experts(), errc::invalid_argument,
                "expert-parallel runner: new placement has {} experts on {} ranks, the group {} on {}", p.experts(),
                p.ranks, ctx_.placement.experts(), ctx_.placement.ranks);
   p.validate();
-  release();
-  ctx_.placement = p;
+  acts_.erase(layer);
+  pending_backward_.erase(layer);
+  layer_placement_[layer] = p;
 }
 
 const ep_step_stats& ep_moe_runner::layer_stats(int64_t layer) const {

@@ -13,19 +13,23 @@
 //      its forward throws errc::internal.
 //   2. The weights the decoder passes hold at least this rank's native experts under
 //      placement() (ep_layer.h invariant 3); a trainer may keep all experts (replicated).
-//   3. set_placement() takes effect at the next forward; the caller moves the expert tensors
-//      (ep_migrate) on every rank first.
+//   3. Each MoE layer has its own native placement (the supervisor re-packs layers separately),
+//      the context's until set_placement(layer, p); it takes effect at that layer's next forward,
+//      and the caller moves the expert tensors (ep_migrate) on every rank first.
 #pragma once
 #include <map>
 #include <vector>
 
 #include "parallel/ep/ep_layer.h"
+#include "parallel/ep/ep_rebalance.h"
 #include "runtime/proto/job.pb.h"
 
 namespace troupe::parallel::ep {
 
 // parallel.expert of a job spec; zeros mean the defaults (ep_plan.h / ep_layer.h).
 ep_options ep_options_from_spec(const job::JobSpec& spec);
+// parallel.expert.rebalance (enabled is read separately); zeros mean the defaults.
+ep_rebalance_options ep_rebalance_options_from_spec(const job::JobSpec& spec);
 
 class ep_moe_runner final : public moe_runner {
  public:
@@ -36,8 +40,9 @@ class ep_moe_runner final : public moe_runner {
   void backward(int64_t layer, float* dx, layer_params& G, const float* dout, const float* x, const layer_params& L,
                 const model_config& c, int64_t N) override;
 
-  const ep_placement& placement() const { return ctx_.placement; }
-  void set_placement(const ep_placement& p);
+  const ep_placement& placement() const { return ctx_.placement; }  // the initial one
+  const ep_placement& placement(int64_t layer) const;
+  void set_placement(int64_t layer, const ep_placement& p);
   const ep_options& options() const { return ctx_.options; }
   // The last forward (and backward) of MoE layer `layer`; throws errc::not_found before one ran.
   const ep_step_stats& layer_stats(int64_t layer) const;
@@ -55,6 +60,7 @@ class ep_moe_runner final : public moe_runner {
   std::map<int64_t, ep_activations> acts_;
   std::map<int64_t, ep_step_stats> stats_;
   std::map<int64_t, bool> pending_backward_;
+  std::map<int64_t, ep_placement> layer_placement_;
 };
 
 }  // namespace troupe::parallel::ep

@@ -161,6 +161,10 @@ nlohmann::json run_training(trainer& t, const train_loop_options& o) {
                        {"activation_bytes", static_cast<int64_t>(t.activation_bytes())},
                        {"mem", memory_by_tier(false, t)},
                        {"mem_peak", memory_by_tier(true, t)}};
+    if (auto* ep = t.expert_parallel()) {  // parallel.ep: how the MoE layers split the last step
+      rec["ep"] = {{"max_over_mean", ep->step_max_over_mean()},
+                   {"weight_bytes", static_cast<int64_t>(ep->step_weight_bytes())}};
+    }
     if (o.on_step) o.on_step(rec);
     const bool last = step == max_steps;
     if (lead) {

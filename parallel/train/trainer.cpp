@@ -304,6 +304,27 @@ void trainer::resume(const std::string& path) {
   tokens_seen_ = c.state.value("tokens_seen", int64_t{0});
 }
 
+std::vector<ep::ep_expert_tensors> trainer::expert_sets(int64_t layer) {
+  TROUPE_CHECK(ep_ && layer >= 0 && layer < static_cast<int64_t>(weights_.layers.size()) &&
+                   weights_.layers[static_cast<size_t>(layer)].is_moe,
+               errc::invalid_argument, "expert_sets: layer {} is not an expert-parallel MoE layer", layer);
+  std::vector<ep::ep_expert_tensors> sets;
+  for (model_weights* w : {&weights_, &grads_, &opt_.exp_avg(), &opt_.exp_avg_sq()})
+    for (auto& s : ep::ep_expert_sets(w->layers[static_cast<size_t>(layer)], weights_.config())) sets.push_back(s);
+  return sets;
+}
+
+size_t trainer::migrate_experts(int64_t layer, const ep::ep_placement& to) {
+  const size_t sent = ep::ep_migrate(expert_sets(layer), ep_->placement(layer), to, *comms_.ep);
+  set_expert_placement(layer, to);
+  return sent;
+}
+
+void trainer::set_expert_placement(int64_t layer, const ep::ep_placement& p) {
+  TROUPE_CHECK(ep_, errc::invalid_argument, "set_expert_placement: parallel.ep is 1");
+  ep_->set_placement(layer, p);
+}
+
 model_weights trainer::gathered_weights() {
   if (!ep_) return model_weights(weights_);
   return ep::ep_gather_weights(weights_, [this](tensor& t) { sync_->all_reduce(t, runtime::reduce_op::sum); });

@@ -149,6 +149,14 @@ class trainer {
   const cxl::tiered_group_memory* tiered_memory() const { return tiered_.get(); }
   // parallel.ep > 1: the MoE layers' expert-parallel runner (loads, plans, placement); else nullptr.
   ep::ep_moe_runner* expert_parallel() { return ep_.get(); }
+  // Layer `layer`'s expert tensors this rank holds or will hold — weights, gradients, AdamW m and v
+  // — for ep_migrate (a placement change between steps).
+  std::vector<ep::ep_expert_tensors> expert_sets(int64_t layer);
+  // Collective between steps (every rank, same arguments): moves the layer's experts to `to` over the
+  // expert-parallel communicator and runs the layer with it from the next step. -> bytes sent here.
+  size_t migrate_experts(int64_t layer, const ep::ep_placement& to);
+  // After the caller moved expert_sets(layer) itself (actors::switch_expert_placement).
+  void set_expert_placement(int64_t layer, const ep::ep_placement& p);
 
   // Everything of the run's state but the tensors (trainer_state.json).
   nlohmann::json state() const;

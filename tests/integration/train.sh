@@ -93,6 +93,14 @@ grep -q "dp 2 x cp 1, ep 2 llep, ucx" "$tmp/log" || fail "M: not expert parallel
 losses "$tmp/moe2/metrics.jsonl" >"$tmp/moe2.loss"
 close "$tmp/moe1.loss" "$tmp/moe2.loss" 1e-5 || fail "M: ep 2 losses differ from one rank"
 echo "M: troupe-launch -n 2, MoE with ep 2 (llep, ucx): losses equal one rank's within 1e-5"
+# ... and with the supervisor moving experts between the ranks when their load stays skewed
+moe_job moe3 "parallel: {dp: 2, ep: 2, expert: {mode: ep, rebalance: {enabled: true, threshold: 1.05, patience: 2}}}"
+"$launch" -n 2 -- "$troupe" train "$tmp/moe3.yaml" --no-progress >"$tmp/log" 2>&1 || fail "M: MoE with rebalancing failed"
+grep -q "expert balancer: layer . placement v1" "$tmp/log" || fail "M: the supervisor never changed the placement"
+grep -q "moved to expert placement v1" "$tmp/log" || fail "M: the ranks never switched placement"
+losses "$tmp/moe3/metrics.jsonl" >"$tmp/moe3.loss"
+close "$tmp/moe1.loss" "$tmp/moe3.loss" 1e-5 || fail "M: rebalanced ep 2 losses differ from one rank"
+echo "M: ... with supervisor rebalancing ($(grep -c 'moved to expert placement' "$tmp/log") placement switches): losses equal one rank's"
 
 # D. cp 2 (ring) under mpirun (MPI)
 if [ -n "$mpirun" ]; then

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include "parallel/cxl/tiered_state.h"
@@ -95,7 +96,8 @@ struct run_result {
 
 // Runs `ranks` trainers of one job on threads over in-process communicators.
 std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval, int ckpt_after = -1,
-                                  const std::string& resume = "") {
+                                  const std::string& resume = "",
+                                  const std::function<void(parallel::trainer&, int)>& after_step = nullptr) {
   const int dp = static_cast<int>(spec.parallel().dp()), cp = static_cast<int>(spec.parallel().cp());
   const int P = dp * cp;
   auto world = runtime::make_inproc_group(P);
@@ -123,6 +125,7 @@ std::vector<run_result> run_ranks(const job::JobSpec& spec, int steps, bool eval
           out[static_cast<size_t>(r)].losses.push_back(st.loss);
           out[static_cast<size_t>(r)].norms.push_back(st.grad_norm);
           if (s + 1 == ckpt_after) out[static_cast<size_t>(r)].checkpoint = t->save_checkpoint();  // every rank calls
+          if (after_step) after_step(*t, s + 1);
         }
         for (const auto& [name, tt] : static_cast<const model_weights&>(t->weights()).parameters())
           out[static_cast<size_t>(r)].held_experts += name.find(".experts.") != std::string::npos ? 1 : 0;
@@ -360,6 +363,33 @@ TEST(Trainer, ExpertParallelCheckpointHoldsEveryExpertAndResumesBitwise) {
           << "rank " << r << " step " << s + 3;
   }
   EXPECT_TRUE(bitwise_equal(resumed[0].weights, straight[0].weights));
+}
+
+// A placement change between steps (what the supervisor's rebalancing does) moves each layer's
+// experts with their gradients and AdamW moments; standard EP computes every expert the same way
+// wherever it lives, so the run stays bitwise the run without the change.
+TEST(Trainer, ExpertParallelPlacementChangeBetweenStepsKeepsTheRunBitwise) {
+  tmp_dir d;
+  const job::JobSpec spec = moe_job(d.file("run"), "{dp: 2, ep: 2, expert: {mode: ep}}");
+  const auto plain = run_ranks(spec, 4, false);
+  std::vector<size_t> sent(2, 0);
+  const auto moved = run_ranks(spec, 4, false, -1, "", [&](parallel::trainer& t, int step) {
+    if (step != 2) return;
+    parallel::ep::ep_placement to = t.expert_parallel()->placement(0);
+    for (size_t e = 0; e < to.native.size(); ++e) to.native[e] = static_cast<int>(e % 2);  // 0,2,4,6 | 1,3,5,7
+    for (int64_t l = 0; l < 2; ++l) sent[static_cast<size_t>(t.comms().rank)] += t.migrate_experts(l, to);
+  });
+  for (int r = 0; r < 2; ++r)
+    for (int s = 0; s < 4; ++s)
+      EXPECT_EQ(moved[static_cast<size_t>(r)].losses[static_cast<size_t>(s)],
+                plain[static_cast<size_t>(r)].losses[static_cast<size_t>(s)])
+          << "rank " << r << " step " << s + 1;
+  EXPECT_TRUE(bitwise_equal(moved[0].weights, plain[0].weights));
+  // Experts 1, 3 leave rank 0 and 4, 6 leave rank 1, per layer: weights, grads, m, v (4 x 3 tensors).
+  const size_t expert_bytes = 3 * 32 * 48 * sizeof(float);
+  EXPECT_EQ(sent[0], 2 * 2 * 4 * expert_bytes);
+  EXPECT_EQ(sent[1], 2 * 2 * 4 * expert_bytes);
+  EXPECT_EQ(moved[0].held_experts, 4 * 3 * 2);
 }
 
 TEST(Trainer, ExpertParallelRefusesADenseModelAndAnEpThatIsNotEveryRank) {
