@@ -822,6 +822,19 @@ job::JobSpec job_spec_defaults() {
   p->set_cp(1);
   p->set_cp_mode(job::Parallel::ULYSSES);
   p->set_ep(1);
+  auto* x = p->mutable_expert();  // ALGORITHMS.md "LLEP" and parallel/ep/ep_rebalance.h
+  x->set_mode("llep");
+  x->set_lambda(1.3);
+  x->set_alpha(1.0);
+  x->set_min_chunk(1024);
+  x->set_eplb_redundant_per_rank(1);
+  auto* rb = x->mutable_rebalance();
+  rb->set_enabled(false);
+  rb->set_threshold(1.25);
+  rb->set_patience(3);
+  rb->set_cooldown(10);
+  rb->set_decay(0.8);
+  rb->set_min_improvement(0.1);
 
   s.mutable_checkpoint()->set_every_steps(500);
   s.mutable_checkpoint()->set_keep(2);

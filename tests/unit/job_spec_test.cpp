@@ -218,6 +218,21 @@ TEST(job_spec, defaults_and_derived_fields) {
   EXPECT_EQ(c.model().create().layers(), 4);
 }
 
+TEST(job_spec, expert_parallel_settings_are_checked_with_their_location) {
+  const auto s = parse_job_spec(base + "parallel: {dp: 2, ep: 2, expert: {mode: eplb, rebalance: {enabled: true}}}\n",
+                                "job.yaml");
+  EXPECT_EQ(s.parallel().ep(), 2);
+  EXPECT_EQ(s.parallel().expert().mode(), "eplb");
+  EXPECT_DOUBLE_EQ(s.parallel().expert().lambda(), 1.3);  // defaults filled in
+  EXPECT_EQ(s.parallel().expert().rebalance().patience(), 3);
+  EXPECT_HAS(error_of(base + "parallel: {dp: 2, ep: 2, expert: {mode: lpt}}\n"),
+             "`parallel.expert.mode` at job.yaml:6:41 'lpt' is not one of llep, ep, eplb");
+  EXPECT_HAS(error_of(base + "parallel: {dp: 2, ep: 2, expert: {lambda: 0.5}}\n"), "`parallel.expert.lambda`");
+  EXPECT_HAS(error_of(base + "parallel: {dp: 2, ep: 2, expert: {rebalance: {decay: 1.0}}}\n"),
+             "`parallel.expert.rebalance.decay`");
+  EXPECT_HAS(error_of(base + "parallel: {dp: 4, ep: 2}\n"), "must be 1 (off) or dp * cp = 4");
+}
+
 TEST(job_spec, unknown_keys_name_location_path_and_hint) {
   EXPECT_EQ(error_of(base + "optimizer:\n  lr: 1e-3\n  warmup: 10\n"),
             "unknown key `optimizer.warmup` at job.yaml:8:3; did you mean `warmup_steps`? (`optimizer` takes: "
@@ -230,7 +245,7 @@ TEST(job_spec, unknown_keys_name_location_path_and_hint) {
             "micro_batch, global_batch, grad_accum)");
   EXPECT_EQ(error_of(base + "foo: 1\n").find("did you mean"), std::string::npos);
   EXPECT_EQ(error_of(base + "parallel:\n  tensor_parallel: 2\n"),
-            "unknown key `parallel.tensor_parallel` at job.yaml:7:3 (`parallel` takes: dp, cp, cp_mode)");
+            "unknown key `parallel.tensor_parallel` at job.yaml:7:3 (`parallel` takes: dp, cp, cp_mode, ep, expert)");
   EXPECT_HAS(error_of("model:\n  path: /m\n  rope_scaling:\n    typ: yarn\ndata: {train: t}\n"),
              "unknown key `model.rope_scaling.typ` at job.yaml:4:5; did you mean `type`?");
 }
