@@ -214,7 +214,21 @@ void ep_moe_forward(float* out, ep_activations& a, const float* x, const layer_p
   // 2. Dispatch the rows; borrowed weights travel point-to-point at the same time.
   tensor xp_local = rows_buffer(R, C);
   kc::moe_permute(xp_local.data<float>(), x, a.local.slot_row.data(), R, K, C);
-  const auto copies = weight_copies(a.plan);
+  auto copies = weight_copies(a.plan);
+  if (ctx.options.mode == ep_mode::eplb) {
+    // Resident replicas (invariant 6): keep those the plan still has, fetch only the new ones.
+    std::set<std::pair<int, int>> want;
+    for (const auto& w : copies) want.insert({w.expert, w.rank});
+    for (auto it = ctx.replica_pairs.begin(); it != ctx.replica_pairs.end();)
+      it = want.count(*it) ? std::next(it) : ctx.replica_pairs.erase(it);
+    for (auto it = ctx.replicas.begin(); it != ctx.replicas.end();)
+      it = ctx.replica_pairs.count({it->first, me}) ? std::next(it) : ctx.replicas.erase(it);
+    for (const auto& [e, ws] : ctx.replicas) a.borrowed[e] = ws;
+    std::vector<ep_chunk> fetch;
+    for (const auto& w : copies)
+      if (!ctx.replica_pairs.count({w.expert, w.rank})) fetch.push_back(w);
+    copies = std::move(fetch);
+  }
   size_t wsent = 0, wrecv = 0;
   auto transfers = [&] {
     runtime::communicator& wc = ctx.weights ? *ctx.weights : comm;
@@ -232,12 +246,15 @@ void ep_moe_forward(float* out, ep_activations& a, const float* x, const layer_p
           wc.recv(t, native, tag_weights);
           wrecv += t.nbytes();
         }
+        if (ctx.options.mode == ep_mode::eplb) ctx.replicas[w.expert] = ws;
         a.borrowed[w.expert] = std::move(ws);
       }
     }
   };
   overlapped(ctx.weights, [&] { a.xp = dispatch_rows(m, xp_local.data<float>(), C, comm); }, transfers);
   xp_local = tensor();
+  if (ctx.options.mode == ep_mode::eplb)
+    for (const auto& w : copies) ctx.replica_pairs.insert({w.expert, w.rank});
 
   // 3. The expert FFN on this rank's chunks (tiles from each chunk's first row: ep_plan.h inv. 2).
   const int64_t Rm = m.chunk_offsets.back();
@@ -266,6 +283,7 @@ void ep_moe_forward(float* out, ep_activations& a, const float* x, const layer_p
   ctx.last.plan = a.plan;
   ctx.last.weight_bytes_sent = wsent;
   ctx.last.weight_bytes_received = wrecv;
+  ctx.last.weights_fetched = wrecv;
   ctx.last.token_bytes_sent = static_cast<size_t>(2 * m.rows_out * C) * sizeof(float);  // dispatch + combine
   ctx.last.rows_computed = Rm;
 }

@@ -27,9 +27,15 @@
 //      cannot deadlock on a blocking backend; with ctx.weights they run on their own thread and
 //      communicator while the token all_to_all_v runs.
 //   5. Every rank logs its plan at debug level (expert, row range, rank).
+//   6. EPLB's replicas are resident: a replica's weights are fetched once and kept in the context
+//      (ep_context::replicas) for as long as the plan keeps it and the weights do not change
+//      (drop_replicas(): the trainer calls it after every optimizer step). LLEP's borrowed weights
+//      travel every step, as in the paper.
 #pragma once
 #include <cstdint>
 #include <map>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "parallel/ep/ep_plan.h"
@@ -49,6 +55,7 @@ struct ep_step_stats {
   std::vector<int64_t> loads;   // rows per expert, whole group
   ep_plan plan;
   size_t weight_bytes_sent = 0, weight_bytes_received = 0;  // this rank, forward + backward
+  size_t weights_fetched = 0;   // of which expert weights received in forward (not resident yet)
   size_t token_bytes_sent = 0;
   int64_t rows_computed = 0;    // rows this rank's FFN ran
 };
@@ -59,6 +66,14 @@ struct ep_context {
   ep_placement placement;
   ep_options options;
   ep_step_stats last;
+  // EPLB (invariant 6): the replicas this rank keeps (expert -> {gate, up, down}) and the
+  // (expert, rank) pairs that hold one, the same set on every rank.
+  std::map<int, std::vector<runtime::tensor>> replicas;
+  std::set<std::pair<int, int>> replica_pairs;
+  void drop_replicas() {
+    replicas.clear();
+    replica_pairs.clear();
+  }
 };
 
 struct ep_activations {

@@ -300,17 +300,92 @@ ep_plan eplb_plan(const std::vector<int64_t>& loads, int ranks, int redundant_pe
   return p;
 }
 
+namespace {
+// Redundant slots to the heaviest experts by load per replica (ties: lower id), one per rank at most.
+std::vector<int64_t> replica_counts(const std::vector<int64_t>& loads, int ranks, int64_t redundant) {
+  const int64_t E = static_cast<int64_t>(loads.size());
+  std::vector<int64_t> replicas(static_cast<size_t>(E), 1);
+  redundant = std::min<int64_t>(redundant, E * (ranks - 1));
+  for (int64_t s = 0; s < redundant; ++s) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; ++e) {
+      if (replicas[static_cast<size_t>(e)] >= ranks) continue;
+      if (best < 0 || loads[static_cast<size_t>(e)] * replicas[static_cast<size_t>(best)] >
+                          loads[static_cast<size_t>(best)] * replicas[static_cast<size_t>(e)])
+        best = e;
+    }
+    ++replicas[static_cast<size_t>(best)];
+  }
+  return replicas;
+}
+
+// An expert's rows split evenly over its holders (in order), starts on the row tile.
+void split_rows(ep_plan& p, int e, int64_t load, const std::vector<int>& holders, int64_t row_align) {
+  const int64_t n = static_cast<int64_t>(holders.size());
+  int64_t begin = 0;
+  for (int64_t k = 0; k < n && begin < load; ++k) {
+    int64_t end = k + 1 == n ? load : (load * (k + 1) / n) / row_align * row_align;
+    end = std::max(begin, std::min(end, load));
+    if (end > begin) p.chunks.push_back({e, holders[static_cast<size_t>(k)], begin, end});
+    begin = end;
+  }
+}
+}  // namespace
+
+ep_plan eplb_plan_on(const std::vector<int64_t>& loads, const ep_placement& native, int redundant_per_rank,
+                     int64_t row_align) {
+  check_loads(loads, native.experts(), "EPLB plan");
+  TROUPE_CHECK(redundant_per_rank >= 0 && row_align >= 1, errc::invalid_argument,
+               "EPLB plan: redundant_per_rank {} must be >= 0 and row_align {} >= 1", redundant_per_rank, row_align);
+  const int P = native.ranks;
+  const int64_t E = native.experts();
+  ep_plan p;
+  p.mode = ep_mode::eplb;
+  p.placement = native;
+  const auto replicas = replica_counts(loads, P, int64_t{redundant_per_rank} * P);
+  std::vector<std::vector<int>> holders(static_cast<size_t>(E));
+  std::vector<double> rank_load(static_cast<size_t>(P), 0.0);
+  for (int64_t e = 0; e < E; ++e) {
+    holders[static_cast<size_t>(e)].push_back(native.native[static_cast<size_t>(e)]);
+    rank_load[static_cast<size_t>(native.native[static_cast<size_t>(e)])] +=
+        static_cast<double>(loads[static_cast<size_t>(e)]) / static_cast<double>(replicas[static_cast<size_t>(e)]);
+  }
+  struct replica {
+    int expert;
+    double load;
+  };
+  std::vector<replica> extra;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t k = 1; k < replicas[static_cast<size_t>(e)]; ++k)
+      extra.push_back({static_cast<int>(e), static_cast<double>(loads[static_cast<size_t>(e)]) /
+                                                static_cast<double>(replicas[static_cast<size_t>(e)])});
+  std::stable_sort(extra.begin(), extra.end(), [](const replica& a, const replica& b) { return a.load > b.load; });
+  std::vector<int64_t> used(static_cast<size_t>(P), 0);
+  for (const auto& r : extra) {
+    int best = -1;
+    auto& h = holders[static_cast<size_t>(r.expert)];
+    for (int q = 0; q < P; ++q) {
+      if (used[static_cast<size_t>(q)] >= redundant_per_rank) continue;
+      if (std::find(h.begin(), h.end(), q) != h.end()) continue;
+      if (best < 0 || rank_load[static_cast<size_t>(q)] < rank_load[static_cast<size_t>(best)]) best = q;
+    }
+    if (best < 0) continue;  // every rank with a free slot holds it already: fewer replicas
+    h.push_back(best);
+    rank_load[static_cast<size_t>(best)] += r.load;
+    ++used[static_cast<size_t>(best)];
+  }
+  for (int64_t e = 0; e < E; ++e)
+    split_rows(p, static_cast<int>(e), loads[static_cast<size_t>(e)], holders[static_cast<size_t>(e)], row_align);
+  sort_chunks(p.chunks);
+  return p;
+}
+
 ep_plan make_ep_plan(ep_mode mode, const std::vector<int64_t>& loads, const ep_placement& native,
                      const llep_options& opt, int eplb_redundant_per_rank) {
   switch (mode) {
     case ep_mode::standard: return ep_plan_standard(loads, native);
     case ep_mode::llep: return llep_plan(loads, native, opt);
-    case ep_mode::eplb: {
-      // EPLB's replicas are resident: the native owner keeps the weights the plan's placement names.
-      ep_plan p = eplb_plan(loads, native.ranks, eplb_redundant_per_rank, opt.row_align);
-      p.placement = native;
-      return p;
-    }
+    case ep_mode::eplb: return eplb_plan_on(loads, native, eplb_redundant_per_rank, opt.row_align);
   }
   TROUPE_THROW(errc::internal, "unknown expert-parallel mode");
 }

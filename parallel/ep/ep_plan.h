@@ -25,6 +25,11 @@
 //      slots, replicas are packed greedily (LPT) onto the least-loaded rank with a free slot that does
 //      not hold that expert yet; an expert's rows are split evenly over its replicas. Its placement is
 //      its own (replicas are resident, so `native` there is the first replica's rank).
+//   5. eplb_plan_on keeps the given native placement and adds the redundant replicas on top: every
+//      expert's first replica is its native one; the extra slots go to the heaviest experts as in
+//      4 and are packed (LPT) onto the least-loaded rank, counting each rank's native experts at
+//      load / replicas, with a free extra slot that does not hold the expert. This is what the
+//      executor runs for ep_mode::eplb (the replicas stay resident there: ep_layer.h inv. 6).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -86,6 +91,8 @@ ep_plan ep_plan_standard(const std::vector<int64_t>& loads, const ep_placement& 
 ep_plan llep_plan(const std::vector<int64_t>& loads, const ep_placement& native, const llep_options& opt);
 // `redundant_per_rank` extra expert slots on every rank; E must be a multiple of P.
 ep_plan eplb_plan(const std::vector<int64_t>& loads, int ranks, int redundant_per_rank, int64_t row_align = 1);
+ep_plan eplb_plan_on(const std::vector<int64_t>& loads, const ep_placement& native, int redundant_per_rank,
+                     int64_t row_align = 1);
 ep_plan make_ep_plan(ep_mode mode, const std::vector<int64_t>& loads, const ep_placement& native,
                      const llep_options& opt, int eplb_redundant_per_rank);
 

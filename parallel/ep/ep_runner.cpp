@@ -42,7 +42,11 @@ void ep_moe_runner::forward(int64_t layer, float* out, const float* x, const lay
   ep_activations& a = acts_[layer];
   const ep_placement initial = ctx_.placement;
   ctx_.placement = placement(layer);
+  std::swap(ctx_.replicas, replicas_[layer]);  // this layer's resident EPLB replicas
+  std::swap(ctx_.replica_pairs, replica_pairs_[layer]);
   ep_moe_forward(out, a, x, L, c, N, ctx_);
+  std::swap(ctx_.replicas, replicas_[layer]);
+  std::swap(ctx_.replica_pairs, replica_pairs_[layer]);
   ctx_.placement = initial;
   stats_[layer] = ctx_.last;
   pending_backward_[layer] = true;
@@ -75,6 +79,8 @@ void ep_moe_runner::set_placement(int64_t layer, const ep_placement& p) {
   p.validate();
   acts_.erase(layer);
   pending_backward_.erase(layer);
+  replicas_.erase(layer);
+  replica_pairs_.erase(layer);
   layer_placement_[layer] = p;
 }
 
@@ -109,6 +115,11 @@ size_t ep_moe_runner::step_weight_bytes() const {
   size_t b = 0;
   for (const auto& [layer, s] : stats_) b += s.weight_bytes_sent + s.weight_bytes_received;
   return b;
+}
+
+void ep_moe_runner::weights_changed() {
+  replicas_.clear();
+  replica_pairs_.clear();
 }
 
 void ep_moe_runner::release() {

@@ -54,6 +54,8 @@ class ep_moe_runner final : public moe_runner {
   size_t step_weight_bytes() const;
   // Drops every layer's activations (after an evaluation, before a placement change).
   void release();
+  // The weights changed (an optimizer step): EPLB's resident replicas are fetched again.
+  void weights_changed();
 
  private:
   ep_context ctx_;
@@ -61,6 +63,8 @@ class ep_moe_runner final : public moe_runner {
   std::map<int64_t, ep_step_stats> stats_;
   std::map<int64_t, bool> pending_backward_;
   std::map<int64_t, ep_placement> layer_placement_;
+  std::map<int64_t, std::map<int, std::vector<runtime::tensor>>> replicas_;  // EPLB, per layer
+  std::map<int64_t, std::set<std::pair<int, int>>> replica_pairs_;
 };
 
 }  // namespace troupe::parallel::ep

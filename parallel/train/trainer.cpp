@@ -212,6 +212,7 @@ step_stats trainer::step() {
   }
   s.lr = sched_.at(opt_.steps());
   opt_.step(weights_, grads_, s.lr);
+  if (ep_) ep_->weights_changed();  // EPLB's resident replicas are stale now
   tokens_seen_ += global_tokens;
   s.step = opt_.steps();
   s.loss = l.data<float>()[0];

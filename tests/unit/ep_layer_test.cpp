@@ -222,6 +222,61 @@ TEST(EpLayer, MigratedPlacementGivesTheSameOutputs) {
   EXPECT_LT(after[0].stats.plan.max_over_mean(), before[0].stats.plan.max_over_mean());
 }
 
+// EPLB keeps its replicas: the second step with the same routing fetches no weights and computes
+// the same outputs; after drop_replicas() (an optimizer step) they are fetched again.
+TEST(EpLayer, EplbReplicasStayResidentUntilTheWeightsChange) {
+  const int P = 2;
+  const problem p = make_problem(false, true, P, 33);
+  const ep_placement native = ep_placement::contiguous(p.cfg.n_experts, P);
+  auto tok = troupe::runtime::make_inproc_group(P, 20000);
+  std::vector<std::vector<size_t>> fetched(P);
+  std::vector<std::vector<std::vector<float>>> outs(P);
+  std::vector<std::string> errors(P);
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      try {
+        layer_params L = p.w.layers[0];
+        ep_shard_layer(L, native, r);
+        model_weights g = model_weights::zeros_like(p.w);
+        ep_context ctx;
+        ctx.tokens = tok[static_cast<size_t>(r)].get();
+        ctx.placement = native;
+        ctx.options.mode = ep_mode::eplb;
+        ctx.options.eplb_redundant_per_rank = 1;
+        const int64_t N = p.tokens[static_cast<size_t>(r)];
+        for (int step = 0; step < 3; ++step) {
+          if (step == 2) ctx.drop_replicas();
+          std::vector<float> out(static_cast<size_t>(N * p.cfg.hidden)), dx(out.size());
+          ep_activations a;
+          ep_moe_forward(out.data(), a, p.x[static_cast<size_t>(r)].data(), L, p.cfg, N, ctx);
+          ep_moe_backward(dx.data(), g.layers[0], p.dout[static_cast<size_t>(r)].data(), a,
+                          p.x[static_cast<size_t>(r)].data(), L, p.cfg, N, ctx);
+          fetched[static_cast<size_t>(r)].push_back(ctx.last.weights_fetched);
+          outs[static_cast<size_t>(r)].push_back(out);
+        }
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+        tok[static_cast<size_t>(r)]->abort(e.what());
+      }
+    });
+  for (auto& t : th) t.join();
+  size_t first = 0, second = 0, third = 0;
+  for (int r = 0; r < P; ++r) {
+    ASSERT_EQ(errors[static_cast<size_t>(r)], "");
+    first += fetched[static_cast<size_t>(r)][0];
+    second += fetched[static_cast<size_t>(r)][1];
+    third += fetched[static_cast<size_t>(r)][2];
+    for (int s = 1; s < 3; ++s) EXPECT_EQ(outs[static_cast<size_t>(r)][static_cast<size_t>(s)], outs[static_cast<size_t>(r)][0]);
+  }
+  const size_t expert_bytes = 3 * static_cast<size_t>(p.cfg.hidden * p.cfg.moe_intermediate) * sizeof(float);
+  // One extra slot per rank: expert 0 (native on rank 0) gets a replica on rank 1; the next heaviest
+  // is also native on rank 0 and rank 1's only extra slot is taken, so it keeps one replica.
+  EXPECT_EQ(first, expert_bytes);
+  EXPECT_EQ(second, 0u);
+  EXPECT_EQ(third, first);
+}
+
 TEST(EpLayer, MismatchedPlacementIsRefused) {
   const problem p = make_problem(false, false, 2, 3);
   auto tok = troupe::runtime::make_inproc_group(1, 2000);
