@@ -290,7 +290,7 @@ ep_plan eplb_plan(const std::vector<int64_t>& loads, int ranks, int redundant_pe
     const int64_t n = static_cast<int64_t>(h.size());
     int64_t begin = 0;
     for (int64_t k = 0; k < n && begin < load; ++k) {
-      int64_t end = k + 1 == n ? load : (load * (k + 1) / n) / row_align * row_align;
+      int64_t end = k + 1 == n ? load : (load * (k + 1) / n + row_align - 1) / row_align * row_align;
       end = std::max(begin, std::min(end, load));
       if (end > begin) p.chunks.push_back({static_cast<int>(e), h[static_cast<size_t>(k)], begin, end});
       begin = end;
@@ -324,7 +324,8 @@ void split_rows(ep_plan& p, int e, int64_t load, const std::vector<int>& holders
   const int64_t n = static_cast<int64_t>(holders.size());
   int64_t begin = 0;
   for (int64_t k = 0; k < n && begin < load; ++k) {
-    int64_t end = k + 1 == n ? load : (load * (k + 1) / n) / row_align * row_align;
+    // Rounded up to the row tile, so the first holder (the native one in eplb_plan_on) is never empty.
+    int64_t end = k + 1 == n ? load : (load * (k + 1) / n + row_align - 1) / row_align * row_align;
     end = std::max(begin, std::min(end, load));
     if (end > begin) p.chunks.push_back({e, holders[static_cast<size_t>(k)], begin, end});
     begin = end;

@@ -23,7 +23,8 @@
 //      loaded rank. Deterministic: every rank computes the same plan from the same loads.
 //   4. eplb_plan: the heaviest experts (by load / replicas) get the P * redundant_per_rank extra
 //      slots, replicas are packed greedily (LPT) onto the least-loaded rank with a free slot that does
-//      not hold that expert yet; an expert's rows are split evenly over its replicas. Its placement is
+//      not hold that expert yet; an expert's rows are split evenly over its replicas (boundaries
+//      rounded up to row_align, so a small expert may use fewer replicas). Its placement is
 //      its own (replicas are resident, so `native` there is the first replica's rank).
 //   5. eplb_plan_on keeps the given native placement and adds the redundant replicas on top: every
 //      expert's first replica is its native one; the extra slots go to the heaviest experts as in
