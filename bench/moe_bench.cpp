@@ -9,18 +9,19 @@
 //   3. real routing: the MoE fixture models over tinyshakespeare, per-layer expert balance and the
 //      EP / LLEP / EPLB per-rank balance at P = 2 and 4.
 //
-//   build-bench/bench/moe_bench --threads 1                 # full run (~4 min on 2 cores)
-//   build-bench/bench/moe_bench --quick                     # smoke run (every table, < 20 s)
-//   build-bench/bench/moe_bench --parts 1 --tokens 8192 --redundant 4 --expert-hidden 2880 --no-spread
-//   build-bench/bench/moe_bench --parts 2 --ranks 2,4 --layer-tokens 2048 --reps 3
+//   build/bench/moe_bench --threads 1                       # full run (~3 min on 2 cores)
+//   build/bench/moe_bench --quick                     # smoke run (every table, < 20 s)
+//   build/bench/moe_bench --parts 1 --tokens 8192 --redundant 4 --expert-hidden 2880 --no-spread
+//   build/bench/moe_bench --parts 2 --ranks 2,4 --layer-tokens 2048 --reps 3
 //
 // Invariants:
 //   1. Skewed routing comes from parallel/ep/ep_skew.h (seeded, exact top-k ids); hot experts are
 //      the first h ids (all on rank 0 under contiguous placement: the worst case); table 1 also
 //      prints them spread round robin over the ranks (ep_skew.h inv. 2) unless --no-spread.
 //      A table-1 row plans the routing of P x --tokens tokens (rank r holds tokens [r N, (r+1) N)).
-//   2. Table 1 plans with llep_plan(lambda, alpha, min_chunk, row_align = --row-align), eplb_plan
-//      with --redundant slots per rank (P x redundant extra experts in all), standard EP; it prints
+//   2. Table 1 plans with llep_plan(lambda, alpha, min_chunk, row_align = --row-align), EPLB with
+//      --redundant slots per rank (P x redundant extra experts in all) both on top of the native
+//      placement (eplb_plan_on, what the layer runs) and re-packed (eplb_plan), standard EP; it prints
 //      the exact per-rank row max/mean of each, LLEP's foreign (expert, rank) weight copies (sent
 //      every step) and their bytes, and EPLB's resident replica bytes per rank, for an expert of
 //      --expert-matrices x --expert-hidden x --expert-inter elements of --expert-dtype-bytes.
@@ -487,8 +488,9 @@ void table2(const bench_options& o) {
   fmt::print("\n### 2. MoE layer forward + backward on in-process ranks (parallel/ep/ep_layer.h)\n\n");
   fmt::print("hidden {}, expert intermediate {}, E = {} (contiguous), top-{}, {} tokens per rank, fp32; {} OpenMP "
              "thread(s) per rank thread; weights {} the token all-to-all (second communicator). LLEP: lambda {}, "
-             "alpha {}, min_chunk {} (row tile {}). EPLB: {} redundant slot(s) per rank; ep_layer fetches EPLB's "
-             "off-native replicas every step like LLEP's borrowed weights. One warm-up round, median of {} rounds "
+             "alpha {}, min_chunk {} (row tile {}). EPLB: {} redundant slot(s) per rank on top of the native "
+             "placement, replicas resident after the warm-up (LLEP's borrowed weights travel every step). "
+             "'weights received' counts expert weights and returned weight gradients. One warm-up round, median of {} rounds "
              "(round robin). Routing imposed exactly (router_w = 4 [I | 0], see the header); hot experts first "
              "(rank 0). Machine: {} hardware threads, load {} at the start.\n\n",
              o.layer_hidden, o.layer_inter, o.layer_experts, o.top_k, o.layer_tokens, o.threads,
