@@ -163,14 +163,20 @@ std::vector<ep_chunk> weight_copies(const ep_plan& plan) {
   return w;
 }
 
-const float* weight_of(const ep_activations& a, const layer_params& L, int expert, int which) {
+// The weights chunk work uses for expert e: borrowed ones, else this rank's native ones.
+struct expert_weights {
+  const float* gate;
+  const float* up;
+  const float* down;
+};
+expert_weights weights_of(const ep_activations& a, const layer_params& L, int expert) {
   auto it = a.borrowed.find(expert);
-  if (it != a.borrowed.end()) return it->second[static_cast<size_t>(which)].data<float>();
-  const auto& v = which == 0 ? L.expert_gate : which == 1 ? L.expert_up : L.expert_down;
-  const tensor& t = v[static_cast<size_t>(expert)];
-  TROUPE_CHECK(t.defined(), errc::internal, "expert-parallel layer: expert {} is neither native here nor borrowed",
-               expert);
-  return t.data<float>();
+  if (it != a.borrowed.end())
+    return {it->second[0].data<float>(), it->second[1].data<float>(), it->second[2].data<float>()};
+  const auto e = static_cast<size_t>(expert);
+  TROUPE_CHECK(L.expert_gate[e].defined(), errc::internal,
+               "expert-parallel layer: expert {} is neither native here nor borrowed", expert);
+  return {L.expert_gate[e].data<float>(), L.expert_up[e].data<float>(), L.expert_down[e].data<float>()};
 }
 
 }  // namespace
@@ -265,12 +271,10 @@ void ep_moe_forward(float* out, ep_activations& a, const float* x, const layer_p
     const int e = m.mine[i].expert;
     const int64_t r0 = m.chunk_offsets[i];
     const int32_t off[2] = {0, static_cast<int32_t>(m.mine[i].rows())};
-    const float* wg = weight_of(a, L, e, 0);
-    const float* wu = weight_of(a, L, e, 1);
-    const float* wd = weight_of(a, L, e, 2);
+    const expert_weights w = weights_of(a, L, e);
     kc::moe_expert_ffn_forward(yp.data<float>() + r0 * C, a.h_gate.data<float>() + r0 * Im,
-                               a.h_up.data<float>() + r0 * Im, a.xp.data<float>() + r0 * C, &wg, &wu, &wd, off, 1, C,
-                               Im);
+                               a.h_up.data<float>() + r0 * Im, a.xp.data<float>() + r0 * C, &w.gate, &w.up, &w.down,
+                               off, 1, C, Im);
   }
 
   // 4. Combine back to the tokens' ranks, unpermute in k order, the shared expert.
@@ -312,9 +316,7 @@ void ep_moe_backward(float* dx, layer_params& G, const float* dout, ep_activatio
     const int e = m.mine[i].expert;
     const int64_t r0 = m.chunk_offsets[i];
     const int32_t off[2] = {0, static_cast<int32_t>(m.mine[i].rows())};
-    const float* wg = weight_of(a, L, e, 0);
-    const float* wu = weight_of(a, L, e, 1);
-    const float* wd = weight_of(a, L, e, 2);
+    const expert_weights w = weights_of(a, L, e);
     float *dg, *du, *dd;
     if (ctx.placement.native[static_cast<size_t>(e)] == me) {
       dg = G.expert_gate[static_cast<size_t>(e)].data<float>();
@@ -328,7 +330,7 @@ void ep_moe_backward(float* dx, layer_params& G, const float* dout, ep_activatio
     }
     kc::moe_expert_ffn_backward(dxp.data<float>() + r0 * C, &dg, &du, &dd, dyp.data<float>() + r0 * C,
                                 a.xp.data<float>() + r0 * C, a.h_gate.data<float>() + r0 * Im,
-                                a.h_up.data<float>() + r0 * Im, &wg, &wu, &wd, off, 1, C, Im);
+                                a.h_up.data<float>() + r0 * Im, &w.gate, &w.up, &w.down, off, 1, C, Im);
   }
   a.borrowed.clear();
   a.xp = tensor();
