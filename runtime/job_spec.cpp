@@ -976,15 +976,46 @@ job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& sou
 #endif
 }
 
-job::JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides) {
+std::string read_spec_file(const std::string& path, const char* what) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    TROUPE_CHECK(std::filesystem::exists(path), errc::not_found, "job file {} not found", path);
-    TROUPE_THROW(errc::io, "job file {} cannot be read", path);
+    TROUPE_CHECK(std::filesystem::exists(path), errc::not_found, "{} file {} not found", what, path);
+    TROUPE_THROW(errc::io, "{} file {} cannot be read", what, path);
   }
   std::ostringstream text;
   text << in.rdbuf();
-  return parse_job_spec(text.str(), path, overrides);
+  return text.str();
+}
+
+job::JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides) {
+  return parse_job_spec(read_spec_file(path, "job"), path, overrides);
+}
+
+void parse_yaml_spec(const std::string& yaml_text, const std::string& source_name,
+                     const std::vector<std::string>& overrides, google::protobuf::Message& msg,
+                     const std::function<void(google::protobuf::Message&, const spec_fail&)>& validate) {
+#ifdef TROUPE_HAVE_YAML_CPP
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    TROUPE_THROW(errc::format, "{} is not valid YAML: {}", mark_str(source_name, e.mark), e.msg);
+  }
+  spec_locations L{source_name, {}, {}};
+  for (const auto& o : overrides) apply_override(root, o, L);
+  yaml_mapper(L).map_message(root, msg, "", root.Mark());
+  if (validate) validate(msg, [&L](const std::string& key, const std::string& problem) { L.fail(key, problem); });
+#else
+  (void)yaml_text, (void)overrides, (void)msg, (void)validate;
+  TROUPE_THROW(errc::unsupported, "{}: specs need yaml-cpp, which this build lacks; install libyaml-cpp-dev "
+               "and reconfigure", source_name);
+#endif
+}
+
+std::string describe_spec(const google::protobuf::Message& msg, const std::string& title) {
+  std::string out = "# " + title + "\n";
+  emit(msg, 0, out);
+  return out;
 }
 
 }  // namespace troupe::runtime

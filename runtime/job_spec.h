@@ -24,6 +24,7 @@
 //      job_spec_defaults, validate_job_spec and describe still work.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,19 @@ void validate_job_spec(job::JobSpec& spec, const std::string& source_name = "job
 
 // The spec as YAML, every field included (oneof: only the one set), in proto order.
 std::string describe(const job::JobSpec& spec);
+
+// The same YAML -> protobuf mapping (invariants 1, 4, 5, 6) for another spec message (the serve
+// spec, runtime/serve_spec.h): `msg` holds its defaults on entry; `validate(msg, fail)` checks the
+// result and reports a problem with fail(key, problem), which throws errc::invalid_argument naming
+// `file:line:col` of that key (or that it is a default).
+using spec_fail = std::function<void(const std::string& key, const std::string& problem)>;
+void parse_yaml_spec(const std::string& yaml_text, const std::string& source_name,
+                     const std::vector<std::string>& overrides, google::protobuf::Message& msg,
+                     const std::function<void(google::protobuf::Message&, const spec_fail&)>& validate);
+// A spec file's text; errc::not_found / errc::io naming it.
+std::string read_spec_file(const std::string& path, const char* what);
+// Any spec message as YAML (as describe does for job specs), under a `# title` line.
+std::string describe_spec(const google::protobuf::Message& msg, const std::string& title);
 
 // Ranks the job runs on: parallel.dp * parallel.cp.
 int64_t job_world_size(const job::JobSpec& spec);
