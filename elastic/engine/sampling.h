@@ -1,0 +1,105 @@
+// elastic/engine/sampling.h — per-request sampling (greedy, temperature, top-k, top-p) and stops.
+//
+//   sampling_params p{.temperature = 0.7, .top_p = 0.9, .seed = 42, .max_tokens = 64, .stop = {"\n\n"}};
+//   validate_sampling_params(p);                 // errc::invalid_argument naming the field
+//   sampler s(p);                                // one per request: owns its RNG
+//   stop_checker stops(p.stop);
+//   int32_t tok = s.sample(logits, V);           // logits: (V)
+//   finish_reason f = token_finish_reason(p, tok, n_generated, eos_id);
+//   stop_chunk c = stops.push(detokenized_text_of(tok));   // stream c.text; stop if c.stopped
+//
+// Invariants:
+//   1. temperature 0 is greedy: the argmax, the lowest id on ties (parallel::argmax_token);
+//      top_k == 1 gives the same token. Greedy draws nothing from the RNG.
+//   2. Otherwise p = softmax(logits / T) in double; top-k keeps the k most probable ids,
+//      then top-p keeps the smallest set, in order of probability (ties: lower id first),
+//      whose cumulative probability reaches top_p of what top-k kept; the result is
+//      renormalised (sampling_probs) and one uniform in [0, 1) is drawn per token.
+//   3. A sampler's tokens depend only on its seed and the logits it is given, never on
+//      other requests in the batch: the RNG is std::mt19937_64(seed), owned per request,
+//      and the uniform is (rng() >> 11) * 2^-53, the same on every standard library.
+//   4. stop_checker never streams text that a stop string could still start in: a suffix
+//      of the pending text that is a proper prefix of some stop string is held back until
+//      the next chunk decides it. When a stop string completes, the text before its
+//      earliest occurrence is released and the rest (the stop string included) dropped.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace troupe::elastic {
+
+struct sampling_params {
+  double temperature = 1.0;  // [0, 2]; 0 = greedy
+  int64_t top_k = 0;         // >= 0; 0 = off
+  double top_p = 1.0;        // (0, 1]; 1 = off
+  uint64_t seed = 0;         // per request
+  int64_t max_tokens = 16;   // >= 1: generated tokens at most
+  std::vector<std::string> stop;          // stop strings (non-empty), excluded from the output
+  std::vector<int32_t> stop_token_ids;    // stop on any of these (as on eos)
+  bool ignore_eos = false;                // keep going past the eos token
+};
+
+// The first invalid field, OpenAI style: {"temperature", "2.5 is greater than the maximum of 2 - 'temperature'"}.
+struct sampling_param_error {
+  std::string param;
+  std::string message;
+};
+std::optional<sampling_param_error> check_sampling_params(const sampling_params& p);
+// Throws errc::invalid_argument with check_sampling_params' message.
+void validate_sampling_params(const sampling_params& p);
+
+// logits: (V) -> the filtered, renormalised distribution sample() draws from: (V), zeros
+// outside the kept set. With temperature 0, 1 at the argmax.
+std::vector<double> sampling_probs(const float* logits, int64_t V, const sampling_params& p);
+
+class sampler {
+ public:
+  explicit sampler(const sampling_params& p);  // validates p
+  // logits: (V) -> a token id in [0, V). Throws on V < 1 or logits without a finite value.
+  int32_t sample(const float* logits, int64_t V);
+  const sampling_params& params() const { return params_; }
+
+ private:
+  sampling_params params_;
+  std::mt19937_64 rng_;
+  std::vector<int32_t> order_;  // scratch: candidate ids
+  std::vector<double> prob_;    // scratch: unnormalised probabilities
+};
+
+enum class finish_reason { none, stop, length };
+// "stop", "length", or "" for none.
+const char* finish_reason_name(finish_reason r);
+
+// After the num_generated-th generated token `token` (num_generated >= 1): stop on eos
+// (eos_token_id >= 0, unless ignore_eos) or a stop_token_id, length at max_tokens, else
+// none. A stop token that is also the max_tokens-th token reports stop.
+finish_reason token_finish_reason(const sampling_params& p, int32_t token, int64_t num_generated,
+                                  int64_t eos_token_id);
+
+struct stop_chunk {
+  std::string text;     // safe to stream now
+  bool stopped = false; // a stop string completed; nothing more will be released
+  std::string stop;     // which one (the earliest occurrence)
+};
+
+class stop_checker {
+ public:
+  explicit stop_checker(std::vector<std::string> stops);  // empty strings are ignored
+  // Appends newly detokenized text; returns the text that is now safe to stream.
+  stop_chunk push(std::string_view text);
+  // The end of generation (eos, length): releases the held-back text (empty once stopped).
+  std::string flush();
+  bool stopped() const { return stopped_; }
+  const std::string& held() const { return pending_; }  // text held back so far
+
+ private:
+  std::vector<std::string> stops_;
+  std::string pending_;
+  bool stopped_ = false;
+};
+
+}  // namespace troupe::elastic
