@@ -5,11 +5,12 @@ set -euo pipefail
 
 TROUPE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TROUPE_PACKAGES=(
-  build-essential cmake ninja-build pkg-config git
+  build-essential cmake ninja-build pkg-config git curl python3
   libopenblas-dev libfmt-dev libspdlog-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libnuma-dev libhwloc-dev libcaf-dev libopenmpi-dev openmpi-bin libucx-dev
   libssl-dev libprotobuf-dev protobuf-compiler coinor-libcbc-dev libcpp-httplib-dev libyaml-cpp-dev
+  libicu-dev
 )
 
 troupe_install_packages() {
