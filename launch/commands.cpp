@@ -12,6 +12,7 @@ void register_commands(CLI::App& app) {
   register_plan(app);
   register_membench(app);
   register_train(app);
+  register_serve(app);
 }
 
 }  // namespace troupe::launch

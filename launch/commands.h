@@ -20,5 +20,6 @@ void register_train(CLI::App& app);     // cmd_train.cpp
 void register_report(CLI::App& app);    // cmd_report.cpp
 void register_plan(CLI::App& app);      // cmd_plan.cpp
 void register_membench(CLI::App& app);  // cmd_membench.cpp
+void register_serve(CLI::App& app);     // cmd_serve.cpp
 
 }  // namespace troupe::launch

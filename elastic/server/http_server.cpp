@@ -142,6 +142,10 @@ http_server::http_server(generation_backend& backend, http_options options)
       auto stream = std::make_shared<request_stream>();
       try {
         backend_.submit(id, r, prompt, [stream](const generation_event& e) { stream->push(e); });
+      } catch (const api_error& e) {  // the backend refused the input (400) or is full (503)
+        send_error(res, e);
+        st_->count(e.status);
+        return;
       } catch (const std::exception& e) {
         send_error(res, api_error(500, "server_error", fmt::format("the engine refused the request: {}", e.what())));
         st_->count(500);

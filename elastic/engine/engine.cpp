@@ -1,0 +1,434 @@
+// elastic/engine/engine.cpp — see engine.h.
+#include "elastic/engine/engine.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "parallel/model/forward_batch.h"
+#include "runtime/error.h"
+#include "runtime/log.h"
+
+namespace troupe::elastic {
+
+namespace log = runtime::log;
+using runtime::errc;
+using clk = std::chrono::steady_clock;
+
+// ---- histogram ----------------------------------------------------------------------------
+
+latency_histogram::latency_histogram(std::vector<double> b) : bounds(std::move(b)), counts(bounds.size() + 1, 0) {}
+
+void latency_histogram::add(double seconds) {
+  size_t i = 0;
+  while (i < bounds.size() && seconds > bounds[i]) ++i;
+  ++counts[i];
+  sum += seconds;
+  ++n;
+}
+
+double latency_histogram::quantile(double q) const {
+  if (n == 0) return 0;
+  const double want = q * static_cast<double>(n);
+  int64_t acc = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    acc += counts[i];
+    if (static_cast<double>(acc) >= want) return i < bounds.size() ? bounds[i] : INFINITY;
+  }
+  return INFINITY;
+}
+
+std::string latency_histogram::prometheus(const std::string& name, const std::string& help) const {
+  std::string out = fmt::format("# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
+  int64_t acc = 0;
+  for (size_t i = 0; i < bounds.size(); ++i) {
+    acc += counts[i];
+    out += fmt::format("{}_bucket{{le=\"{}\"}} {}\n", name, bounds[i], acc);
+  }
+  out += fmt::format("{}_bucket{{le=\"+Inf\"}} {}\n{}_sum {}\n{}_count {}\n", name, n, name, sum, name, n);
+  return out;
+}
+
+namespace {
+std::vector<double> latency_bounds() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+}
+}  // namespace
+
+// ---- sequences ------------------------------------------------------------------------------
+
+struct engine::sequence {
+  engine_request req;
+  kv_request_id kv_id = 0;
+  bool allocated = false;
+  std::vector<int32_t> tokens;  // prompt + generated
+  int64_t prompt_len = 0;
+  int64_t computed = 0;         // tokens whose KV is in the cache
+  int64_t scheduled = 0;        // tokens of this iteration
+  int64_t generated = 0;
+  std::unique_ptr<sampler> samp;
+  std::unique_ptr<stop_checker> stops;
+  std::unique_ptr<parallel::token_stream_decoder> detok;
+  clk::time_point arrival, last_token;
+  bool got_first = false, done = false;
+  std::vector<int32_t> pending_ids;  // generated since the last event
+};
+
+engine::engine(const parallel::decoder& dec, const parallel::text_tokenizer& tok, engine_options o)
+    : dec_(dec), tok_(tok), o_(o),
+      store_(dec.config(), o.num_blocks > 0 ? o.num_blocks
+                                            : parallel::paged_kv_store::blocks_for_budget(dec.config(), o.block_size,
+                                                                                          o.kv_cache_bytes),
+             o.block_size),
+      kv_(std::max<int64_t>(store_.num_blocks(), 1), o.block_size,
+          o.prefix_caching ? kv_block_hash_fn(kv_block_hash)
+                           : kv_block_hash_fn([n = uint64_t{0}](uint64_t, std::span<const int32_t>) mutable {
+                               return ++n;  // every block unique: nothing is ever shared
+                             })),
+      ttft_(latency_bounds()), tpot_(latency_bounds()) {
+  TROUPE_CHECK(store_.num_blocks() >= 1, errc::invalid_argument,
+               "engine: a KV cache of {} bytes holds no block of {} tokens ({} bytes each); raise "
+               "engine.kv_cache_memory",
+               o.kv_cache_bytes, o.block_size, parallel::paged_kv_store::bytes_per_block(dec.config(), o.block_size));
+  TROUPE_CHECK(o.max_batch_tokens >= 1 && o.max_running >= 1 && o.max_waiting >= 1, errc::invalid_argument,
+               "engine: max_batch_tokens, max_running and max_waiting must be >= 1");
+  vocab_ = dec.config().vocab_size;
+  max_positions_ = dec.config().max_position_embeddings;
+  stats_.kv = kv_.stats();
+}
+
+engine::~engine() { stop(); }
+
+void engine::submit(engine_request r) {
+  TROUPE_CHECK(!r.prompt.empty(), errc::invalid_argument, "request {}: the prompt is empty", r.id);
+  for (size_t i = 0; i < r.prompt.size(); ++i)
+    TROUPE_CHECK(r.prompt[i] >= 0 && r.prompt[i] < vocab_, errc::invalid_argument,
+                 "request {}: prompt token {} at index {} is outside the vocabulary [0, {})", r.id, r.prompt[i], i,
+                 vocab_);
+  TROUPE_CHECK(static_cast<int64_t>(r.prompt.size()) < max_positions_, errc::invalid_argument,
+               "request {}: the prompt has {} tokens; the model's context is {}", r.id, r.prompt.size(),
+               max_positions_);
+  TROUPE_CHECK(kv_.blocks_for(static_cast<int64_t>(r.prompt.size()) + 1) <= kv_.num_blocks(), errc::invalid_argument,
+               "request {}: the prompt needs {} KV blocks of {} tokens; the cache has {} in all", r.id,
+               kv_.blocks_for(static_cast<int64_t>(r.prompt.size()) + 1), kv_.block_size(), kv_.num_blocks());
+  validate_sampling_params(r.params);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (static_cast<int64_t>(inbox_.size() + waiting_.size()) >= o_.max_waiting)
+      throw engine_busy(fmt::format("{} requests are waiting already (engine.max_waiting)", o_.max_waiting));
+    inbox_.push_back(std::move(r));
+  }
+  cv_.notify_all();
+}
+
+void engine::abort(const std::string& id) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    aborts_.push_back(id);
+  }
+  cv_.notify_all();
+}
+
+void engine::take_inbox() {
+  std::deque<engine_request> in;
+  std::vector<std::string> ab;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    in.swap(inbox_);
+    ab.swap(aborts_);
+  }
+  for (auto& r : in) {
+    auto s = std::make_unique<sequence>();
+    s->tokens = r.prompt;
+    s->prompt_len = static_cast<int64_t>(r.prompt.size());
+    s->samp = std::make_unique<sampler>(r.params);
+    s->stops = std::make_unique<stop_checker>(r.params.stop);
+    s->detok = std::make_unique<parallel::token_stream_decoder>(tok_);
+    s->arrival = clk::now();
+    s->kv_id = next_kv_id_++;
+    s->req = std::move(r);
+    waiting_.push_back(std::move(s));
+  }
+  for (const auto& id : ab) {
+    for (auto& s : running_)
+      if (s->req.id == id && !s->done) finish(*s, "abort");
+    for (auto& s : waiting_)
+      if (s->req.id == id && !s->done) finish(*s, "abort");
+  }
+}
+
+void engine::finish(sequence& s, const std::string& reason, const std::string& error) {
+  if (s.done) return;
+  s.done = true;
+  if (s.allocated) {
+    kv_.free(s.kv_id);
+    s.allocated = false;
+  }
+  engine_event e;
+  if (reason == "length" || (reason == "stop" && !s.stops->stopped())) {
+    // eos or length: what the detokenizer and the stop checker held back is output after all
+    const stop_chunk c = s.stops->push(s.detok->finish());
+    e.text = c.text + (c.stopped ? std::string() : s.stops->flush());
+  }
+  e.token_ids = std::move(s.pending_ids);
+  e.finished = true;
+  e.finish_reason = reason;
+  e.error = error;
+  e.prompt_tokens = s.prompt_len;
+  e.completion_tokens = s.generated;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (reason == "abort") ++stats_.aborted;
+    else ++stats_.finished;
+  }
+  if (s.req.on_event) s.req.on_event(e);  // never under the lock: a callback may call abort()
+}
+
+void engine::emit_token(sequence& s, int32_t token) {
+  const auto now = clk::now();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!s.got_first) ttft_.add(std::chrono::duration<double>(now - s.arrival).count());
+    else tpot_.add(std::chrono::duration<double>(now - s.last_token).count());
+    ++stats_.generated_tokens;
+  }
+  s.got_first = true;
+  s.last_token = now;
+  ++s.generated;
+  s.pending_ids.push_back(token);
+  // Stop conditions: eos / stop token ids, then stop strings on the text, then length.
+  const auto& p = s.req.params;
+  bool eos = false;
+  if (!p.ignore_eos)
+    for (int32_t e : tok_.eos_ids()) eos |= token == e;
+  for (int32_t t : p.stop_token_ids) eos |= token == t;
+  std::string piece = eos ? std::string() : s.detok->push(token);
+  const stop_chunk c = s.stops->push(piece);
+  const bool length = s.generated >= p.max_tokens || static_cast<int64_t>(s.tokens.size()) >= max_positions_;
+  if (c.stopped || eos || length) {
+    if (!c.text.empty()) {
+      engine_event e;
+      e.text = c.text;
+      e.token_ids = std::move(s.pending_ids);
+      s.pending_ids.clear();
+      e.prompt_tokens = s.prompt_len;
+      e.completion_tokens = s.generated;
+      if (s.req.on_event) s.req.on_event(e);
+    }
+    finish(s, c.stopped || eos ? "stop" : "length");
+    return;
+  }
+  if (c.text.empty()) return;  // bytes of a character, or text that may start a stop string
+  engine_event e;
+  e.text = c.text;
+  e.token_ids = std::move(s.pending_ids);
+  s.pending_ids.clear();
+  e.prompt_tokens = s.prompt_len;
+  e.completion_tokens = s.generated;
+  if (s.req.on_event) s.req.on_event(e);
+}
+
+// The latest-arrived running sequence other than... any: freed and requeued first (invariant 3).
+bool engine::preempt_one(const sequence* for_whom) {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    sequence& v = **it;
+    if (v.done || !v.allocated) continue;
+    if (&v == for_whom && running_.size() > 1) {
+      bool other = false;
+      for (auto& o : running_) other |= (o.get() != for_whom && !o->done && o->allocated);
+      if (other) continue;  // prefer someone else
+    }
+    kv_.free(v.kv_id);
+    v.allocated = false;
+    v.computed = 0;
+    v.kv_id = next_kv_id_++;
+    std::lock_guard<std::mutex> g(mu_);
+    ++stats_.preemptions;
+    log::debug("engine: preempted {} ({} tokens) for lack of KV blocks", v.req.id, v.tokens.size());
+    return true;
+  }
+  return false;
+}
+
+bool engine::step() {
+  take_inbox();
+  // Requeue preempted sequences (front, in arrival order) and drop finished ones.
+  {
+    std::vector<std::unique_ptr<sequence>> keep;
+    std::vector<std::unique_ptr<sequence>> back;
+    for (auto& s : running_) {
+      if (s->done) continue;
+      if (!s->allocated) back.push_back(std::move(s));
+      else keep.push_back(std::move(s));
+    }
+    running_ = std::move(keep);
+    for (auto it = back.rbegin(); it != back.rend(); ++it) waiting_.push_front(std::move(*it));
+    std::deque<std::unique_ptr<sequence>> w;
+    for (auto& s : waiting_)
+      if (!s->done) w.push_back(std::move(s));
+    waiting_ = std::move(w);
+  }
+  if (running_.empty() && waiting_.empty()) {
+    std::lock_guard<std::mutex> g(mu_);
+    stats_.waiting = 0;
+    stats_.running = 0;
+    stats_.kv = kv_.stats();
+    return false;
+  }
+
+  // 1. Schedule (invariant 1).
+  int64_t budget = o_.max_batch_tokens;
+  std::vector<sequence*> batch;
+  for (auto& s : running_) {
+    const int64_t need = static_cast<int64_t>(s->tokens.size()) - s->computed;
+    if (budget <= 0 || need <= 0) continue;
+    s->scheduled = std::min(need, budget);
+    budget -= s->scheduled;
+    batch.push_back(s.get());
+  }
+  const bool admit = !o_.static_batching || running_.empty();
+  while (admit && budget > 0 && !waiting_.empty() && static_cast<int64_t>(running_.size()) < o_.max_running) {
+    sequence& s = *waiting_.front();
+    const auto a = kv_.allocate(s.kv_id, s.tokens);
+    if (!a) break;  // KV memory: wait for blocks (no one behind overtakes)
+    s.allocated = true;
+    s.computed = a->cached_tokens;  // 0 without prefix caching (no hash ever matches)
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stats_.prompt_tokens += static_cast<int64_t>(s.tokens.size());
+    }
+    s.scheduled = std::min(static_cast<int64_t>(s.tokens.size()) - s.computed, budget);
+    budget -= s.scheduled;
+    batch.push_back(&s);
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  if (batch.empty()) {
+    std::lock_guard<std::mutex> g(mu_);
+    stats_.waiting = static_cast<int64_t>(waiting_.size());
+    stats_.running = static_cast<int64_t>(running_.size());
+    stats_.kv = kv_.stats();
+    return false;  // waiting for blocks that only finishing requests can free
+  }
+
+  // 2. The model over every scheduled chunk.
+  std::vector<parallel::forward_batch_seq> seqs;
+  for (sequence* s : batch)
+    seqs.push_back({std::span<const int32_t>(s->tokens).subspan(static_cast<size_t>(s->computed),
+                                                                 static_cast<size_t>(s->scheduled)),
+                    s->computed, kv_.block_table(s->kv_id)});
+  runtime::tensor logits;
+  try {
+    logits = parallel::forward_batch(dec_, seqs, store_);
+  } catch (const std::exception& e) {
+    log::error("engine: the model step failed: {}", e.what());
+    for (sequence* s : batch) finish(*s, "error", e.what());
+    return true;
+  }
+
+  // 3. Sample where a sequence's known tokens are all computed now.
+  for (size_t i = 0; i < batch.size(); ++i) {
+    sequence& s = *batch[i];
+    if (s.done || !s.allocated) continue;  // finished, or preempted by an earlier sequence's token
+    s.computed += s.scheduled;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (s.computed <= s.prompt_len) stats_.computed_prompt_tokens += s.scheduled;
+    }
+    kv_.mark_computed(s.kv_id, s.computed);
+    if (s.computed < static_cast<int64_t>(s.tokens.size())) continue;  // more prefill chunks to come
+    const int32_t token = s.samp->sample(logits.data<float>() + static_cast<int64_t>(i) * vocab_, vocab_);
+    // The token's KV slot (a new block when the last is full): preempt the latest arrivals.
+    while (!kv_.append_token(s.kv_id, token)) {
+      if (!preempt_one(&s)) break;
+      if (!s.allocated) break;  // s itself was preempted
+    }
+    if (!s.allocated) {  // preempted: keep the token, recompute everything later
+      s.tokens.push_back(token);
+      emit_token(s, token);
+      if (!s.done && kv_.blocks_for(static_cast<int64_t>(s.tokens.size()) + 1) > kv_.num_blocks())
+        finish(s, "length");  // it could never fit again
+      continue;
+    }
+    s.tokens.push_back(token);
+    emit_token(s, token);
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  ++stats_.iterations;
+  stats_.waiting = static_cast<int64_t>(waiting_.size());
+  stats_.running = static_cast<int64_t>(running_.size());
+  stats_.kv = kv_.stats();
+  return true;
+}
+
+void engine::start() {
+  TROUPE_CHECK(!loop_.joinable(), errc::invalid_argument, "engine: already started");
+  stop_ = false;
+  loop_ = std::thread([this] {
+    while (!stop_) {
+      bool worked = false;
+      try {
+        worked = step();
+      } catch (const std::exception& e) {
+        log::error("engine: iteration failed: {}", e.what());
+      }
+      if (!worked) {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, std::chrono::milliseconds(worked ? 0 : 20),
+                     [&] { return stop_.load() || !inbox_.empty() || !aborts_.empty(); });
+      }
+    }
+    // Whatever is left ends with "abort".
+    take_inbox();
+    for (auto& s : running_) finish(*s, "abort");
+    for (auto& s : waiting_) finish(*s, "abort");
+    running_.clear();
+    waiting_.clear();
+  });
+}
+
+void engine::stop() {
+  if (!loop_.joinable()) return;
+  stop_ = true;
+  cv_.notify_all();
+  loop_.join();
+}
+
+bool engine::idle() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return inbox_.empty() && stats_.waiting == 0 && stats_.running == 0;
+}
+
+engine_stats engine::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return stats_;
+}
+
+std::string engine::metrics_text() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::string out;
+  out += ttft_.prometheus("troupe_time_to_first_token_seconds", "Time from arrival to the first token.");
+  out += tpot_.prometheus("troupe_time_per_output_token_seconds", "Time between consecutive output tokens.");
+  out += fmt::format(
+      "# HELP troupe_requests_waiting Requests queued.\n# TYPE troupe_requests_waiting gauge\n"
+      "troupe_requests_waiting {}\n"
+      "# HELP troupe_requests_running Requests in the batch.\n# TYPE troupe_requests_running gauge\n"
+      "troupe_requests_running {}\n"
+      "# HELP troupe_kv_cache_usage Fraction of KV blocks in use.\n# TYPE troupe_kv_cache_usage gauge\n"
+      "troupe_kv_cache_usage {}\n"
+      "# HELP troupe_prefix_cache_hit_rate Prompt tokens served from cached blocks.\n"
+      "# TYPE troupe_prefix_cache_hit_rate gauge\ntroupe_prefix_cache_hit_rate {}\n"
+      "# HELP troupe_preemptions_total Sequences preempted for KV memory.\n# TYPE troupe_preemptions_total counter\n"
+      "troupe_preemptions_total {}\n"
+      "# HELP troupe_generation_tokens_total Generated tokens.\n# TYPE troupe_generation_tokens_total counter\n"
+      "troupe_generation_tokens_total {}\n"
+      "# HELP troupe_prompt_tokens_total Prompt tokens admitted.\n# TYPE troupe_prompt_tokens_total counter\n"
+      "troupe_prompt_tokens_total {}\n",
+      stats_.waiting + static_cast<int64_t>(inbox_.size()), stats_.running, stats_.kv.usage(), stats_.kv.hit_rate(),
+      stats_.preemptions, stats_.generated_tokens, stats_.prompt_tokens);
+  return out;
+}
+
+}  // namespace troupe::elastic

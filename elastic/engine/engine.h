@@ -1,0 +1,154 @@
+// elastic/engine/engine.h — one serving instance's engine: continuous batching over a paged KV
+// cache with prefix caching (kv_blocks.h), chunked prefill mixed with decode, admission limited
+// by KV memory, preemption by recompute, per-request sampling and stop handling (sampling.h),
+// detokenized text streamed per request.
+//
+//   engine eng(dec, *tokenizer, {.block_size = 16, .kv_cache_bytes = 64 << 20});
+//   eng.start();                                            // the iteration loop on its own thread
+//   eng.submit({.id = "cmpl-1", .prompt = ids, .params = p, .on_event = [](const engine_event& e) {...}});
+//   eng.abort("cmpl-1");                                    // frees its blocks at the next iteration
+//   eng.stop();
+//
+// Invariants:
+//   1. An iteration schedules within max_batch_tokens: first every running sequence's next
+//      token or prefill chunk in arrival order, then waiting requests FCFS while the token budget,
+//      max_running and the KV blocks allow (a request that does not fit blocks the ones behind
+//      it: no starvation). Static batching (the baseline) admits only when nothing runs.
+//   2. A prompt's blocks are taken at admission, reusing cached prefix blocks (their tokens are
+//      not recomputed); each computed chunk is marked so later requests can reuse it at once.
+//   3. When a sampled token needs a block and none is free, the latest-arrived running sequence
+//      is preempted: its blocks are freed and it goes back to the front of the queue with its
+//      prompt and generated tokens, to be recomputed (its output so far is kept; the client
+//      sees no gap). A sequence that cannot fit alone finishes with "length".
+//   4. Every request gets exactly one finished event (stop | length | abort | error) after its
+//      text events; its blocks are freed before it. Events run on the engine thread.
+//   5. Greedy output equals parallel::generate_greedy on the same prompt, token for token,
+//      whatever shares the batch (forward_batch.h invariant 3).
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "elastic/engine/kv_blocks.h"
+#include "elastic/engine/sampling.h"
+#include "parallel/data/bpe_tokenizer.h"
+#include "parallel/model/decoder.h"
+#include "parallel/model/paged_kv.h"
+
+namespace troupe::elastic {
+
+struct engine_options {
+  int64_t block_size = 16;
+  size_t kv_cache_bytes = size_t{64} << 20;  // the paged KV store's budget
+  int64_t num_blocks = 0;                    // > 0: exactly this many blocks (overrides the bytes)
+  int64_t max_batch_tokens = 512;            // new tokens per iteration (prefill chunks + decodes)
+  int64_t max_running = 64;
+  int64_t max_waiting = 1024;                // submit() refuses beyond this
+  bool prefix_caching = true;
+  bool static_batching = false;              // the baseline of invariant 1
+};
+
+struct engine_event {
+  std::string text;                 // safe to show (stop strings held back)
+  std::vector<int32_t> token_ids;   // generated since the last event
+  bool finished = false;
+  std::string finish_reason;        // "stop" | "length" | "abort" | "error"
+  std::string error;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+};
+
+struct engine_request {
+  std::string id;
+  std::vector<int32_t> prompt;
+  sampling_params params;
+  std::function<void(const engine_event&)> on_event;
+};
+
+// Latency histogram with Prometheus' cumulative buckets (seconds).
+struct latency_histogram {
+  std::vector<double> bounds;
+  std::vector<int64_t> counts;  // per bucket (not cumulative), + the overflow bucket last
+  double sum = 0;
+  int64_t n = 0;
+  explicit latency_histogram(std::vector<double> b);
+  void add(double seconds);
+  double quantile(double q) const;  // upper bound of the bucket holding the q-th value
+  std::string prometheus(const std::string& name, const std::string& help) const;
+};
+
+// submit() when the queue is full (HTTP 503).
+class engine_busy : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct engine_stats {
+  int64_t waiting = 0, running = 0;
+  int64_t iterations = 0, preemptions = 0, finished = 0, aborted = 0;
+  int64_t prompt_tokens = 0, computed_prompt_tokens = 0, generated_tokens = 0;
+  kv_block_stats kv;
+};
+
+class engine {
+ public:
+  engine(const parallel::decoder& dec, const parallel::text_tokenizer& tok, engine_options o);
+  ~engine();
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+
+  // Thread-safe. Throws errc::invalid_argument (bad sampling parameters, an empty prompt, a token
+  // id outside the vocabulary, a prompt longer than the model's context) and engine_busy when
+  // max_waiting requests wait already; nothing is queued then.
+  void submit(engine_request r);
+  void abort(const std::string& id);  // thread-safe; unknown ids are ignored
+
+  // One iteration on the calling thread (tests, benchmarks); false when there was nothing to do.
+  bool step();
+  // Runs step() on a thread of its own until stop(); idle waits on the queue.
+  void start();
+  void stop();
+  bool idle() const;
+
+  engine_stats stats() const;
+  std::string metrics_text() const;  // Prometheus text: TTFT/TPOT histograms, queue, KV, prefix hits
+  const engine_options& options() const { return o_; }
+  int64_t num_blocks() const { return kv_.num_blocks(); }
+  int64_t vocab_size() const { return vocab_; }  // the model's
+
+ private:
+  struct sequence;
+  void take_inbox();
+  void finish(sequence& s, const std::string& reason, const std::string& error = "");
+  bool preempt_one(const sequence* for_whom);
+  void emit_token(sequence& s, int32_t token);
+
+  const parallel::decoder& dec_;
+  const parallel::text_tokenizer& tok_;
+  engine_options o_;
+  parallel::paged_kv_store store_;
+  kv_block_manager kv_;
+  int64_t vocab_ = 0, max_positions_ = 0;
+
+  mutable std::mutex mu_;  // inbox, aborts, stats snapshot, histograms
+  std::condition_variable cv_;
+  std::deque<engine_request> inbox_;
+  std::vector<std::string> aborts_;
+  std::deque<std::unique_ptr<sequence>> waiting_;
+  std::vector<std::unique_ptr<sequence>> running_;
+  kv_request_id next_kv_id_ = 1;
+  engine_stats stats_;
+  latency_histogram ttft_, tpot_;
+  std::thread loop_;
+  std::atomic<bool> stop_{false};
+};
+
+}  // namespace troupe::elastic

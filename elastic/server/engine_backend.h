@@ -1,0 +1,47 @@
+// elastic/server/engine_backend.h — the HTTP front's generation_backend over the serving engine:
+// prompts through the tokenizer (chat: the model's chat template), OpenAI fields to sampling
+// parameters, engine events to HTTP events.
+//
+//   engine eng(dec, *tok, opts);  eng.start();
+//   engine_backend be(eng, *tok, "tiny-moe", /*default_seed=*/0);
+//   http_server srv(be, http_opts);  srv.start();
+//
+// Invariants:
+//   1. A completions prompt given as text is encoded with the tokenizer's special tokens (BOS,
+//      when the model's vocabulary has that id);
+//      a chat prompt is the chat template's rendering, encoded without adding them again; a prompt
+//      of token ids is taken as is, each id checked against the vocabulary (400, param "prompt").
+//   2. A request without a seed gets default_seed + a per-request counter when default_seed > 0,
+//      else a random one; temperature 0 is greedy.
+//   3. engine_busy becomes 503 "server_error" ("the server is full"); the engine's refusals of
+//      input (errc::invalid_argument) become 400 with its message.
+#pragma once
+#include <atomic>
+#include <string>
+
+#include "elastic/engine/engine.h"
+#include "elastic/server/http_server.h"
+#include "parallel/data/chat_template.h"
+
+namespace troupe::elastic {
+
+class engine_backend final : public generation_backend {
+ public:
+  engine_backend(engine& eng, const parallel::text_tokenizer& tok, std::string model_id, uint64_t default_seed);
+  std::string model_id() const override { return model_id_; }
+  std::vector<int32_t> prompt_tokens(const completion_request& r) override;
+  void submit(const std::string& id, const completion_request& r, std::vector<int32_t> prompt,
+              generation_callback on_event) override;
+  void abort(const std::string& id) override { eng_.abort(id); }
+  std::string metrics_text() override { return eng_.metrics_text(); }
+
+ private:
+  engine& eng_;
+  const parallel::text_tokenizer& tok_;
+  parallel::chat_template template_;
+  std::string model_id_;
+  uint64_t default_seed_;
+  std::atomic<uint64_t> counter_{0};
+};
+
+}  // namespace troupe::elastic

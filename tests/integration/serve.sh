@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# `troupe serve` end to end with curl on 127.0.0.1 (the server started and stopped here, by PID):
+#   tests/integration/serve.sh TROUPE_BIN
+# A. dense (llama_gqa) and MoE (mixtral_moe) fixtures: greedy /v1/completions over HTTP equal
+#    `troupe generate` token for token (which generate_test checks against transformers).
+# B. stream: true — the SSE deltas concatenate to the same text, then [DONE].
+# C. /v1/chat/completions, /v1/models, /health, /metrics (TTFT/TPOT histograms, KV, prefix hits).
+# D. bad input: malformed JSON, a bad field, a missing API key, a token id outside the vocabulary
+#    -> 4xx with an OpenAI error object; the server keeps serving.
+# E. a client that leaves mid-stream: its request is aborted and its KV blocks freed.
+#    (the server: printf-made serve.yaml, a free port printed at start, SIGTERM at the end)
+set -uo pipefail
+troupe="$1"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+fixtures="$root/tests/fixtures"
+tmp=$(mktemp -d)
+pid=""
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*"; [ -f "$tmp/server.log" ] && { echo "--- server log:"; tail -40 "$tmp/server.log"; }; exit 1; }
+command -v curl >/dev/null || { echo "SKIP: no curl"; exit 77; }
+export TROUPE_NUM_THREADS=1
+
+start() {  # start MODEL_DIR [EXTRA_YAML]: a server on a free port; sets $pid and $url
+  printf 'model: %s\nserver: {port: 0, api_key: "sk-test"}\nengine: {block_size: 4, kv_cache_memory: 4MiB}\n%s\n' \
+    "$1" "${2:-}" >"$tmp/serve.yaml"
+  "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do
+    port=$(sed -n 's/^troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$tmp/server.log")
+    [ -n "$port" ] && break
+    kill -0 "$pid" 2>/dev/null || fail "the server exited at start"
+    sleep 0.1
+  done
+  [ -n "$port" ] || fail "the server did not print its port"
+  url="http://127.0.0.1:$port"
+}
+stop() {
+  kill -TERM "$pid"
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && fail "the server did not stop on SIGTERM"
+  wait "$pid" || fail "the server exited with an error"
+  pid=""
+}
+post() {  # post PATH JSON -> body on stdout, status in $tmp/status
+  curl -s -o "$tmp/body" -w '%{http_code}' -H 'Authorization: Bearer sk-test' -H 'Content-Type: application/json' \
+    -d "$2" "$url$1" >"$tmp/status"
+  cat "$tmp/body"
+}
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# the byte tokenizer's text of a completion -> comma-separated ids (the fixtures' ids are < 128)
+ids_of_text() { python3 -c "import json,sys; print(','.join(str(ord(c)) for c in json.load(sys.stdin)['choices'][0]['text']))"; }
+
+for model in llama_gqa mixtral_moe; do
+  start "$fixtures/$model"
+  prompt="3,17,99,4,4,60,1,2"
+  want=$("$troupe" generate "$fixtures/$model" --prompt-ids "$prompt" --max-new-tokens 12 2>/dev/null)
+  got=$(post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0}" | ids_of_text)
+  [ "$(cat "$tmp/status")" = 200 ] || fail "A $model: status $(cat "$tmp/status"): $(cat "$tmp/body")"
+  [ "$got" = "$want" ] || fail "A $model: HTTP greedy $got != troupe generate $want"
+  echo "A: $model: greedy over HTTP = troupe generate ($want)"
+
+  # B. the same request streamed
+  curl -sN -H 'Authorization: Bearer sk-test' -d "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0, \"stream\": true}" \
+    "$url/v1/completions" >"$tmp/sse"
+  grep -q '^data: \[DONE\]' "$tmp/sse" || fail "B $model: no [DONE]"
+  streamed=$(python3 -c "
+import json
+text = ''
+for line in open('$tmp/sse'):
+    if line.startswith('data: {'):
+        text += json.loads(line[6:])['choices'][0]['text']
+print(','.join(str(ord(c)) for c in text))")
+  [ "$streamed" = "$want" ] || fail "B $model: streamed $streamed != $want"
+  echo "B: $model: streamed deltas = the same tokens, then [DONE]"
+  [ "$model" = mixtral_moe ] || stop
+done
+
+# C. chat, models, health, metrics (on the MoE server still running)
+post /v1/chat/completions '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "seed": 1}' >"$tmp/chat"
+[ "$(cat "$tmp/status")" = 200 ] || fail "C: chat status $(cat "$tmp/status")"
+[ "$(json "d['object']" <"$tmp/chat")" = chat.completion ] || fail "C: not a chat.completion"
+[ "$(json "d['usage']['completion_tokens']" <"$tmp/chat")" = 4 ] || fail "C: chat did not make 4 tokens"
+curl -sf -H 'Authorization: Bearer sk-test' "$url/v1/models" | grep -q '"id":"mixtral_moe"' || fail "C: /v1/models"
+curl -sf "$url/health" | grep -q ok || fail "C: /health"
+curl -sf "$url/metrics" >"$tmp/metrics" || fail "C: /metrics"
+for m in troupe_time_to_first_token_seconds_bucket troupe_time_per_output_token_seconds_count troupe_requests_waiting \
+         troupe_kv_cache_usage troupe_prefix_cache_hit_rate troupe_http_responses_total; do
+  grep -q "^$m" "$tmp/metrics" || fail "C: /metrics lacks $m"
+done
+echo "C: chat, /v1/models, /health and /metrics answer"
+
+# D. bad input
+code() { cat "$tmp/status"; }
+post /v1/completions '{"prompt": "x", ' >/dev/null; [ "$(code)" = 400 ] || fail "D: malformed JSON got $(code)"
+[ "$(json "d['error']['type']" <"$tmp/body")" = invalid_request_error ] || fail "D: no OpenAI error object"
+post /v1/completions '{"prompt": "x", "temperature": 9}' >/dev/null; [ "$(code)" = 400 ] || fail "D: temperature 9 got $(code)"
+[ "$(json "d['error']['param']" <"$tmp/body")" = temperature ] || fail "D: the error does not name temperature"
+post /v1/completions '{"prompt": [1, 5000]}' >/dev/null; [ "$(code)" = 400 ] || fail "D: token 5000 got $(code)"
+c=$(curl -s -o /dev/null -w '%{http_code}' -d '{"prompt": "x"}' "$url/v1/completions")
+[ "$c" = 401 ] || fail "D: no API key got $c"
+post /v1/completions '{"prompt": [1, 2], "max_tokens": 2}' >/dev/null; [ "$(code)" = 200 ] || fail "D: the server stopped serving"
+echo "D: malformed JSON, bad field, bad token id -> 400, no key -> 401, and it still serves"
+
+stop
+
+# E. a client leaving mid-stream (a model with a 2048-token context, so the stream outlasts curl)
+"$troupe" init "$tmp/tiny" --preset tiny-mixtral >/dev/null 2>&1 || fail "E: troupe init failed"
+start "$tmp/tiny"
+curl -sN --max-time 0.3 -H 'Authorization: Bearer sk-test' \
+  -d '{"prompt": [1, 2, 3], "max_tokens": 1000, "stream": true, "ignore_eos": true}' "$url/v1/completions" >/dev/null
+for _ in $(seq 1 50); do
+  curl -s "$url/metrics" >"$tmp/metrics"
+  grep -q '^troupe_http_client_disconnects_total 1' "$tmp/metrics" && grep -q '^troupe_requests_running 0' "$tmp/metrics" \
+    && grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" && break
+  sleep 0.1
+done
+grep -q '^troupe_http_client_disconnects_total 1' "$tmp/metrics" || fail "E: the disconnect was not noticed"
+grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: the aborted request still holds KV blocks"
+echo "E: a client leaving mid-stream: request aborted, KV blocks freed"
+stop
+grep -q "aborted" "$tmp/server.log" || true
+echo "serve: all checks passed"

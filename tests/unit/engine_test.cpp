@@ -1,0 +1,235 @@
+// The serving engine (elastic/engine/engine.h) on the fixture models: greedy output of requests
+// batched together equals parallel::generate_greedy per request, token for token, with chunked
+// prefill, prefix caching, preemption under a KV cache too small for everyone, and static
+// batching; seeded sampling does not depend on the batch; abort and bad input.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <mutex>
+
+#include "elastic/engine/engine.h"
+#include "parallel/model/generate.h"
+#include "parallel/model/model_weights.h"
+#include "runtime/error.h"
+
+namespace {
+
+using namespace troupe;
+using namespace troupe::elastic;
+
+struct collected {
+  std::vector<int32_t> ids;
+  std::string text, reason;
+  int events = 0, finished = 0;
+  int64_t completion_tokens = 0;
+};
+
+struct harness {
+  parallel::model_weights w;
+  std::unique_ptr<parallel::decoder> dec;
+  std::unique_ptr<parallel::text_tokenizer> tok;
+  std::unique_ptr<engine> eng;
+  std::map<std::string, collected> out;
+  std::mutex mu;
+
+  harness(const std::string& fixture, engine_options o) {
+    const std::string dir = std::string(TROUPE_FIXTURES_DIR) + "/" + fixture;
+    w = parallel::model_weights::load(dir);
+    dec = std::make_unique<parallel::decoder>(w);
+    tok = parallel::load_tokenizer(dir);
+    eng = std::make_unique<engine>(*dec, *tok, o);
+  }
+  void submit(const std::string& id, std::vector<int32_t> prompt, sampling_params p) {
+    engine_request r;
+    r.id = id;
+    r.prompt = std::move(prompt);
+    r.params = p;
+    r.on_event = [this, id](const engine_event& e) {
+      std::lock_guard<std::mutex> g(mu);
+      auto& c = out[id];
+      c.ids.insert(c.ids.end(), e.token_ids.begin(), e.token_ids.end());
+      c.text += e.text;
+      ++c.events;
+      if (e.finished) {
+        ++c.finished;
+        c.reason = e.finish_reason;
+        c.completion_tokens = e.completion_tokens;
+      }
+    };
+    eng->submit(std::move(r));
+  }
+  void run(int max_iterations = 10000) {
+    for (int i = 0; i < max_iterations; ++i) {
+      eng->step();
+      bool all = true;
+      std::lock_guard<std::mutex> g(mu);
+      for (auto& [id, c] : out) all &= c.finished == 1;
+      if (all && eng->stats().running == 0 && eng->stats().waiting == 0) return;
+    }
+    FAIL() << "the engine did not finish";
+  }
+  std::vector<int32_t> greedy(const std::vector<int32_t>& prompt, int64_t n) const {
+    parallel::generate_options o;
+    o.max_new_tokens = n;
+    const auto r = parallel::generate_greedy(*dec, prompt, 1, static_cast<int64_t>(prompt.size()), o);
+    return std::vector<int32_t>(r.ids.begin() + static_cast<int64_t>(prompt.size()), r.ids.end());
+  }
+};
+
+std::vector<int32_t> prompt_of(int64_t n, int32_t seed, int64_t vocab) {
+  std::vector<int32_t> p;
+  for (int64_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((seed * 31 + i * 7 + i * i) % vocab));
+  return p;
+}
+
+sampling_params greedy_params(int64_t n) {
+  sampling_params p;
+  p.temperature = 0;
+  p.max_tokens = n;
+  p.ignore_eos = true;
+  return p;
+}
+
+void expect_greedy_equal(const std::string& fixture, engine_options o, bool shared_prefix) {
+  harness h(fixture, o);
+  const int64_t V = h.dec->config().vocab_size;
+  std::vector<std::vector<int32_t>> prompts = {prompt_of(5, 1, V), prompt_of(23, 2, V), prompt_of(11, 3, V),
+                                               prompt_of(40, 4, V)};
+  if (shared_prefix) {  // two requests share a 24-token prefix with the 40-token one
+    for (int k = 0; k < 2; ++k) {
+      auto p = prompts[3];
+      p.resize(24);
+      for (int i = 0; i < 3 + k; ++i) p.push_back(static_cast<int32_t>((5 + i * 13 + k) % V));
+      prompts.push_back(p);
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) h.submit("r" + std::to_string(i), prompts[i], greedy_params(9));
+  h.run();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& c = h.out["r" + std::to_string(i)];
+    EXPECT_EQ(c.ids, h.greedy(prompts[i], 9)) << fixture << " request " << i;
+    EXPECT_EQ(c.reason, "length");
+    EXPECT_EQ(c.finished, 1);
+    EXPECT_EQ(c.completion_tokens, 9);
+  }
+  const auto st = h.eng->stats();
+  EXPECT_EQ(st.kv.blocks_used, 0) << "every block is released at the end";
+  if (shared_prefix) {
+    EXPECT_GT(st.kv.prefix_hit_tokens, 0);
+  }
+}
+
+TEST(Engine, GreedyBatchedEqualsGenerateGreedyDense) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 256;
+  o.max_batch_tokens = 16;  // chunked prefill: the 40-token prompt takes several iterations
+  expect_greedy_equal("llama_gqa", o, false);
+}
+
+TEST(Engine, GreedyBatchedEqualsGenerateGreedyMoeWithPrefixCaching) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 256;
+  o.max_batch_tokens = 24;
+  expect_greedy_equal("mixtral_moe", o, true);
+}
+
+TEST(Engine, PreemptionByRecomputeKeepsTheOutput) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 16;  // 64 token slots for ~140 tokens of prompts + outputs
+  o.max_batch_tokens = 64;
+  harness h("mistral_window", o);
+  const int64_t V = h.dec->config().vocab_size;
+  std::vector<std::vector<int32_t>> prompts = {prompt_of(20, 1, V), prompt_of(18, 2, V), prompt_of(22, 3, V),
+                                               prompt_of(15, 4, V)};
+  for (size_t i = 0; i < prompts.size(); ++i) h.submit("p" + std::to_string(i), prompts[i], greedy_params(12));
+  h.run();
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(h.out["p" + std::to_string(i)].ids, h.greedy(prompts[i], 12)) << "request " << i;
+  EXPECT_GT(h.eng->stats().preemptions, 0) << "the cache was meant to run out";
+  EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
+}
+
+TEST(Engine, StaticBatchingGivesTheSameTokens) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 256;
+  o.static_batching = true;
+  expect_greedy_equal("qwen2_moe", o, false);
+}
+
+TEST(Engine, SeededSamplingDoesNotDependOnTheBatch) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 128;
+  sampling_params p;
+  p.temperature = 0.9;
+  p.top_k = 20;
+  p.top_p = 0.9;
+  p.seed = 1234;
+  p.max_tokens = 10;
+  p.ignore_eos = true;
+  std::vector<int32_t> alone, together;
+  {
+    harness h("llama_gqa", o);
+    h.submit("a", prompt_of(9, 7, h.dec->config().vocab_size), p);
+    h.run();
+    alone = h.out["a"].ids;
+  }
+  {
+    harness h("llama_gqa", o);
+    const int64_t V = h.dec->config().vocab_size;
+    h.submit("x", prompt_of(30, 8, V), greedy_params(5));
+    h.submit("a", prompt_of(9, 7, V), p);
+    h.submit("y", prompt_of(3, 9, V), greedy_params(15));
+    h.run();
+    together = h.out["a"].ids;
+  }
+  EXPECT_EQ(alone.size(), 10u);
+  EXPECT_EQ(alone, together);
+}
+
+TEST(Engine, AbortFreesTheRequestAndStopStringsEndIt) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  harness h("llama_gqa", o);
+  const int64_t V = h.dec->config().vocab_size;
+  h.submit("long", prompt_of(10, 1, V), greedy_params(200));
+  for (int i = 0; i < 5; ++i) h.eng->step();
+  EXPECT_GT(h.eng->stats().kv.blocks_used, 0);
+  h.eng->abort("long");
+  h.run();
+  EXPECT_EQ(h.out["long"].reason, "abort");
+  EXPECT_EQ(h.out["long"].finished, 1);
+  EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
+  EXPECT_EQ(h.eng->stats().aborted, 1);
+}
+
+TEST(Engine, BadRequestsAreRefusedBeforeQueueing) {
+  engine_options o;
+  o.num_blocks = 8;
+  o.block_size = 4;
+  o.max_waiting = 1;
+  harness h("llama_gqa", o);
+  const int64_t V = h.dec->config().vocab_size;
+  EXPECT_THROW(h.submit("v", {1, static_cast<int32_t>(V)}, greedy_params(2)), runtime::error);
+  EXPECT_THROW(h.submit("e", {}, greedy_params(2)), runtime::error);
+  sampling_params bad = greedy_params(2);
+  bad.top_p = 0;
+  EXPECT_THROW(h.submit("p", {1, 2}, bad), runtime::error);
+  EXPECT_THROW(h.submit("big", prompt_of(40, 1, V), greedy_params(2)), runtime::error);  // > 8 blocks of 4
+  h.submit("ok", {1, 2, 3}, greedy_params(2));
+  EXPECT_THROW(h.submit("full", {1, 2, 3}, greedy_params(2)), engine_busy);
+  h.out.erase("v");
+  h.out.erase("e");
+  h.out.erase("p");
+  h.out.erase("big");
+  h.out.erase("full");
+  h.run();
+  EXPECT_EQ(h.out["ok"].ids.size(), 2u);
+}
+
+}  // namespace
