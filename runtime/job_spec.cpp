@@ -776,6 +776,21 @@ void emit(const pb::Message& m, int indent, std::string& out) {
 
 // ---------------------------------------------------------------- public API
 
+void expert_parallel_defaults(job::ExpertParallel& x) {  // ALGORITHMS.md "LLEP", parallel/ep/ep_rebalance.h
+  x.set_mode("llep");
+  x.set_lambda(1.3);
+  x.set_alpha(1.0);
+  x.set_min_chunk(1024);
+  x.set_eplb_redundant_per_rank(1);
+  auto* rb = x.mutable_rebalance();
+  rb->set_enabled(false);
+  rb->set_threshold(1.25);
+  rb->set_patience(3);
+  rb->set_cooldown(10);
+  rb->set_decay(0.8);
+  rb->set_min_improvement(0.1);
+}
+
 job::JobSpec job_spec_defaults() {
   job::JobSpec s;
   auto* rope = s.mutable_model()->mutable_rope_scaling();
@@ -822,19 +837,7 @@ job::JobSpec job_spec_defaults() {
   p->set_cp(1);
   p->set_cp_mode(job::Parallel::ULYSSES);
   p->set_ep(1);
-  auto* x = p->mutable_expert();  // ALGORITHMS.md "LLEP" and parallel/ep/ep_rebalance.h
-  x->set_mode("llep");
-  x->set_lambda(1.3);
-  x->set_alpha(1.0);
-  x->set_min_chunk(1024);
-  x->set_eplb_redundant_per_rank(1);
-  auto* rb = x->mutable_rebalance();
-  rb->set_enabled(false);
-  rb->set_threshold(1.25);
-  rb->set_patience(3);
-  rb->set_cooldown(10);
-  rb->set_decay(0.8);
-  rb->set_min_improvement(0.1);
+  expert_parallel_defaults(*p->mutable_expert());
 
   s.mutable_checkpoint()->set_every_steps(500);
   s.mutable_checkpoint()->set_keep(2);
@@ -954,8 +957,10 @@ std::string describe(const job::JobSpec& spec) {
   return out;
 }
 
-job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& source_name,
-                            const std::vector<std::string>& overrides) {
+namespace {
+// YAML text -> msg (holding its defaults) through the mapper; the locations of every key written.
+spec_locations map_yaml(const std::string& yaml_text, const std::string& source_name,
+                        const std::vector<std::string>& overrides, google::protobuf::Message& msg) {
 #ifdef TROUPE_HAVE_YAML_CPP
   YAML::Node root;
   try {
@@ -963,17 +968,23 @@ job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& sou
   } catch (const YAML::Exception& e) {
     TROUPE_THROW(errc::format, "{} is not valid YAML: {}", mark_str(source_name, e.mark), e.msg);
   }
-  job::JobSpec spec = job_spec_defaults();
   spec_locations L{source_name, {}, {}};
   for (const auto& o : overrides) apply_override(root, o, L);
-  yaml_mapper(L).map_message(root, spec, "", root.Mark());
-  validate(spec, L);
-  return spec;
+  yaml_mapper(L).map_message(root, msg, "", root.Mark());
+  return L;
 #else
-  (void)yaml_text, (void)overrides;
-  TROUPE_THROW(errc::unsupported, "{}: job specs need yaml-cpp, which this build lacks; install libyaml-cpp-dev "
+  (void)yaml_text, (void)overrides, (void)msg;
+  TROUPE_THROW(errc::unsupported, "{}: specs need yaml-cpp, which this build lacks; install libyaml-cpp-dev "
                "and reconfigure", source_name);
 #endif
+}
+}  // namespace
+
+job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& source_name,
+                            const std::vector<std::string>& overrides) {
+  job::JobSpec spec = job_spec_defaults();
+  validate(spec, map_yaml(yaml_text, source_name, overrides, spec));
+  return spec;
 }
 
 std::string read_spec_file(const std::string& path, const char* what) {
@@ -994,22 +1005,8 @@ job::JobSpec load_job_spec(const std::string& path, const std::vector<std::strin
 void parse_yaml_spec(const std::string& yaml_text, const std::string& source_name,
                      const std::vector<std::string>& overrides, google::protobuf::Message& msg,
                      const std::function<void(google::protobuf::Message&, const spec_fail&)>& validate) {
-#ifdef TROUPE_HAVE_YAML_CPP
-  YAML::Node root;
-  try {
-    root = YAML::Load(yaml_text);
-  } catch (const YAML::Exception& e) {
-    TROUPE_THROW(errc::format, "{} is not valid YAML: {}", mark_str(source_name, e.mark), e.msg);
-  }
-  spec_locations L{source_name, {}, {}};
-  for (const auto& o : overrides) apply_override(root, o, L);
-  yaml_mapper(L).map_message(root, msg, "", root.Mark());
+  const spec_locations L = map_yaml(yaml_text, source_name, overrides, msg);
   if (validate) validate(msg, [&L](const std::string& key, const std::string& problem) { L.fail(key, problem); });
-#else
-  (void)yaml_text, (void)overrides, (void)msg, (void)validate;
-  TROUPE_THROW(errc::unsupported, "{}: specs need yaml-cpp, which this build lacks; install libyaml-cpp-dev "
-               "and reconfigure", source_name);
-#endif
 }
 
 std::string describe_spec(const google::protobuf::Message& msg, const std::string& title) {

@@ -44,6 +44,8 @@ job::JobSpec parse_job_spec(const std::string& yaml_text, const std::string& sou
 
 // Every default (model left empty). parse_job_spec starts from this spec.
 job::JobSpec job_spec_defaults();
+// The defaults of parallel.expert (also a serve spec's `expert`).
+void expert_parallel_defaults(job::ExpertParallel& x);
 
 // Fills the derived fields (invariant 3) and checks every value; throws
 // errc::invalid_argument naming the key. Parsing calls it; call it after editing a spec.

@@ -26,18 +26,7 @@ serve::ServeSpec serve_spec_defaults() {
   e->set_prefix_caching(true);
   e->set_batching("continuous");
   e->set_max_waiting(1024);
-  auto* x = s.mutable_expert();  // as parallel.expert of a job (runtime/job_spec.cpp)
-  x->set_mode("llep");
-  x->set_lambda(1.3);
-  x->set_alpha(1.0);
-  x->set_min_chunk(1024);
-  x->set_eplb_redundant_per_rank(1);
-  auto* rb = x->mutable_rebalance();
-  rb->set_threshold(1.25);
-  rb->set_patience(3);
-  rb->set_cooldown(10);
-  rb->set_decay(0.8);
-  rb->set_min_improvement(0.1);
+  expert_parallel_defaults(*s.mutable_expert());  // as parallel.expert of a job
   s.set_seed(0);
   return s;
 }

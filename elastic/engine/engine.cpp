@@ -207,27 +207,17 @@ void engine::emit_token(sequence& s, int32_t token) {
   std::string piece = eos ? std::string() : s.detok->push(token);
   const stop_chunk c = s.stops->push(piece);
   const bool length = s.generated >= p.max_tokens || static_cast<int64_t>(s.tokens.size()) >= max_positions_;
-  if (c.stopped || eos || length) {
-    if (!c.text.empty()) {
-      engine_event e;
-      e.text = c.text;
-      e.token_ids = std::move(s.pending_ids);
-      s.pending_ids.clear();
-      e.prompt_tokens = s.prompt_len;
-      e.completion_tokens = s.generated;
-      if (s.req.on_event) s.req.on_event(e);
-    }
-    finish(s, c.stopped || eos ? "stop" : "length");
-    return;
+  // Empty text: bytes of a character, or text that may start a stop string — nothing to show yet.
+  if (!c.text.empty()) {
+    engine_event e;
+    e.text = c.text;
+    e.token_ids = std::move(s.pending_ids);
+    s.pending_ids.clear();
+    e.prompt_tokens = s.prompt_len;
+    e.completion_tokens = s.generated;
+    if (s.req.on_event) s.req.on_event(e);
   }
-  if (c.text.empty()) return;  // bytes of a character, or text that may start a stop string
-  engine_event e;
-  e.text = c.text;
-  e.token_ids = std::move(s.pending_ids);
-  s.pending_ids.clear();
-  e.prompt_tokens = s.prompt_len;
-  e.completion_tokens = s.generated;
-  if (s.req.on_event) s.req.on_event(e);
+  if (c.stopped || eos || length) finish(s, c.stopped || eos ? "stop" : "length");
 }
 
 // The latest-arrived running sequence other than... any: freed and requeued first (invariant 3).
