@@ -15,6 +15,7 @@
 #include "parallel/data/chat_template.h"
 #include "runtime/error.h"
 #include "tests/unit/tmp_dir.h"
+#include "tests/unit/expect_error.h"
 
 using namespace troupe::parallel;
 using json = nlohmann::json;
@@ -35,16 +36,7 @@ const json& expected() {
 
 std::vector<int32_t> ids_of(const json& a) { return a.get<std::vector<int32_t>>(); }
 
-template <typename F>
-error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a troupe::runtime::error";
-  return error(errc::internal, "none");
-}
+using troupe_test::expect_error;
 
 class bpe_fixture : public ::testing::TestWithParam<std::string> {};
 

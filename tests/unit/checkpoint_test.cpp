@@ -24,6 +24,7 @@
 #include "runtime/error.h"
 #include "runtime/io/safetensors.h"
 #include "tests/unit/tmp_dir.h"
+#include "tests/unit/expect_error.h"
 
 namespace fs = std::filesystem;
 using namespace troupe::parallel;
@@ -33,16 +34,7 @@ using troupe::runtime::tensor;
 
 namespace {
 
-template <typename F>
-error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a troupe error";
-  return error(errc::internal, "no error");
-}
+using troupe_test::expect_error;
 
 #define EXPECT_HAS(haystack, needle) \
   EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "'" << (needle) << "' not in: " << (haystack)

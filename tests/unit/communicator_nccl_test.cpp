@@ -16,21 +16,13 @@
 #include "runtime/communicator_nccl.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
+#include "tests/unit/expect_error.h"
 
 using namespace troupe::runtime;
 
 namespace {
 
-template <typename F>
-error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a troupe error";
-  return error(errc::internal, "no error");
-}
+using troupe_test::expect_error;
 
 }  // namespace
 

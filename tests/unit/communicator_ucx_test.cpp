@@ -17,6 +17,7 @@
 #include "runtime/communicator_check.h"
 #include "runtime/communicator_ucx.h"
 #include "runtime/error.h"
+#include "tests/unit/expect_error.h"
 
 using namespace troupe::runtime;
 
@@ -114,16 +115,7 @@ class flag {
   bool on_ = false;
 };
 
-template <typename F>
-error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a troupe error";
-  return error(errc::internal, "no error");
-}
+using troupe_test::expect_error;
 
 }  // namespace
 

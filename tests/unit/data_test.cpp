@@ -18,6 +18,7 @@
 #include "parallel/data/token_file.h"
 #include "runtime/error.h"
 #include "tests/unit/tmp_dir.h"
+#include "tests/unit/expect_error.h"
 
 namespace fs = std::filesystem;
 using namespace troupe::parallel;
@@ -26,16 +27,7 @@ using troupe::runtime::error;
 
 namespace {
 
-template <typename F>
-error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a troupe error";
-  return error(errc::internal, "no error");
-}
+using troupe_test::expect_error;
 
 void write_bytes(const std::string& path, const void* p, size_t n) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
