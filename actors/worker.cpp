@@ -348,6 +348,8 @@ bool worker_context::group_over() const {
   return shared_->epoch != epoch_ || shared_->state == worker_shared::phase::finished;
 }
 
+caf::actor_system& worker_context::system() const { return *shared_->system; }
+
 worker::worker(caf::actor_system& system, worker_options options) : shared_(std::make_shared<worker_shared>()) {
   shared_->system = &system;
   shared_->o = std::move(options);

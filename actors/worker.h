@@ -80,6 +80,8 @@ class worker_context {
   int64_t placement_version(int layer) const;
   std::optional<control::PlacementUpdate> placement_update(int layer, int64_t version) const;
   bool group_over() const;  // a newer epoch or a shutdown arrived
+  // This process's actor system (a command may spawn actors of its own, e.g. the serve scheduler).
+  caf::actor_system& system() const;
 
  private:
   std::shared_ptr<worker_shared> shared_;

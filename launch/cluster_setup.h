@@ -43,6 +43,18 @@ std::unique_ptr<runtime::mpi_session>& mpi_session_of_process();
 // Starts MPI when the rank came from mpirun's environment (idempotent).
 void start_mpi_if_launched(const rank_info& r);
 
+// Registers a command's communicators with its worker for as long as it lives, so they are aborted
+// when the group ends (worker.h invariant 2).
+struct active_guard {
+  actors::worker_context& ctx;
+  active_guard(actors::worker_context& c, std::vector<runtime::communicator*> comms) : ctx(c) {
+    ctx.set_active(std::move(comms));
+  }
+  ~active_guard() { ctx.set_active(nullptr); }
+  active_guard(const active_guard&) = delete;
+  active_guard& operator=(const active_guard&) = delete;
+};
+
 // Backends built in and usable in this launch: mpi (under mpirun), ucx, nccl (with a GPU).
 // `request` is "all", "none" or a comma list.
 std::vector<std::string> available_backends(const std::string& request = "all");

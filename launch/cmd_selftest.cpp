@@ -66,13 +66,6 @@ std::unique_ptr<runtime::communicator> make_comm(const std::string& backend, act
   return make_group_comm(backend, ctx, local_rank, dev);
 }
 
-// Clears the active communicator even when a check throws.
-struct active_guard {
-  actors::worker_context& ctx;
-  active_guard(actors::worker_context& c, runtime::communicator* comm) : ctx(c) { ctx.set_active(comm); }
-  ~active_guard() { ctx.set_active(nullptr); }
-};
-
 void run_selftest(const Command& cmd, actors::worker_context& ctx, control::StatsReport& rep, int local_rank) {
   bool all_ok = true;
   for (const auto& backend : split_list(cmd.args().at("backends"))) {
@@ -80,7 +73,7 @@ void run_selftest(const Command& cmd, actors::worker_context& ctx, control::Stat
     try {
       runtime::device dev = runtime::device::cpu();
       auto comm = make_comm(backend, ctx, local_rank, &dev);
-      active_guard guard(ctx, comm.get());
+      active_guard guard(ctx, {comm.get()});  // cleared even when a check throws
       runtime::comm_check_options co;
       co.dev = dev;
       const auto results = check_communicator(*comm, co);
@@ -124,7 +117,7 @@ void run_loop(const Command& cmd, actors::worker_context& ctx, control::StatsRep
   const int64_t iterations = std::stoll(cmd.args().at("iterations"));
   const int sleep_ms = std::stoi(cmd.args().at("sleep_ms"));
   auto comm = make_comm(cmd.args().at("backend"), ctx, local_rank, nullptr);
-  active_guard guard(ctx, comm.get());
+  active_guard guard(ctx, {comm.get()});  // cleared even when a check throws
   log::info("collective loop running: pid {}, group rank {} of {}, epoch {}, backend {}", ::getpid(),
             ctx.group_rank(), ctx.group_size(), ctx.epoch(), comm->backend());
   const int64_t n = 4096;

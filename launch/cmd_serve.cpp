@@ -1,22 +1,45 @@
-// `troupe serve serve.yaml [--set key=value ...]`: loads the HF checkpoint, starts the serving
-// engine (continuous batching, paged KV cache with prefix caching) and the OpenAI-compatible
-// HTTP server (127.0.0.1 by default) in this process, and serves until SIGINT / SIGTERM.
+// `troupe serve serve.yaml [--set key=value ...]`: serves a HF checkpoint over an OpenAI-compatible
+// HTTP API (127.0.0.1 by default) until SIGINT / SIGTERM, on engine.ranks worker ranks.
 //
-//   troupe serve examples/serve_moe/serve.yaml --set server.port=0    # prints the bound port
+//   troupe serve examples/serve_moe/serve.yaml --set server.port=0           # one rank; prints the port
+//   troupe-launch -n 2 -- troupe serve examples/serve_moe/serve.yaml --set engine.ranks=2
+//
+// Every rank is a worker actor of the cluster (actors/cluster.h) and runs the SERVE command. The
+// ranks form an expert-parallel group: each holds the dense weights, its share of the experts
+// (ep_shard_weights, native placement contiguous) and a replica of the paged KV cache. Rank 0 hosts
+// the scheduler actor (actors/serve_scheduler.h) driving the engine and the HTTP server; each model
+// step it runs is sent to the other ranks (elastic/engine/executor.h), whose MoE layers take their
+// slice of the batch through the LLEP layer (parallel/ep/ep_serve_runner.h).
+//
+// Signals: rank 0 stops on SIGINT / SIGTERM (the HTTP server first, then the scheduler: requests
+// left end with "abort", the other ranks are told to stop and return). The other ranks ignore the
+// first signal (troupe-launch and mpirun send it to every rank; they stop when rank 0 ends the
+// group) and exit at once on a second.
 #include <fmt/format.h>
 #include <signal.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "actors/serve_scheduler.h"
 #include "elastic/engine/engine.h"
+#include "elastic/engine/executor.h"
 #include "elastic/server/engine_backend.h"
 #include "elastic/server/http_server.h"
+#include "launch/cluster_setup.h"
 #include "launch/commands.h"
 #include "parallel/data/bpe_tokenizer.h"
+#include "parallel/ep/ep_serve_runner.h"
+#include "parallel/ep/ep_shard.h"
 #include "parallel/model/decoder.h"
 #include "parallel/model/model_weights.h"
 #include "runtime/error.h"
@@ -28,10 +51,21 @@ namespace troupe::launch {
 
 namespace {
 
+using control::Command;
 using runtime::errc;
 
-// A quarter of MemAvailable (/proc/meminfo), at most 4 GiB: the KV cache when none is given.
-size_t auto_kv_bytes() {
+struct serve_options {
+  std::string spec;
+  std::vector<std::string> sets;
+  int threads = 0;
+  std::string backend = "auto";
+  int join_timeout_ms = 60000;
+  int heartbeat_timeout_ms = 10000;
+};
+
+// A quarter of MemAvailable (/proc/meminfo), at most 4 GiB, shared by the ranks on this host: the
+// KV cache when none is given.
+size_t auto_kv_bytes(int local_ranks) {
   std::ifstream in("/proc/meminfo");
   std::string key;
   size_t kib = 0, avail = 0;
@@ -39,34 +73,53 @@ size_t auto_kv_bytes() {
   while (in >> key >> kib >> unit)
     if (key == "MemAvailable:") avail = kib * 1024;
   if (avail == 0) avail = size_t{1} << 30;
-  return std::min(avail / 4, size_t{4} << 30);
+  return std::min(avail / 4, size_t{4} << 30) / static_cast<size_t>(std::max(local_ranks, 1));
 }
 
-int serve(const std::string& path, const std::vector<std::string>& sets, int threads) {
-  const serve::ServeSpec spec = runtime::load_serve_spec(path, sets);
-  TROUPE_CHECK(spec.engine().ranks() == 1, errc::unsupported,
-               "{}: engine.ranks = {}: serving across expert-parallel worker ranks is not built yet (issue #8); "
-               "use engine.ranks: 1",
-               path, spec.engine().ranks());
-  if (threads > 0) runtime::set_num_threads(threads);
-  parallel::model_weights w = parallel::model_weights::load(spec.model());
-  parallel::decoder dec(w);
+// SIGINT / SIGTERM set a flag (a handler, not a blocked mask: threads made before main(), such as
+// OpenBLAS's, would still take the default action). Rank 0 polls it; on the other ranks the first
+// one is noted and a second one exits at once.
+std::atomic<int> g_signals{0};
+std::atomic<int> g_last_signal{0};
+bool g_follower = false;
+
+void on_stop_signal(int sig) {
+  g_last_signal.store(sig);
+  if (g_signals.fetch_add(1) >= 1 && g_follower) std::_Exit(128 + sig);
+}
+
+void install_stop_handlers(bool follower) {
+  g_follower = follower;
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+}
+
+// Rank 0: the engine, the scheduler actor and the HTTP server, until a signal or the group's end.
+void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
+          const parallel::model_weights& w, const parallel::decoder& dec, int64_t blocks,
+          runtime::communicator* group) {
   std::unique_ptr<parallel::text_tokenizer> tok =
       parallel::load_tokenizer(spec.tokenizer().empty() ? spec.model() : spec.tokenizer());
+  std::unique_ptr<elastic::model_executor> exec;
+  if (group) exec = std::make_unique<elastic::group_executor>(dec, blocks, spec.engine().block_size(), *group);
+  else exec = std::make_unique<elastic::local_executor>(dec, blocks, spec.engine().block_size());
   elastic::engine_options eo;
-  eo.block_size = spec.engine().block_size();
-  const int64_t kv = runtime::serve_kv_cache_bytes(spec);
-  eo.kv_cache_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes();
   eo.max_batch_tokens = spec.engine().max_batch_tokens();
   eo.max_running = spec.engine().max_running();
   eo.max_waiting = spec.engine().max_waiting();
   eo.prefix_caching = spec.engine().prefix_caching();
   eo.static_batching = spec.engine().batching() == "static";
-  elastic::engine eng(dec, *tok, eo);
+  elastic::engine eng(*exec, *tok, eo);
+  actors::serve_scheduler_client sched(ctx.system(), eng);
   const std::string name = spec.served_model_name().empty()
                                ? std::filesystem::path(spec.model()).lexically_normal().filename().string()
                                : spec.served_model_name();
-  elastic::engine_backend backend(eng, *tok, name.empty() ? "model" : name, static_cast<uint64_t>(spec.seed()));
+  elastic::engine_backend backend(eng, *tok, name.empty() ? "model" : name, static_cast<uint64_t>(spec.seed()),
+                                  &sched);
   elastic::http_options ho;
   ho.host = spec.server().host();
   ho.port = static_cast<int>(spec.server().port());
@@ -77,46 +130,150 @@ int serve(const std::string& path, const std::vector<std::string>& sets, int thr
   ho.limits.max_prompt_tokens = spec.server().max_prompt_tokens() > 0 ? spec.server().max_prompt_tokens()
                                                                       : w.config().max_position_embeddings - 1;
   elastic::http_server server(backend, ho);
-
-  // SIGINT / SIGTERM end the server: blocked here (inherited by every thread), waited for below.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  eng.start();
   server.start();
-  fmt::print("troupe serve: {} ({}, {} parameters) on http://{}:{} — {} KV blocks of {} tokens, {} batching{}\n",
-             name, runtime::model_family_name(w.config().family), w.parameter_count(), ho.host, server.port(),
-             eng.num_blocks(), eo.block_size, eo.static_batching ? "static" : "continuous",
+  const int P = group ? group->size() : 1;
+  fmt::print("troupe serve: {} ({}, {} parameters) on http://{}:{} — {} rank(s){}, {} KV blocks of {} tokens, {} "
+             "batching{}\n",
+             name, runtime::model_family_name(w.config().family), total_parameters(w.config()), ho.host, server.port(), P,
+             P > 1 && w.config().is_moe() ? fmt::format(" (experts {} per rank, {})", w.config().n_experts / P,
+                                                        parallel::ep::ep_mode_name(
+                                                            parallel::ep::ep_options_from(spec.expert()).mode))
+                                          : std::string(),
+             eng.num_blocks(), eng.options().block_size, eo.static_batching ? "static" : "continuous",
              ho.api_key.empty() ? "" : ", API key required");
   std::fflush(stdout);
-  int sig = 0;
-  sigwait(&sigs, &sig);
-  runtime::log::info("serve: signal {}: stopping", sig);
+  std::string why;
+  for (;;) {
+    if (g_signals.load() > 0) {
+      why = fmt::format("signal {}", g_last_signal.load());
+      break;
+    }
+    if (ctx.group_over()) {
+      why = "the group ended";
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  runtime::log::info("serve: {}: stopping", why);
   server.stop();
-  eng.stop();
+  sched.stop();  // the engine's shutdown: aborts what is left, tells the other ranks to stop
   const auto st = eng.stats();
   fmt::print("troupe serve: stopped; {} requests finished, {} aborted, {} tokens generated, prefix hit rate {:.3f}\n",
              st.finished, st.aborted, st.generated_tokens, st.kv.hit_rate());
-  return 0;
+  std::fflush(stdout);
+  rep.add_lines(fmt::format("{} requests, {} tokens generated, {} iterations", st.finished, st.generated_tokens,
+                            st.iterations));
+  TROUPE_CHECK(why != "the group ended", errc::aborted, "rank 0: serving stopped: the group ended (a rank was lost)");
+}
+
+// One rank's part, on the worker's compute thread.
+void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
+               const serve_options& o, const rank_info& r) {
+  const int rank = ctx.group_rank(), world = ctx.group_size();
+  std::string backend = o.backend;
+  if (backend == "auto") backend = mpi_session_of_process() ? "mpi" : "ucx";
+  // The MoE layers' tokens (and the steps from rank 0) on one communicator, borrowed expert weights
+  // on a second one beside it (ep_layer.h). A day-long timeout: a quiet server's group hears a
+  // keepalive every 5 s, a dead rank is found by the supervisor's heartbeats.
+  std::unique_ptr<runtime::communicator> epc, epw;
+  if (world > 1) {
+    std::vector<int> all(static_cast<size_t>(world));
+    for (int i = 0; i < world; ++i) all[static_cast<size_t>(i)] = i;
+    epc = make_subgroup_comm(backend, ctx, all, 0, "serve", 600000);
+    epw = make_subgroup_comm(backend, ctx, all, 0, "serve_weights", 600000);
+  }
+  active_guard guard(ctx, {epc.get(), epw.get()});
+  parallel::model_weights w = parallel::model_weights::load(spec.model());
+  std::unique_ptr<parallel::ep::ep_serve_runner> moe;
+  if (w.config().is_moe()) {
+    if (world > 1) {
+      parallel::ep::ep_context c;
+      c.tokens = epc.get();
+      c.weights = epw.get();
+      c.placement = parallel::ep::ep_placement::contiguous(w.config().n_experts, world);
+      c.options = parallel::ep::ep_options_from(spec.expert());
+      parallel::ep::ep_shard_weights(w, c.placement, rank);
+      moe = std::make_unique<parallel::ep::ep_serve_runner>(std::move(c));
+    } else {
+      moe = std::make_unique<parallel::ep::ep_serve_runner>();
+    }
+  }
+  parallel::decoder dec(w);
+  if (moe) dec.set_expert_parallel(moe.get());
+  const int64_t kv = runtime::serve_kv_cache_bytes(spec);
+  const size_t kv_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes(r.local_world_size);
+  const int64_t bs = spec.engine().block_size();
+  const int64_t blocks = parallel::paged_kv_store::blocks_for_budget(w.config(), bs, kv_bytes);
+  TROUPE_CHECK(blocks >= 1, errc::invalid_argument,
+               "rank {}: a KV cache of {} bytes holds no block of {} tokens ({} bytes each); raise "
+               "engine.kv_cache_memory",
+               rank, kv_bytes, bs, parallel::paged_kv_store::bytes_per_block(w.config(), bs));
+  if (rank != 0) {
+    // A signal here waits for rank 0 (troupe-launch and mpirun signal every rank); a second exits.
+    const int64_t steps = elastic::follow_group(dec, blocks, bs, *epc);
+    rep.add_lines(fmt::format("rank {}: followed {} model steps", rank, steps));
+    return;
+  }
+  lead(ctx, rep, spec, w, dec, blocks, epc.get());
+}
+
+int drive(actors::supervisor_client& sup, const serve_options& o) {
+  sup.wait_for_group(o.join_timeout_ms);
+  Command c;
+  c.set_id(1);
+  c.set_kind(Command::SERVE);
+  (*c.mutable_args())["spec"] = o.spec;
+  bool ok = true;
+  // Until rank 0 stops serving: the longest a request to the supervisor can wait (~24 days).
+  for (const auto& rep : sup.run(c, std::numeric_limits<int>::max())) {
+    if (!rep.ok()) {
+      ok = false;
+      fmt::print("rank {}: FAILED: {}\n", rep.rank(), rep.error());
+    }
+  }
+  std::fflush(stdout);
+  sup.shutdown(ok ? "serving done" : "serving failed", ok ? 0 : 1);
+  return ok ? 0 : 1;
+}
+
+int serve(const serve_options& o) {
+  const rank_info r = discover_rank();
+  install_stop_handlers(/*follower=*/r.rank != 0);
+  if (r.world_size > 1) runtime::log::set_rank(r.rank);
+  const serve::ServeSpec spec = runtime::load_serve_spec(o.spec, o.sets);
+  TROUPE_CHECK(spec.engine().ranks() == r.world_size, errc::invalid_argument,
+               "{}: engine.ranks = {}, but troupe serve was launched on {} rank(s) (use troupe-launch -n {} or "
+               "mpirun -np {}, or --set engine.ranks={})",
+               o.spec, spec.engine().ranks(), r.world_size, spec.engine().ranks(), spec.engine().ranks(),
+               r.world_size);
+  if (o.threads > 0) runtime::set_num_threads(o.threads);
+  else if (std::getenv("TROUPE_NUM_THREADS") == nullptr)
+    runtime::set_num_threads(std::max(1, runtime::hardware_threads() / std::max(1, r.local_world_size)));
+  cluster_setup_options so;
+  so.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
+  so.join_timeout_ms = o.join_timeout_ms;
+  start_mpi_if_launched(r);
+  so.backends = available_backends("all");
+  actors::cluster_node node(cluster_options_for(r, so));
+  node.local_worker().on(Command::SERVE, [&](const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
+    run_serve(ctx, rep, spec, o, r);
+  });
+  return run_cluster_node(node, "serve", [&](actors::supervisor_client& sup) { return drive(sup, o); });
 }
 
 }  // namespace
 
 void register_serve(CLI::App& app) {
-  struct opts {
-    std::string spec;
-    std::vector<std::string> sets;
-    int threads = 0;
-  };
-  auto o = std::make_shared<opts>();
+  auto o = std::make_shared<serve_options>();
   auto* cmd = app.add_subcommand("serve", "serve a model over an OpenAI-compatible HTTP API (serve.yaml)");
   cmd->add_option("spec", o->spec, "the serve spec (YAML; see examples/serve_moe/serve.yaml)")->required();
   cmd->add_option("--set", o->sets, "override a key: --set server.port=0 (repeatable)");
-  cmd->add_option("--threads", o->threads, "CPU threads (0 = TROUPE_NUM_THREADS or all cores)");
+  cmd->add_option("--threads", o->threads, "CPU threads per rank (0 = TROUPE_NUM_THREADS or the cores / local ranks)");
+  cmd->add_option("--backend", o->backend, "communicator between ranks: auto (mpi under mpirun, else ucx), mpi, ucx");
+  cmd->add_option("--join-timeout-ms", o->join_timeout_ms, "every rank must join within this");
+  cmd->add_option("--heartbeat-timeout-ms", o->heartbeat_timeout_ms, "silence after which a rank is lost");
   cmd->callback([o] {
-    const int code = serve(o->spec, o->sets, o->threads);
+    const int code = serve(*o);
     if (code != 0) throw CLI::RuntimeError(code);
   });
 }

@@ -51,24 +51,6 @@ struct train_options {
   int join_timeout_ms = 60000;
 };
 
-struct active_guard {
-  actors::worker_context& ctx;
-  active_guard(actors::worker_context& c, std::vector<runtime::communicator*> comms) : ctx(c) {
-    ctx.set_active(std::move(comms));
-  }
-  ~active_guard() { ctx.set_active(nullptr); }
-};
-
-int64_t total_parameters(const runtime::model_config& c) {  // every rank's, under parallel.ep too
-  int64_t n = 0;
-  for (const auto& [name, shape] : parallel::model_weights::specs(c)) {
-    int64_t k = 1;
-    for (int64_t d : shape) k *= d;
-    n += k;
-  }
-  return n;
-}
-
 // One rank's whole job, on the worker's compute thread.
 void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsReport& rep, const job::JobSpec& spec,
                const train_options& o, const rank_info& r) {

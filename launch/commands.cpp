@@ -1,5 +1,7 @@
 #include "launch/commands.h"
 
+#include "parallel/model/model_weights.h"
+
 namespace troupe::launch {
 
 void register_commands(CLI::App& app) {
@@ -13,6 +15,16 @@ void register_commands(CLI::App& app) {
   register_membench(app);
   register_train(app);
   register_serve(app);
+}
+
+int64_t total_parameters(const runtime::model_config& c) {
+  int64_t n = 0;
+  for (const auto& [name, shape] : parallel::model_weights::specs(c)) {
+    int64_t k = 1;
+    for (int64_t d : shape) k *= d;
+    n += k;
+  }
+  return n;
 }
 
 }  // namespace troupe::launch

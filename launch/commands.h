@@ -7,6 +7,10 @@
 #pragma once
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
+
+#include "runtime/io/hf_config.h"
+
 namespace troupe::launch {
 
 void register_commands(CLI::App& app);
@@ -21,5 +25,8 @@ void register_report(CLI::App& app);    // cmd_report.cpp
 void register_plan(CLI::App& app);      // cmd_plan.cpp
 void register_membench(CLI::App& app);  // cmd_membench.cpp
 void register_serve(CLI::App& app);     // cmd_serve.cpp
+
+// The model's parameters, every rank's (a rank holding only its experts counts them all).
+int64_t total_parameters(const runtime::model_config& c);
 
 }  // namespace troupe::launch

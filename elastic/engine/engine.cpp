@@ -76,26 +76,44 @@ struct engine::sequence {
   std::vector<int32_t> pending_ids;  // generated since the last event
 };
 
-engine::engine(const parallel::decoder& dec, const parallel::text_tokenizer& tok, engine_options o)
-    : dec_(dec), tok_(tok), o_(o),
-      store_(dec.config(), o.num_blocks > 0 ? o.num_blocks
-                                            : parallel::paged_kv_store::blocks_for_budget(dec.config(), o.block_size,
-                                                                                          o.kv_cache_bytes),
-             o.block_size),
-      kv_(std::max<int64_t>(store_.num_blocks(), 1), o.block_size,
-          o.prefix_caching ? kv_block_hash_fn(kv_block_hash)
-                           : kv_block_hash_fn([n = uint64_t{0}](uint64_t, std::span<const int32_t>) mutable {
-                               return ++n;  // every block unique: nothing is ever shared
-                             })),
-      ttft_(latency_bounds()), tpot_(latency_bounds()) {
-  TROUPE_CHECK(store_.num_blocks() >= 1, errc::invalid_argument,
+namespace {
+int64_t local_blocks(const parallel::decoder& dec, const engine_options& o) {
+  const int64_t n = o.num_blocks > 0 ? o.num_blocks
+                                     : parallel::paged_kv_store::blocks_for_budget(dec.config(), o.block_size,
+                                                                                   o.kv_cache_bytes);
+  TROUPE_CHECK(n >= 1, errc::invalid_argument,
                "engine: a KV cache of {} bytes holds no block of {} tokens ({} bytes each); raise "
                "engine.kv_cache_memory",
                o.kv_cache_bytes, o.block_size, parallel::paged_kv_store::bytes_per_block(dec.config(), o.block_size));
+  return n;
+}
+kv_block_hash_fn block_hash(bool prefix_caching) {
+  if (prefix_caching) return kv_block_hash_fn(kv_block_hash);
+  return kv_block_hash_fn([n = uint64_t{0}](uint64_t, std::span<const int32_t>) mutable {
+    return ++n;  // every block unique: nothing is ever shared
+  });
+}
+}  // namespace
+
+engine::engine(const parallel::decoder& dec, const parallel::text_tokenizer& tok, engine_options o)
+    : engine(std::make_unique<local_executor>(dec, local_blocks(dec, o), o.block_size), tok, o) {}
+
+engine::engine(std::unique_ptr<model_executor> own, const parallel::text_tokenizer& tok, engine_options o)
+    : engine(*own, tok, o) {
+  own_exec_ = std::move(own);
+}
+
+engine::engine(model_executor& exec, const parallel::text_tokenizer& tok, engine_options o)
+    : exec_(&exec), tok_(tok), o_(o),
+      kv_(std::max<int64_t>(exec.num_blocks(), 1), exec.block_size(), block_hash(o.prefix_caching)),
+      ttft_(latency_bounds()), tpot_(latency_bounds()) {
+  o_.block_size = exec.block_size();
+  o_.num_blocks = exec.num_blocks();
+  TROUPE_CHECK(exec.num_blocks() >= 1, errc::invalid_argument, "engine: the executor's KV store has no block");
   TROUPE_CHECK(o.max_batch_tokens >= 1 && o.max_running >= 1 && o.max_waiting >= 1, errc::invalid_argument,
                "engine: max_batch_tokens, max_running and max_waiting must be >= 1");
-  vocab_ = dec.config().vocab_size;
-  max_positions_ = dec.config().max_position_embeddings;
+  vocab_ = exec.config().vocab_size;
+  max_positions_ = exec.config().max_position_embeddings;
   stats_.kv = kv_.stats();
 }
 
@@ -310,8 +328,12 @@ bool engine::step() {
                                                                  static_cast<size_t>(s->scheduled)),
                     s->computed, kv_.block_table(s->kv_id)});
   runtime::tensor logits;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& q : seqs) stats_.model_tokens += static_cast<int64_t>(q.tokens.size());
+  }
   try {
-    logits = parallel::forward_batch(dec_, seqs, store_);
+    logits = exec_->execute(seqs);
   } catch (const std::exception& e) {
     log::error("engine: the model step failed: {}", e.what());
     for (sequence* s : batch) finish(*s, "error", e.what());
@@ -357,10 +379,16 @@ void engine::start() {
   TROUPE_CHECK(!loop_.joinable(), errc::invalid_argument, "engine: already started");
   stop_ = false;
   loop_ = std::thread([this] {
+    auto last = clk::now();
     while (!stop_) {
       bool worked = false;
       try {
         worked = step();
+        if (worked) last = clk::now();
+        else if (clk::now() - last > std::chrono::seconds(5)) {
+          keepalive();
+          last = clk::now();
+        }
       } catch (const std::exception& e) {
         log::error("engine: iteration failed: {}", e.what());
       }
@@ -370,13 +398,33 @@ void engine::start() {
                      [&] { return stop_.load() || !inbox_.empty() || !aborts_.empty(); });
       }
     }
-    // Whatever is left ends with "abort".
-    take_inbox();
-    for (auto& s : running_) finish(*s, "abort");
-    for (auto& s : waiting_) finish(*s, "abort");
-    running_.clear();
-    waiting_.clear();
+    shutdown();
   });
+}
+
+void engine::shutdown() {
+  // Whatever is left ends with "abort"; then a group's other ranks stop (invariant 6).
+  take_inbox();
+  for (auto& s : running_) finish(*s, "abort");
+  for (auto& s : waiting_) finish(*s, "abort");
+  running_.clear();
+  waiting_.clear();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stats_.waiting = 0;
+    stats_.running = 0;
+    stats_.kv = kv_.stats();
+  }
+  try {
+    exec_->finish();
+  } catch (const std::exception& e) {
+    log::error("engine: could not end the executor: {}", e.what());
+  }
+}
+
+bool engine::inbox_pending() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return !inbox_.empty() || !aborts_.empty();
 }
 
 void engine::stop() {
@@ -418,6 +466,21 @@ std::string engine::metrics_text() const {
       "troupe_prompt_tokens_total {}\n",
       stats_.waiting + static_cast<int64_t>(inbox_.size()), stats_.running, stats_.kv.usage(), stats_.kv.hit_rate(),
       stats_.preemptions, stats_.generated_tokens, stats_.prompt_tokens);
+  out += fmt::format("# HELP troupe_engine_ranks Worker ranks running each model step.\n"
+                     "# TYPE troupe_engine_ranks gauge\ntroupe_engine_ranks {}\n",
+                     exec_->ranks());
+  const auto loads = exec_->expert_loads();
+  if (!loads.empty()) {
+    out += "# HELP troupe_expert_load_rows_total Token rows routed to each expert (top-k), by MoE layer.\n"
+           "# TYPE troupe_expert_load_rows_total counter\n";
+    for (const auto& [layer, rows] : loads)
+      for (size_t e = 0; e < rows.size(); ++e)
+        out += fmt::format("troupe_expert_load_rows_total{{layer=\"{}\",expert=\"{}\"}} {}\n", layer, e, rows[e]);
+    out += fmt::format("# HELP troupe_expert_rank_max_over_mean Rows per rank of the last step's expert-parallel "
+                       "plans: max / mean (1 = balanced).\n# TYPE troupe_expert_rank_max_over_mean gauge\n"
+                       "troupe_expert_rank_max_over_mean {}\n",
+                       exec_->expert_balance());
+  }
   return out;
 }
 

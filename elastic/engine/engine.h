@@ -3,7 +3,8 @@
 // by KV memory, preemption by recompute, per-request sampling and stop handling (sampling.h),
 // detokenized text streamed per request.
 //
-//   engine eng(dec, *tokenizer, {.block_size = 16, .kv_cache_bytes = 64 << 20});
+//   engine eng(dec, *tokenizer, {.block_size = 16, .kv_cache_bytes = 64 << 20});   // this rank alone
+//   engine eng(executor, *tokenizer, opts);   // the model step behind executor.h (e.g. an EP group)
 //   eng.start();                                            // the iteration loop on its own thread
 //   eng.submit({.id = "cmpl-1", .prompt = ids, .params = p, .on_event = [](const engine_event& e) {...}});
 //   eng.abort("cmpl-1");                                    // frees its blocks at the next iteration
@@ -23,7 +24,9 @@
 //   4. Every request gets exactly one finished event (stop | length | abort | error) after its
 //      text events; its blocks are freed before it. Events run on the engine thread.
 //   5. Greedy output equals parallel::generate_greedy on the same prompt, token for token,
-//      whatever shares the batch (forward_batch.h invariant 3).
+//      whatever shares the batch (forward_batch.h invariant 3), on one rank or a group
+//      (executor.h invariant 2, ep_serve_runner.h invariant 2).
+//   6. stop() ends the executor (a group's other ranks return) after the last iteration.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -38,6 +41,7 @@
 #include <thread>
 #include <vector>
 
+#include "elastic/engine/executor.h"
 #include "elastic/engine/kv_blocks.h"
 #include "elastic/engine/sampling.h"
 #include "parallel/data/bpe_tokenizer.h"
@@ -47,6 +51,8 @@
 namespace troupe::elastic {
 
 struct engine_options {
+  // The paged KV store, when the engine makes its own executor (the decoder constructor); an
+  // executor brings its store.
   int64_t block_size = 16;
   size_t kv_cache_bytes = size_t{64} << 20;  // the paged KV store's budget
   int64_t num_blocks = 0;                    // > 0: exactly this many blocks (overrides the bytes)
@@ -95,12 +101,25 @@ struct engine_stats {
   int64_t waiting = 0, running = 0;
   int64_t iterations = 0, preemptions = 0, finished = 0, aborted = 0;
   int64_t prompt_tokens = 0, computed_prompt_tokens = 0, generated_tokens = 0;
+  int64_t model_tokens = 0;  // every token a model step ran: prefill chunks, decodes, recomputation
   kv_block_stats kv;
 };
 
-class engine {
+// What takes requests for an engine: the engine itself (start() runs its own loop) or a scheduler
+// that owns its loop (actors/serve_scheduler.h). Both thread-safe; submit throws like engine::submit.
+class request_sink {
  public:
+  virtual ~request_sink() = default;
+  virtual void submit(engine_request r) = 0;
+  virtual void abort(const std::string& id) = 0;
+};
+
+class engine final : public request_sink {
+ public:
+  // This rank alone: a local_executor over a store of o.num_blocks or o.kv_cache_bytes.
   engine(const parallel::decoder& dec, const parallel::text_tokenizer& tok, engine_options o);
+  // The model step behind `exec` (its store's blocks and block size; o's are ignored).
+  engine(model_executor& exec, const parallel::text_tokenizer& tok, engine_options o);
   ~engine();
   engine(const engine&) = delete;
   engine& operator=(const engine&) = delete;
@@ -108,33 +127,43 @@ class engine {
   // Thread-safe. Throws errc::invalid_argument (bad sampling parameters, an empty prompt, a token
   // id outside the vocabulary, a prompt longer than the model's context) and engine_busy when
   // max_waiting requests wait already; nothing is queued then.
-  void submit(engine_request r);
-  void abort(const std::string& id);  // thread-safe; unknown ids are ignored
+  void submit(engine_request r) override;
+  void abort(const std::string& id) override;  // thread-safe; unknown ids are ignored
 
   // One iteration on the calling thread (tests, benchmarks); false when there was nothing to do.
   bool step();
-  // Runs step() on a thread of its own until stop(); idle waits on the queue.
+  // Every request not finished yet ends with "abort", then the executor ends (a group's other ranks
+  // return). On the thread that runs step(); stop() calls it on the engine's own thread.
+  void shutdown();
+  // On the thread that runs step(), while idle, every few seconds (executor.h keepalive).
+  void keepalive() { exec_->keepalive(); }
+  // Runs step() on a thread of its own until stop(); idle waits on the queue (a keepalive every 5 s).
   void start();
   void stop();
+  // True when submitted requests or aborts have not been taken by an iteration yet.
+  bool inbox_pending() const;
   bool idle() const;
 
   engine_stats stats() const;
-  std::string metrics_text() const;  // Prometheus text: TTFT/TPOT histograms, queue, KV, prefix hits
+  // Prometheus text: TTFT/TPOT histograms, queue, KV, prefix hits, per-expert load (MoE models)
+  std::string metrics_text() const;
   const engine_options& options() const { return o_; }
   int64_t num_blocks() const { return kv_.num_blocks(); }
+  int ranks() const { return exec_->ranks(); }
   int64_t vocab_size() const { return vocab_; }  // the model's
 
  private:
   struct sequence;
+  engine(std::unique_ptr<model_executor> own, const parallel::text_tokenizer& tok, engine_options o);
   void take_inbox();
   void finish(sequence& s, const std::string& reason, const std::string& error = "");
   bool preempt_one(const sequence* for_whom);
   void emit_token(sequence& s, int32_t token);
 
-  const parallel::decoder& dec_;
+  std::unique_ptr<model_executor> own_exec_;
+  model_executor* exec_;
   const parallel::text_tokenizer& tok_;
   engine_options o_;
-  parallel::paged_kv_store store_;
   kv_block_manager kv_;
   int64_t vocab_ = 0, max_positions_ = 0;
 

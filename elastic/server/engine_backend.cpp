@@ -10,9 +10,9 @@
 namespace troupe::elastic {
 
 engine_backend::engine_backend(engine& eng, const parallel::text_tokenizer& tok, std::string model_id,
-                               uint64_t default_seed)
-    : eng_(eng), tok_(tok), template_(parallel::chat_template::from_tokenizer(tok)), model_id_(std::move(model_id)),
-      default_seed_(default_seed) {}
+                               uint64_t default_seed, request_sink* sink)
+    : eng_(eng), sink_(sink ? sink : &eng), tok_(tok), template_(parallel::chat_template::from_tokenizer(tok)),
+      model_id_(std::move(model_id)), default_seed_(default_seed) {}
 
 std::vector<int32_t> engine_backend::prompt_tokens(const completion_request& r) {
   if (r.chat) {
@@ -54,7 +54,7 @@ void engine_backend::submit(const std::string& id, const completion_request& r, 
     cb({e.text, e.token_ids, e.finished, e.finish_reason, e.error, e.prompt_tokens, e.completion_tokens});
   };
   try {
-    eng_.submit(std::move(q));
+    sink_->submit(std::move(q));
   } catch (const engine_busy& e) {
     throw api_error(503, "server_error", fmt::format("the server is full: {}; retry later", e.what()));
   } catch (const runtime::error& e) {

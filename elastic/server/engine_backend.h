@@ -27,16 +27,19 @@ namespace troupe::elastic {
 
 class engine_backend final : public generation_backend {
  public:
-  engine_backend(engine& eng, const parallel::text_tokenizer& tok, std::string model_id, uint64_t default_seed);
+  // sink: where requests go (the scheduler actor, actors/serve_scheduler.h); null = the engine itself.
+  engine_backend(engine& eng, const parallel::text_tokenizer& tok, std::string model_id, uint64_t default_seed,
+                 request_sink* sink = nullptr);
   std::string model_id() const override { return model_id_; }
   std::vector<int32_t> prompt_tokens(const completion_request& r) override;
   void submit(const std::string& id, const completion_request& r, std::vector<int32_t> prompt,
               generation_callback on_event) override;
-  void abort(const std::string& id) override { eng_.abort(id); }
+  void abort(const std::string& id) override { sink_->abort(id); }
   std::string metrics_text() override { return eng_.metrics_text(); }
 
  private:
   engine& eng_;
+  request_sink* sink_;
   const parallel::text_tokenizer& tok_;
   parallel::chat_template template_;
   std::string model_id_;

@@ -9,8 +9,9 @@ namespace troupe::parallel::ep {
 
 using runtime::errc;
 
-ep_options ep_options_from_spec(const job::JobSpec& spec) {
-  const auto& x = spec.parallel().expert();
+ep_options ep_options_from_spec(const job::JobSpec& spec) { return ep_options_from(spec.parallel().expert()); }
+
+ep_options ep_options_from(const job::ExpertParallel& x) {
   ep_options o;
   o.mode = x.mode().empty() ? ep_mode::llep : ep_mode_from(x.mode());
   if (x.lambda() > 0) o.llep.lambda = x.lambda();

@@ -28,6 +28,7 @@ namespace troupe::parallel::ep {
 
 // parallel.expert of a job spec; zeros mean the defaults (ep_plan.h / ep_layer.h).
 ep_options ep_options_from_spec(const job::JobSpec& spec);
+ep_options ep_options_from(const job::ExpertParallel& x);  // the same message in a serve spec
 // parallel.expert.rebalance (enabled is read separately); zeros mean the defaults.
 ep_rebalance_options ep_rebalance_options_from_spec(const job::JobSpec& spec);
 

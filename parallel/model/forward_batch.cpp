@@ -167,6 +167,7 @@ tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs
   layer_scratch s(N, C, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
   for (int64_t l = 0; l < c.n_layers; ++l)
     batch_layer(x.data(), s, w.layers[static_cast<size_t>(l)], c, f, kv, l, dec.expert_parallelism());
+  if (opt.no_logits) return {};
   // Final norm and LM head on the rows that are returned only.
   const int64_t R = opt.all_logits ? N : static_cast<int64_t>(f.last.size());
   std::vector<float> rows(static_cast<size_t>(R * C)), h(rows.size()), rstd(static_cast<size_t>(R));

@@ -45,10 +45,12 @@ struct forward_batch_seq {
 
 struct forward_batch_options {
   bool all_logits = false;  // true: logits of every new token (Nq, V), in batch order
+  bool no_logits = false;   // true: only the KV cache is written; an undefined tensor is returned
+                            // (the other ranks of an expert-parallel serving group)
 };
 
 // -> logits: (n_seqs, V) of each sequence's last new token, or (Nq, V) with opt.all_logits
-//    (Nq = sum of n, sequence 0's tokens first)
+//    (Nq = sum of n, sequence 0's tokens first); nothing with opt.no_logits
 runtime::tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, paged_kv_store& kv,
                               const forward_batch_options& opt = {});
 

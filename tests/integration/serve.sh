@@ -8,6 +8,10 @@
 # D. bad input: malformed JSON, a bad field, a missing API key, a token id outside the vocabulary
 #    -> 4xx with an OpenAI error object; the server keeps serving.
 # E. a client that leaves mid-stream: its request is aborted and its KV blocks freed.
+# F. two expert-parallel ranks under troupe-launch (engine.ranks: 2, each rank holding half the
+#    experts, LLEP): greedy over HTTP = troupe generate on one rank, streamed too; /metrics shows
+#    2 ranks and per-expert loads; SIGTERM to the launcher stops both ranks cleanly; engine.ranks
+#    different from the launched ranks is refused naming both.
 #    (the server: printf-made serve.yaml, a free port printed at start, SIGTERM at the end)
 set -uo pipefail
 troupe="$1"
@@ -119,5 +123,59 @@ grep -q '^troupe_http_client_disconnects_total 1' "$tmp/metrics" || fail "E: the
 grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: the aborted request still holds KV blocks"
 echo "E: a client leaving mid-stream: request aborted, KV blocks freed"
 stop
-grep -q "aborted" "$tmp/server.log" || true
+
+# F. two ranks
+launch="$(dirname "$troupe")/troupe-launch"
+[ -x "$launch" ] || fail "F: no troupe-launch next to $troupe"
+printf 'model: %s\nserver: {port: 0}\nengine: {ranks: 2, block_size: 4, kv_cache_memory: 4MiB}\n' \
+  "$fixtures/mixtral_moe" >"$tmp/serve2.yaml"
+"$troupe" serve "$tmp/serve2.yaml" >"$tmp/refused.log" 2>&1 && fail "F: engine.ranks 2 on one rank was accepted"
+grep -q "engine.ranks = 2, but troupe serve was launched on 1 rank" "$tmp/refused.log" \
+  || fail "F: unclear refusal: $(cat "$tmp/refused.log")"
+"$launch" -n 2 -- "$troupe" serve "$tmp/serve2.yaml" >"$tmp/server.log" 2>&1 &
+pid=$!
+port=""
+for _ in $(seq 1 200); do
+  port=$(sed -n 's/^\[rank 0\] troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$tmp/server.log")
+  [ -n "$port" ] && break
+  kill -0 "$pid" 2>/dev/null || fail "F: the two-rank server exited at start"
+  sleep 0.1
+done
+[ -n "$port" ] || fail "F: the two-rank server did not print its port"
+url="http://127.0.0.1:$port"
+grep -q "2 rank(s) (experts 2 per rank, llep)" "$tmp/server.log" || fail "F: not 2 ranks with 2 experts each"
+prompt="3,17,99,4,4,60,1,2"
+want=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids "$prompt" --max-new-tokens 12 2>/dev/null)
+got=$(post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0}" | ids_of_text)
+[ "$(cat "$tmp/status")" = 200 ] || fail "F: status $(cat "$tmp/status"): $(cat "$tmp/body")"
+[ "$got" = "$want" ] || fail "F: two-rank greedy $got != troupe generate $want"
+# a second prompt and a stream, at once
+curl -sN -d "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0, \"stream\": true}" \
+  "$url/v1/completions" >"$tmp/sse" &
+other=$(post /v1/completions '{"prompt": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], "max_tokens": 9, "temperature": 0}' | ids_of_text)
+want_other=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids 5,6,7,8,9,10,11,12,13,14,15 --max-new-tokens 9 2>/dev/null)
+wait $!
+[ "$other" = "$want_other" ] || fail "F: two-rank greedy (second prompt) $other != $want_other"
+streamed=$(python3 -c "
+import json
+text = ''
+for line in open('$tmp/sse'):
+    if line.startswith('data: {'):
+        text += json.loads(line[6:])['choices'][0]['text']
+print(','.join(str(ord(c)) for c in text))")
+[ "$streamed" = "$want" ] || fail "F: two-rank stream $streamed != $want"
+curl -sf "$url/metrics" >"$tmp/metrics" || fail "F: /metrics"
+grep -q '^troupe_engine_ranks 2$' "$tmp/metrics" || fail "F: /metrics does not say 2 ranks"
+rows=$(sed -n 's/^troupe_expert_load_rows_total{layer="[0-9]*",expert="[0-9]*"} \([0-9]*\)$/\1/p' "$tmp/metrics" \
+       | awk '{s += $1} END {print s + 0}')
+[ -n "$rows" ] && [ "$rows" -gt 0 ] || fail "F: no per-expert loads in /metrics"
+echo "F: two ranks: greedy and streamed = troupe generate, $rows expert rows in /metrics"
+kill -TERM "$pid"
+for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$pid" 2>/dev/null && fail "F: the two-rank server did not stop on SIGTERM"
+wait "$pid"
+pid=""
+grep -q "rank 0 exited: exit code 0" "$tmp/server.log" && grep -q "rank 1 exited: exit code 0" "$tmp/server.log" \
+  || fail "F: a rank did not stop cleanly"
+echo "F: SIGTERM stopped both ranks cleanly"
 echo "serve: all checks passed"

@@ -1,0 +1,139 @@
+// actors/serve_scheduler.cpp — see serve_scheduler.h.
+#include "actors/serve_scheduler.h"
+
+#include <memory>
+#include <tuple>
+
+#include "runtime/error.h"
+#include "runtime/log.h"
+
+// Requests carry callbacks: they stay in this process (never through the middleman).
+using troupe_engine_request_box = std::shared_ptr<troupe::elastic::engine_request>;
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe_engine_request_box)
+
+namespace troupe::actors {
+
+namespace log = runtime::log;
+using runtime::errc;
+
+namespace {
+
+using sched_submit_atom = caf::atom_constant<caf::atom("s_submit")>;
+using sched_abort_atom = caf::atom_constant<caf::atom("s_abort")>;
+using sched_step_atom = caf::atom_constant<caf::atom("s_step")>;
+using sched_stop_atom = caf::atom_constant<caf::atom("s_stop")>;
+using sched_alive_atom = caf::atom_constant<caf::atom("s_alive")>;
+constexpr auto keepalive_every = std::chrono::seconds(5);
+
+// How submit's answer travels: kind 0 accepted, 1 engine_busy, 2 runtime::error(code), 3 other.
+using submit_answer = std::tuple<int32_t, int32_t, std::string>;
+
+struct scheduler_state {
+  bool stepping = false;  // a step message is in flight (invariant 3)
+};
+
+void kick(caf::event_based_actor* self, scheduler_state& st) {
+  if (st.stepping) return;
+  st.stepping = true;
+  self->send(self, sched_step_atom::value);
+}
+
+}  // namespace
+
+caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng) {
+  auto st = std::make_shared<scheduler_state>();  // only this actor's thread touches it
+  self->delayed_send(self, keepalive_every, sched_alive_atom::value);
+  return {
+      [=](sched_submit_atom, troupe_engine_request_box& box) -> submit_answer {
+        try {
+          eng->submit(std::move(*box));
+        } catch (const elastic::engine_busy& e) {
+          return {1, 0, e.what()};
+        } catch (const runtime::error& e) {
+          return {2, static_cast<int32_t>(e.code()), e.message()};
+        } catch (const std::exception& e) {
+          return {3, 0, e.what()};
+        }
+        kick(self, *st);
+        return {0, 0, std::string()};
+      },
+      [=](sched_abort_atom, const std::string& id) {
+        eng->abort(id);
+        kick(self, *st);
+      },
+      [=](sched_step_atom) {
+        bool worked = false;
+        try {
+          worked = eng->step();
+        } catch (const std::exception& e) {
+          log::error("serve scheduler: iteration failed: {}", e.what());
+        }
+        st->stepping = false;
+        if (worked || eng->inbox_pending()) kick(self, *st);
+      },
+      [=](sched_alive_atom) {  // idle: the group hears from rank 0 (executor.h keepalive)
+        if (!st->stepping) {
+          try {
+            eng->keepalive();
+          } catch (const std::exception& e) {
+            log::error("serve scheduler: keepalive failed: {}", e.what());
+          }
+        }
+        self->delayed_send(self, keepalive_every, sched_alive_atom::value);
+      },
+      [=](sched_stop_atom) {
+        eng->shutdown();
+        self->quit();
+        return true;
+      },
+  };
+}
+
+serve_scheduler_client::serve_scheduler_client(caf::actor_system& system, elastic::engine& eng, int timeout_ms)
+    : system_(system), eng_(eng), timeout_ms_(timeout_ms) {
+  actor_ = system.spawn<caf::detached>(
+      [e = &eng](caf::event_based_actor* self) { return serve_scheduler(self, e); });
+}
+
+serve_scheduler_client::~serve_scheduler_client() {
+  try {
+    stop();
+  } catch (const std::exception& e) {
+    log::error("serve scheduler: stopping: {}", e.what());
+  }
+}
+
+void serve_scheduler_client::submit(elastic::engine_request r) {
+  TROUPE_CHECK(!stopped_, errc::aborted, "serve scheduler: request {} after the scheduler stopped", r.id);
+  const std::string id = r.id;
+  auto box = std::make_shared<elastic::engine_request>(std::move(r));
+  caf::scoped_actor self{system_};
+  submit_answer ans{3, 0, "no answer"};
+  self->request(actor_, std::chrono::milliseconds(timeout_ms_), sched_submit_atom::value, std::move(box))
+      .receive([&](int32_t kind, int32_t code, std::string& msg) { ans = {kind, code, std::move(msg)}; },
+               [&](caf::error& e) { ans = {3, 0, system_.render(e)}; });
+  const auto& [kind, code, msg] = ans;
+  if (kind == 0) return;
+  if (kind == 1) throw elastic::engine_busy(msg);
+  if (kind == 2) throw runtime::error(static_cast<errc>(code), msg);
+  TROUPE_THROW(errc::aborted, "serve scheduler: request {}: {}", id, msg);
+}
+
+void serve_scheduler_client::abort(const std::string& id) {
+  if (!stopped_) caf::anon_send(actor_, sched_abort_atom::value, id);
+}
+
+void serve_scheduler_client::stop() {
+  if (stopped_.exchange(true)) return;
+  caf::scoped_actor self{system_};
+  bool done = false;
+  std::string err;
+  self->request(actor_, std::chrono::minutes(10), sched_stop_atom::value)
+      .receive([&](bool) { done = true; }, [&](caf::error& e) { err = system_.render(e); });
+  self->wait_for(actor_);
+  TROUPE_CHECK(done, errc::aborted, "serve scheduler: stopping: {}", err);
+}
+
+int64_t serve_scheduler_client::iterations() const { return eng_.stats().iterations; }
+
+}  // namespace troupe::actors

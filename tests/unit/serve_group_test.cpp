@@ -1,0 +1,260 @@
+// Serving across an expert-parallel group (parallel/ep/ep_serve_runner.h, elastic/engine/executor.h)
+// on in-process ranks, each holding only its experts' weights:
+//   * forward_batch through the group's MoE layers = one rank's forward_batch: logits bitwise on the
+//     Mixtral fixture (no shared expert) with 2 and 4 ranks (slices of 8/7 and 4/4/4/3 rows), and a one-token decode step that
+//     leaves the other ranks' slices empty, and within 1e-6 on Qwen2-MoE (its shared expert's dense MLP is not
+//     batch invariant); every rank counts the same per-expert rows as one rank does.
+//   * the engine on rank 0 over a group_executor with follow_group on the other ranks: batched greedy
+//     requests equal generate_greedy token for token, the followers run exactly the engine's
+//     iterations and return when it stops, and /metrics reports the ranks and per-expert loads whose
+//     sum is top_k rows per computed token per MoE layer.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "elastic/engine/engine.h"
+#include "elastic/engine/executor.h"
+#include "parallel/ep/ep_serve_runner.h"
+#include "parallel/ep/ep_shard.h"
+#include "parallel/model/forward_batch.h"
+#include "parallel/model/generate.h"
+#include "parallel/model/model_weights.h"
+#include "runtime/communicator.h"
+
+namespace {
+
+using namespace troupe;
+using parallel::forward_batch_seq;
+using parallel::ep::ep_context;
+using parallel::ep::ep_placement;
+using parallel::ep::ep_serve_runner;
+
+std::string fixture(const std::string& name) { return std::string(TROUPE_FIXTURES_DIR) + "/" + name; }
+
+std::vector<int32_t> ids(int64_t n, int32_t seed, int64_t vocab) {
+  std::vector<int32_t> p;
+  for (int64_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((seed * 31 + i * 17 + i * i) % vocab));
+  return p;
+}
+
+// Two steps on a store of 8 blocks of 4: prefill of three sequences (9, 5 and 1 tokens), then one
+// decode token of sequence 0 alone. Returns the logits of both steps, concatenated.
+struct two_steps {
+  std::vector<float> logits;
+  std::map<int64_t, std::vector<int64_t>> loads;
+};
+
+two_steps run_steps(const parallel::decoder& dec, parallel::paged_kv_store& kv, bool logits) {
+  const int64_t V = dec.config().vocab_size;
+  const auto a = ids(9, 1, V), b = ids(5, 2, V), c = ids(1, 3, V), d = ids(1, 4, V);
+  const std::vector<int32_t> ta = {5, 1, 6}, tb = {0, 7}, tc = {3};
+  std::vector<forward_batch_seq> s1 = {{a, 0, ta}, {b, 0, tb}, {c, 0, tc}};
+  std::vector<forward_batch_seq> s2 = {{d, 9, ta}};
+  parallel::forward_batch_options o;
+  o.no_logits = !logits;
+  two_steps r;
+  for (const auto* s : {&s1, &s2}) {
+    const runtime::tensor lg = parallel::forward_batch(dec, *s, kv, o);
+    if (logits) r.logits.insert(r.logits.end(), lg.data<float>(), lg.data<float>() + lg.numel());
+  }
+  return r;
+}
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * static_cast<double>(a[i] - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void group_matches_one_rank(const std::string& model, int P, double tol) {
+  const parallel::model_weights full = parallel::model_weights::load(fixture(model));
+  two_steps want;
+  {
+    parallel::decoder dec(full);
+    ep_serve_runner counter;
+    dec.set_expert_parallel(&counter);
+    parallel::paged_kv_store kv(full.config(), 8, 4);
+    want = run_steps(dec, kv, true);
+    want.loads = counter.expert_loads();
+  }
+  auto tok = runtime::make_inproc_group(P, 20000);
+  auto wts = runtime::make_inproc_group(P, 20000);
+  std::vector<two_steps> got(static_cast<size_t>(P));
+  std::vector<std::string> errors(static_cast<size_t>(P));
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      try {
+        const auto rr = static_cast<size_t>(r);
+        parallel::model_weights w = parallel::model_weights::load(fixture(model));
+        const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
+        parallel::ep::ep_shard_weights(w, pl, r);
+        ep_context ctx;
+        ctx.tokens = tok[rr].get();
+        ctx.weights = wts[rr].get();
+        ctx.placement = pl;
+        ctx.options.mode = parallel::ep::ep_mode::llep;
+        ctx.options.llep.lambda = 1.0;  // always plan with LLEP (spills whenever a rank is above the mean)
+        ep_serve_runner runner(ctx);
+        parallel::decoder dec(w);
+        dec.set_expert_parallel(&runner);
+        parallel::paged_kv_store kv(w.config(), 8, 4);
+        got[rr] = run_steps(dec, kv, true);
+        got[rr].loads = runner.expert_loads();
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+        tok[static_cast<size_t>(r)]->abort(e.what());
+        wts[static_cast<size_t>(r)]->abort(e.what());
+      }
+    });
+  for (auto& t : th) t.join();
+  for (int r = 0; r < P; ++r) {
+    const auto rr = static_cast<size_t>(r);
+    ASSERT_EQ(errors[rr], "") << "rank " << r;
+    ASSERT_EQ(got[rr].logits.size(), want.logits.size());
+    if (tol == 0) EXPECT_EQ(got[rr].logits, want.logits) << model << " rank " << r << " of " << P;
+    else EXPECT_LE(rel_err(got[rr].logits, want.logits), tol) << model << " rank " << r;
+    EXPECT_EQ(got[rr].loads, want.loads) << "rank " << r;
+  }
+  // 16 tokens, top_k rows each, in every MoE layer.
+  const auto& c = full.config();
+  int64_t moe_layers = 0;
+  for (const auto& L : full.layers) moe_layers += L.is_moe ? 1 : 0;
+  int64_t rows = 0;
+  for (const auto& [l, v] : want.loads)
+    for (int64_t x : v) rows += x;
+  EXPECT_EQ(static_cast<int64_t>(want.loads.size()), moe_layers);
+  EXPECT_EQ(rows, 16 * c.top_k * moe_layers);
+}
+
+TEST(ServeGroup, MixtralOnTwoRanksIsBitwiseOneRank) { group_matches_one_rank("mixtral_moe", 2, 0); }
+TEST(ServeGroup, MixtralOnFourRanksIsBitwiseOneRank) { group_matches_one_rank("mixtral_moe", 4, 0); }
+TEST(ServeGroup, Qwen2MoeWithSharedExpertWithinTolerance) { group_matches_one_rank("qwen2_moe", 2, 1e-6); }
+
+TEST(ServeGroup, BackwardIsRefused) {
+  ep_serve_runner r;
+  parallel::layer_params L, G;
+  runtime::model_config c;
+  EXPECT_THROW(r.backward(0, nullptr, G, nullptr, nullptr, L, c, 1), runtime::error);
+}
+
+// The engine on rank 0, the other ranks following: greedy = generate_greedy per request.
+TEST(ServeGroup, EngineOverTwoRanksEqualsGenerateGreedy) {
+  const int P = 2;
+  const std::string dir = fixture("mixtral_moe");
+  const parallel::model_weights full = parallel::model_weights::load(dir);
+  const int64_t V = full.config().vocab_size;
+  const std::vector<std::vector<int32_t>> prompts = {ids(11, 1, V), ids(4, 2, V), ids(23, 3, V), ids(11, 1, V)};
+  const int64_t n_new = 7;
+  std::vector<std::vector<int32_t>> want;
+  {
+    parallel::decoder dec(full);
+    for (const auto& p : prompts) {
+      parallel::generate_options o;
+      o.max_new_tokens = n_new;
+      const auto r = parallel::generate_greedy(dec, p, 1, static_cast<int64_t>(p.size()), o);
+      want.emplace_back(r.ids.begin() + static_cast<int64_t>(p.size()), r.ids.end());
+    }
+  }
+  auto tok = runtime::make_inproc_group(P, 30000);
+  auto wts = runtime::make_inproc_group(P, 30000);
+  std::map<std::string, std::vector<int32_t>> out;
+  std::map<std::string, int> finished;
+  std::mutex mu;
+  std::string metrics;
+  int64_t iterations = 0, followed = -1, computed_tokens = 0;
+  std::vector<std::string> errors(P);
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      const auto rr = static_cast<size_t>(r);
+      try {
+        parallel::model_weights w = parallel::model_weights::load(dir);
+        const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
+        parallel::ep::ep_shard_weights(w, pl, r);
+        ep_context ctx;
+        ctx.tokens = tok[rr].get();
+        ctx.weights = wts[rr].get();
+        ctx.placement = pl;
+        ep_serve_runner runner(ctx);
+        parallel::decoder dec(w);
+        dec.set_expert_parallel(&runner);
+        // Rank 1 could afford more blocks: the group takes the minimum (12 blocks of 4 tokens:
+        // fewer than the four requests need at once, so the engine preempts).
+        const int64_t blocks = r == 0 ? 12 : 40;
+        if (r != 0) {
+          followed = elastic::follow_group(dec, blocks, 4, *tok[rr]);
+          return;
+        }
+        elastic::group_executor ex(dec, blocks, 4, *tok[rr]);
+        EXPECT_EQ(ex.num_blocks(), 12);
+        auto tk = parallel::load_tokenizer(dir);
+        elastic::engine_options o;
+        o.max_batch_tokens = 16;  // chunked prefill of the 23-token prompt
+        elastic::engine eng(ex, *tk, o);
+        EXPECT_EQ(eng.ranks(), 2);
+        for (size_t i = 0; i < prompts.size(); ++i) {
+          elastic::engine_request q;
+          q.id = "r" + std::to_string(i);
+          q.prompt = prompts[i];
+          q.params.temperature = 0;
+          q.params.max_tokens = n_new;
+          q.params.ignore_eos = true;
+          q.on_event = [&, id = q.id](const elastic::engine_event& e) {
+            std::lock_guard<std::mutex> g(mu);
+            out[id].insert(out[id].end(), e.token_ids.begin(), e.token_ids.end());
+            if (e.finished) ++finished[id];
+          };
+          eng.submit(std::move(q));
+        }
+        eng.start();
+        for (int spin = 0; spin < 3000; ++spin) {
+          {
+            std::lock_guard<std::mutex> g(mu);
+            if (finished.size() == prompts.size()) break;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+        metrics = eng.metrics_text();
+        eng.stop();  // ends the group: rank 1 returns
+        iterations = eng.stats().iterations;
+        computed_tokens = eng.stats().model_tokens;
+        EXPECT_GT(eng.stats().preemptions, 0);
+      } catch (const std::exception& e) {
+        errors[rr] = e.what();
+        tok[rr]->abort(e.what());
+        wts[rr]->abort(e.what());
+      }
+    });
+  for (auto& t : th) t.join();
+  for (int r = 0; r < P; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string id = "r" + std::to_string(i);
+    EXPECT_EQ(finished[id], 1) << id;
+    EXPECT_EQ(out[id], want[i]) << id;
+  }
+  EXPECT_EQ(followed, iterations);
+  EXPECT_NE(metrics.find("troupe_engine_ranks 2\n"), std::string::npos) << metrics;
+  // Per-expert rows: top_k per token the model computed, in every MoE layer.
+  int64_t rows = 0;
+  size_t pos = 0;
+  const std::string key = "troupe_expert_load_rows_total{";
+  while ((pos = metrics.find(key, pos)) != std::string::npos) {
+    const size_t sp = metrics.find("} ", pos);
+    rows += std::stoll(metrics.substr(sp + 2));
+    pos = sp;
+  }
+  int64_t moe_layers = 0;
+  for (const auto& L : full.layers) moe_layers += L.is_moe ? 1 : 0;
+  EXPECT_GT(computed_tokens, 0);
+  EXPECT_EQ(rows, computed_tokens * full.config().top_k * moe_layers);
+  EXPECT_NE(metrics.find("troupe_expert_rank_max_over_mean "), std::string::npos);
+}
+
+}  // namespace

@@ -1,0 +1,160 @@
+// The serving scheduler actor (actors/serve_scheduler.h) driving the engine on the Mixtral fixture:
+// requests submitted from several threads through serve_scheduler_client come back equal to
+// generate_greedy; the engine's refusals come back as the same exceptions (bad input ->
+// runtime::error invalid_argument, a full queue -> engine_busy) with nothing queued; an abort of a
+// running request ends it with "abort"; stop() ends what is left with "abort" and refuses later
+// submits; the actor sleeps when idle (the iteration count does not grow without requests).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "actors/serve_scheduler.h"
+#include "elastic/engine/engine.h"
+#include "parallel/model/generate.h"
+#include "parallel/model/model_weights.h"
+#include "runtime/error.h"
+
+namespace {
+
+using namespace troupe;
+
+struct fixture_model {
+  parallel::model_weights w;
+  std::unique_ptr<parallel::decoder> dec;
+  std::unique_ptr<parallel::text_tokenizer> tok;
+  fixture_model() {
+    const std::string dir = std::string(TROUPE_FIXTURES_DIR) + "/mixtral_moe";
+    w = parallel::model_weights::load(dir);
+    dec = std::make_unique<parallel::decoder>(w);
+    tok = parallel::load_tokenizer(dir);
+  }
+};
+
+struct sink {
+  std::mutex mu;
+  std::map<std::string, std::vector<int32_t>> ids;
+  std::map<std::string, std::string> reason;
+  elastic::engine_request make(const std::string& id, std::vector<int32_t> prompt, int64_t n) {
+    elastic::engine_request r;
+    r.id = id;
+    r.prompt = std::move(prompt);
+    r.params.temperature = 0;
+    r.params.max_tokens = n;
+    r.params.ignore_eos = true;
+    r.on_event = [this, id](const elastic::engine_event& e) {
+      std::lock_guard<std::mutex> g(mu);
+      ids[id].insert(ids[id].end(), e.token_ids.begin(), e.token_ids.end());
+      if (e.finished) reason[id] = e.finish_reason;
+    };
+    return r;
+  }
+  bool wait(size_t n, int ms = 30000) {
+    for (int i = 0; i < ms / 5; ++i) {
+      {
+        std::lock_guard<std::mutex> g(mu);
+        if (reason.size() >= n) return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+};
+
+std::vector<int32_t> prompt_of(int64_t n, int32_t seed) {
+  std::vector<int32_t> p;
+  for (int64_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((seed * 37 + i * 11) % 120));
+  return p;
+}
+
+TEST(ServeScheduler, RequestsFromManyThreadsEqualGenerateGreedy) {
+  fixture_model m;
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
+  elastic::engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  o.max_batch_tokens = 24;
+  elastic::engine eng(*m.dec, *m.tok, o);
+  sink s;
+  {
+    actors::serve_scheduler_client sched(sys, eng);
+    std::vector<std::thread> th;
+    for (int t = 0; t < 4; ++t)
+      th.emplace_back([&, t] {
+        for (int k = 0; k < 2; ++k)
+          sched.submit(s.make("t" + std::to_string(t) + "k" + std::to_string(k), prompt_of(5 + 3 * t + k, t * 2 + k),
+                              6));
+      });
+    for (auto& t : th) t.join();
+    ASSERT_TRUE(s.wait(8));
+    const int64_t it = eng.stats().iterations;
+    EXPECT_GT(it, 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(eng.stats().iterations, it);  // idle: no iteration without work
+    sched.stop();
+  }
+  for (int t = 0; t < 4; ++t)
+    for (int k = 0; k < 2; ++k) {
+      const std::string id = "t" + std::to_string(t) + "k" + std::to_string(k);
+      const auto p = prompt_of(5 + 3 * t + k, t * 2 + k);
+      parallel::generate_options go;
+      go.max_new_tokens = 6;
+      const auto r = parallel::generate_greedy(*m.dec, p, 1, static_cast<int64_t>(p.size()), go);
+      EXPECT_EQ(s.ids[id], std::vector<int32_t>(r.ids.begin() + static_cast<int64_t>(p.size()), r.ids.end())) << id;
+      EXPECT_EQ(s.reason[id], "length") << id;
+    }
+}
+
+TEST(ServeScheduler, RefusalsComeBackAsTheEnginesExceptions) {
+  fixture_model m;
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
+  elastic::engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 8;
+  o.max_waiting = 1;
+  elastic::engine eng(*m.dec, *m.tok, o);
+  actors::serve_scheduler_client sched(sys, eng);
+  sink s;
+  try {
+    sched.submit(s.make("bad", {1, 2, 100000}, 4));
+    FAIL() << "a token outside the vocabulary was accepted";
+  } catch (const runtime::error& e) {
+    EXPECT_EQ(e.code(), runtime::errc::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(eng.stats().waiting, 0);
+  // A long request runs; abort it mid-way.
+  sched.submit(s.make("long", prompt_of(6, 1), 1000));
+  for (int i = 0; i < 2000 && eng.stats().generated_tokens < 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  sched.abort("long");
+  ASSERT_TRUE(s.wait(1));
+  EXPECT_EQ(s.reason["long"], "abort");
+  EXPECT_EQ(eng.stats().kv.blocks_used, 0);
+  sched.stop();
+  EXPECT_THROW(sched.submit(s.make("late", prompt_of(4, 2), 2)), runtime::error);
+}
+
+TEST(ServeScheduler, StopAbortsWhatIsLeft) {
+  fixture_model m;
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
+  elastic::engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  elastic::engine eng(*m.dec, *m.tok, o);
+  actors::serve_scheduler_client sched(sys, eng);
+  sink s;
+  sched.submit(s.make("a", prompt_of(6, 3), 100000));
+  sched.submit(s.make("b", prompt_of(7, 4), 100000));
+  sched.stop();
+  ASSERT_TRUE(s.wait(2, 1000));
+  EXPECT_EQ(s.reason["a"], "abort");
+  EXPECT_EQ(s.reason["b"], "abort");
+}
+
+}  // namespace
