@@ -23,7 +23,6 @@ using sched_abort_atom = caf::atom_constant<caf::atom("s_abort")>;
 using sched_step_atom = caf::atom_constant<caf::atom("s_step")>;
 using sched_stop_atom = caf::atom_constant<caf::atom("s_stop")>;
 using sched_alive_atom = caf::atom_constant<caf::atom("s_alive")>;
-constexpr auto keepalive_every = std::chrono::seconds(5);
 
 // How submit's answer travels: kind 0 accepted, 1 engine_busy, 2 runtime::error(code), 3 other.
 using submit_answer = std::tuple<int32_t, int32_t, std::string>;
@@ -42,6 +41,7 @@ void kick(caf::event_based_actor* self, scheduler_state& st) {
 
 caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng) {
   auto st = std::make_shared<scheduler_state>();  // only this actor's thread touches it
+  const auto keepalive_every = std::chrono::milliseconds(eng->options().keepalive_ms);
   self->delayed_send(self, keepalive_every, sched_alive_atom::value);
   return {
       [=](sched_submit_atom, troupe_engine_request_box& box) -> submit_answer {

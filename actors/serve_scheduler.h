@@ -3,8 +3,8 @@
 // and aborts arrive as messages — from the HTTP handler threads through serve_scheduler_client,
 // later from the DualMap router — and are taken between iterations; while requests run it sends
 // itself `step` after each iteration, so new messages interleave with iterations; with nothing to
-// do it sleeps on its mailbox (no polling; a keepalive every 5 s lets an idle group's other ranks
-// hear from rank 0). It runs detached, on a thread of its own: an iteration
+// do it sleeps on its mailbox (no polling; a keepalive every engine_options::keepalive_ms lets an
+// idle group's other ranks hear from rank 0). It runs detached, on a thread of its own: an iteration
 // is blocking compute and, on an expert-parallel group, collectives, which never sit on CAF's
 // shared scheduler threads.
 //

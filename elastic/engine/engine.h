@@ -61,6 +61,7 @@ struct engine_options {
   int64_t max_waiting = 1024;                // submit() refuses beyond this
   bool prefix_caching = true;
   bool static_batching = false;              // the baseline of invariant 1
+  int64_t keepalive_ms = 5000;               // idle: executor keepalive this often (executor.h)
 };
 
 struct engine_event {
@@ -135,9 +136,9 @@ class engine final : public request_sink {
   // Every request not finished yet ends with "abort", then the executor ends (a group's other ranks
   // return). On the thread that runs step(); stop() calls it on the engine's own thread.
   void shutdown();
-  // On the thread that runs step(), while idle, every few seconds (executor.h keepalive).
+  // On the thread that runs step(), while idle, every keepalive_ms (executor.h keepalive).
   void keepalive() { exec_->keepalive(); }
-  // Runs step() on a thread of its own until stop(); idle waits on the queue (a keepalive every 5 s).
+  // Runs step() on a thread of its own until stop(); idle waits on the queue (a keepalive every keepalive_ms).
   void start();
   void stop();
   // True when submitted requests or aborts have not been taken by an iteration yet.

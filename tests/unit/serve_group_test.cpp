@@ -8,6 +8,8 @@
 //     requests equal generate_greedy token for token, the followers run exactly the engine's
 //     iterations and return when it stops, and /metrics reports the ranks and per-expert loads whose
 //     sum is top_k rows per computed token per MoE layer.
+//   * an idle group outlives its communicator's timeout (400 ms) through the scheduler actor's
+//     keepalives (every 100 ms): a request after 1.2 s idle is served and equals generate_greedy.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -15,6 +17,7 @@
 #include <mutex>
 #include <thread>
 
+#include "actors/serve_scheduler.h"
 #include "elastic/engine/engine.h"
 #include "elastic/engine/executor.h"
 #include "parallel/ep/ep_serve_runner.h"
@@ -255,6 +258,82 @@ TEST(ServeGroup, EngineOverTwoRanksEqualsGenerateGreedy) {
   EXPECT_GT(computed_tokens, 0);
   EXPECT_EQ(rows, computed_tokens * full.config().top_k * moe_layers);
   EXPECT_NE(metrics.find("troupe_expert_rank_max_over_mean "), std::string::npos);
+}
+
+TEST(ServeGroup, IdleGroupOutlivesTheTimeoutThroughKeepalives) {
+  const int P = 2;
+  const std::string dir = fixture("mixtral_moe");
+  const parallel::model_weights full = parallel::model_weights::load(dir);
+  const std::vector<int32_t> prompt = ids(9, 5, full.config().vocab_size);
+  std::vector<int32_t> want;
+  {
+    parallel::decoder dec(full);
+    parallel::generate_options o;
+    o.max_new_tokens = 5;
+    const auto r = parallel::generate_greedy(dec, prompt, 1, static_cast<int64_t>(prompt.size()), o);
+    want.assign(r.ids.begin() + static_cast<int64_t>(prompt.size()), r.ids.end());
+  }
+  auto tok = runtime::make_inproc_group(P, 400);
+  std::vector<int32_t> got;
+  std::string reason;
+  std::mutex mu;
+  std::vector<std::string> errors(P);
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      const auto rr = static_cast<size_t>(r);
+      try {
+        parallel::model_weights w = parallel::model_weights::load(dir);
+        const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
+        parallel::ep::ep_shard_weights(w, pl, r);
+        ep_context ctx;
+        ctx.tokens = tok[rr].get();
+        ctx.placement = pl;
+        ep_serve_runner runner(ctx);
+        parallel::decoder dec(w);
+        dec.set_expert_parallel(&runner);
+        if (r != 0) {
+          elastic::follow_group(dec, 16, 4, *tok[rr]);
+          return;
+        }
+        elastic::group_executor ex(dec, 16, 4, *tok[rr]);
+        auto tk = parallel::load_tokenizer(dir);
+        elastic::engine_options o;
+        o.keepalive_ms = 100;
+        elastic::engine eng(ex, *tk, o);
+        caf::actor_system_config cfg;
+        caf::actor_system sys{cfg};
+        actors::serve_scheduler_client sched(sys, eng);
+        std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+        elastic::engine_request q;
+        q.id = "late";
+        q.prompt = prompt;
+        q.params.temperature = 0;
+        q.params.max_tokens = 5;
+        q.params.ignore_eos = true;
+        q.on_event = [&](const elastic::engine_event& e) {
+          std::lock_guard<std::mutex> g(mu);
+          got.insert(got.end(), e.token_ids.begin(), e.token_ids.end());
+          if (e.finished) reason = e.finish_reason;
+        };
+        sched.submit(std::move(q));
+        for (int i = 0; i < 1000; ++i) {
+          {
+            std::lock_guard<std::mutex> g(mu);
+            if (!reason.empty()) break;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        sched.stop();
+      } catch (const std::exception& e) {
+        errors[rr] = e.what();
+        tok[rr]->abort(e.what());
+      }
+    });
+  for (auto& t : th) t.join();
+  for (int r = 0; r < P; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  EXPECT_EQ(reason, "length");
+  EXPECT_EQ(got, want);
 }
 
 }  // namespace
