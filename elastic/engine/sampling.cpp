@@ -67,9 +67,21 @@ int64_t filter_candidates(const float* logits, int64_t V, const sampling_params&
     kept = p.top_k;
     std::partial_sort(order.begin(), order.begin() + kept, order.end(), by_prob);
   } else if (p.top_p < 1.0) {
-    std::sort(order.begin(), order.end(), by_prob);
+    // The nucleus is usually a short head of the vocabulary: sort a growing head (64, 256, ...)
+    // until it holds top_p of the mass instead of all V ids (128k for Llama-3). The head of a
+    // partial sort is the head of the full sort (ties broken by id), so the result is the same.
+    double all = 0;
+    for (size_t i = 0; i < n; ++i) all += prob[i];
+    const double target = p.top_p * all;
+    for (int64_t head = std::min<int64_t>(V, 64);; head = std::min(V, head * 4)) {
+      std::partial_sort(order.begin(), order.begin() + head, order.end(), by_prob);
+      double cum = 0;
+      int64_t j = 0;
+      while (j < head && cum < target) cum += prob[static_cast<size_t>(order[static_cast<size_t>(j++)])];
+      if (cum >= target || head == V) return j;
+    }
   }
-  if (p.top_p < 1.0) {
+  if (p.top_p < 1.0) {  // after top-k: the nucleus of the k kept
     double total = 0;
     for (int64_t j = 0; j < kept; ++j) total += prob[static_cast<size_t>(order[static_cast<size_t>(j)])];
     const double target = p.top_p * total;

@@ -2,7 +2,9 @@
 // and over 20k draws), seed determinism; parameter validation; stop strings across chunks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "elastic/engine/sampling.h"
 #include "parallel/model/generate.h"
@@ -99,6 +101,43 @@ TEST(Sampling, FilteredDistributionsMatchHandComputed) {
       if (c.want[i] == 0.0) {
         EXPECT_EQ(got[i], 0.0) << c.name << ": filtered id " << i << " was drawn";
       }
+    }
+  }
+}
+
+// top_p without top_k on a large vocabulary: the sampler sorts a growing head of the vocabulary;
+// the kept set must equal the nucleus of a full sort (ties by id) for heads of 1, ~100 and ~3000
+// ids out of 5000 (the growth 64 -> 256 -> 1024 -> 4096 -> 5000 all taken).
+TEST(Sampling, NucleusOfALargeVocabularyEqualsTheFullSort) {
+  const int64_t V = 5000;
+  std::vector<float> logits(static_cast<size_t>(V));
+  for (int64_t i = 0; i < V; ++i)  // a slowly decaying, shuffled distribution with repeated values (ties)
+    logits[static_cast<size_t>((i * 7919) % V)] = -0.002f * static_cast<float>(i / 3);
+  for (double top_p : {1e-6, 0.05, 0.6, 0.999}) {
+    const auto got = elastic::sampling_probs(logits.data(), V, with(1.0, 0, top_p));
+    std::vector<double> prob(static_cast<size_t>(V));
+    const float mx = *std::max_element(logits.begin(), logits.end());
+    double all = 0;
+    for (int64_t i = 0; i < V; ++i) all += prob[static_cast<size_t>(i)] = std::exp(double(logits[static_cast<size_t>(i)]) - mx);
+    std::vector<int32_t> order(static_cast<size_t>(V));
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return prob[static_cast<size_t>(a)] != prob[static_cast<size_t>(b)] ? prob[static_cast<size_t>(a)] > prob[static_cast<size_t>(b)] : a < b;
+    });
+    double cum = 0, kept_mass = 0;
+    size_t kept = 0;
+    while (kept < order.size() && cum < top_p * all) cum += prob[static_cast<size_t>(order[kept++])];
+    kept_mass = cum;
+    std::vector<double> want(static_cast<size_t>(V), 0.0);
+    for (size_t j = 0; j < kept; ++j) want[static_cast<size_t>(order[j])] = prob[static_cast<size_t>(order[j])] / kept_mass;
+    int64_t nonzero = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      nonzero += got[static_cast<size_t>(i)] > 0;
+      ASSERT_NEAR(got[static_cast<size_t>(i)], want[static_cast<size_t>(i)], 1e-12) << "top_p " << top_p << " id " << i;
+    }
+    EXPECT_EQ(nonzero, static_cast<int64_t>(kept)) << "top_p " << top_p;
+    if (top_p == 0.6) {
+      EXPECT_GT(kept, 1024u);  // the head grew past two steps
     }
   }
 }
