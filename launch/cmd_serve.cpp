@@ -134,7 +134,8 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   const int P = group ? group->size() : 1;
   fmt::print("troupe serve: {} ({}, {} parameters) on http://{}:{} — {} rank(s){}, {} KV blocks of {} tokens, {} "
              "batching{}\n",
-             name, runtime::model_family_name(w.config().family), total_parameters(w.config()), ho.host, server.port(), P,
+             name, runtime::model_family_name(w.config().family), total_parameters(w.config()), ho.host,
+             server.port(), P,
              P > 1 && w.config().is_moe() ? fmt::format(" (experts {} per rank, {})", w.config().n_experts / P,
                                                         parallel::ep::ep_mode_name(
                                                             parallel::ep::ep_options_from(spec.expert()).mode))

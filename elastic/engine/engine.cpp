@@ -111,7 +111,8 @@ engine::engine(model_executor& exec, const parallel::text_tokenizer& tok, engine
   o_.num_blocks = exec.num_blocks();
   TROUPE_CHECK(exec.num_blocks() >= 1, errc::invalid_argument, "engine: the executor's KV store has no block");
   TROUPE_CHECK(o.max_batch_tokens >= 1 && o.max_running >= 1 && o.max_waiting >= 1 && o.keepalive_ms >= 1,
-               errc::invalid_argument, "engine: max_batch_tokens, max_running, max_waiting and keepalive_ms must be >= 1");
+               errc::invalid_argument,
+               "engine: max_batch_tokens, max_running, max_waiting and keepalive_ms must be >= 1");
   vocab_ = exec.config().vocab_size;
   max_positions_ = exec.config().max_position_embeddings;
   stats_.kv = kv_.stats();

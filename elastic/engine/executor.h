@@ -20,8 +20,9 @@
 //      collectives pair up. Ranks > 0 compute no logits. A batch the model refuses is refused on
 //      every rank alike (the same checks on the same input) and the group goes on.
 //   3. Rank 0 sends one header (kind, sequences, tokens, blocks) and one body per step over the
-//      communicator, a header alone for keepalive(); finish() sends the end (once; the destructor sends it too) and follow_group
-//      returns the number of steps it ran. A broken communicator throws on every rank.
+//      communicator, a header alone for keepalive(); finish() sends the end (once; the destructor
+//      sends it too) and follow_group returns the number of steps it ran. A broken communicator
+//      throws on every rank.
 //   4. expert_loads(): the group's rows per expert per MoE layer since the start (ep_serve_runner.h
 //      invariant 3), empty when the decoder has no ep_serve_runner (a dense model).
 #pragma once

@@ -118,18 +118,21 @@ TEST(Sampling, NucleusOfALargeVocabularyEqualsTheFullSort) {
     std::vector<double> prob(static_cast<size_t>(V));
     const float mx = *std::max_element(logits.begin(), logits.end());
     double all = 0;
-    for (int64_t i = 0; i < V; ++i) all += prob[static_cast<size_t>(i)] = std::exp(double(logits[static_cast<size_t>(i)]) - mx);
+    for (int64_t i = 0; i < V; ++i)
+      all += prob[static_cast<size_t>(i)] = std::exp(double(logits[static_cast<size_t>(i)]) - mx);
     std::vector<int32_t> order(static_cast<size_t>(V));
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-      return prob[static_cast<size_t>(a)] != prob[static_cast<size_t>(b)] ? prob[static_cast<size_t>(a)] > prob[static_cast<size_t>(b)] : a < b;
+      const double pa = prob[static_cast<size_t>(a)], pb = prob[static_cast<size_t>(b)];
+      return pa != pb ? pa > pb : a < b;
     });
     double cum = 0, kept_mass = 0;
     size_t kept = 0;
     while (kept < order.size() && cum < top_p * all) cum += prob[static_cast<size_t>(order[kept++])];
     kept_mass = cum;
     std::vector<double> want(static_cast<size_t>(V), 0.0);
-    for (size_t j = 0; j < kept; ++j) want[static_cast<size_t>(order[j])] = prob[static_cast<size_t>(order[j])] / kept_mass;
+    for (size_t j = 0; j < kept; ++j)
+      want[static_cast<size_t>(order[j])] = prob[static_cast<size_t>(order[j])] / kept_mass;
     int64_t nonzero = 0;
     for (int64_t i = 0; i < V; ++i) {
       nonzero += got[static_cast<size_t>(i)] > 0;

@@ -1,8 +1,8 @@
 // Serving across an expert-parallel group (parallel/ep/ep_serve_runner.h, elastic/engine/executor.h)
 // on in-process ranks, each holding only its experts' weights:
 //   * forward_batch through the group's MoE layers = one rank's forward_batch: logits bitwise on the
-//     Mixtral fixture (no shared expert) with 2 and 4 ranks (slices of 8/7 and 4/4/4/3 rows), and a one-token decode step that
-//     leaves the other ranks' slices empty, and within 1e-6 on Qwen2-MoE (its shared expert's dense MLP is not
+//     Mixtral fixture (no shared expert) with 2 and 4 ranks (slices of 8/7 and 4/4/4/3 rows), and
+//     a one-token decode step that leaves the other ranks' slices empty, and within 1e-6 on Qwen2-MoE (its shared expert's dense MLP is not
 //     batch invariant); every rank counts the same per-expert rows as one rank does.
 //   * the engine on rank 0 over a group_executor with follow_group on the other ranks: batched greedy
 //     requests equal generate_greedy token for token, the followers run exactly the engine's
