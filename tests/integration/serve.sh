@@ -19,19 +19,36 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 fixtures="$root/tests/fixtures"
 tmp=$(mktemp -d)
 pid=""
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
+cleanup() {  # SIGTERM first: troupe-launch passes it on to its ranks (SIGKILL would orphan them)
+  if [ -n "$pid" ]; then
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null
+  fi
+  rm -rf "$tmp"
+}
 trap cleanup EXIT
 fail() { echo "FAIL: $*"; [ -f "$tmp/server.log" ] && { echo "--- server log:"; tail -40 "$tmp/server.log"; }; exit 1; }
 command -v curl >/dev/null || { echo "SKIP: no curl"; exit 77; }
 export TROUPE_NUM_THREADS=1
 
-start() {  # start MODEL_DIR [EXTRA_YAML]: a server on a free port; sets $pid and $url
-  printf 'model: %s\nserver: {port: 0, api_key: "sk-test"}\nengine: {block_size: 4, kv_cache_memory: 4MiB}\n%s\n' \
-    "$1" "${2:-}" >"$tmp/serve.yaml"
-  "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
+launch="$(dirname "$troupe")/troupe-launch"
+write_yaml() {  # write_yaml MODEL_DIR [EXTRA_YAML] [RANKS] -> $tmp/serve.yaml
+  printf 'model: %s\nserver: {port: 0, api_key: "sk-test"}\nengine: {ranks: %s, block_size: 4, kv_cache_memory: 4MiB}\n%s\n' \
+    "$1" "${3:-1}" "${2:-}" >"$tmp/serve.yaml"
+}
+start() {  # start MODEL_DIR [EXTRA_YAML] [RANKS]: a server on a free port; sets $pid, $ranks and $url
+  write_yaml "$@"
+  ranks="${3:-1}"
+  if [ "$ranks" -gt 1 ]; then
+    [ -x "$launch" ] || fail "no troupe-launch next to $troupe"
+    "$launch" -n "$ranks" -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
+  else
+    "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
+  fi
   pid=$!
-  for _ in $(seq 1 100); do
-    port=$(sed -n 's/^troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$tmp/server.log")
+  for _ in $(seq 1 200); do  # troupe-launch prefixes "[rank 0] "
+    port=$(sed -n 's/^\(\[rank 0\] \)\{0,1\}troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\2/p' "$tmp/server.log")
     [ -n "$port" ] && break
     kill -0 "$pid" 2>/dev/null || fail "the server exited at start"
     sleep 0.1
@@ -39,11 +56,18 @@ start() {  # start MODEL_DIR [EXTRA_YAML]: a server on a free port; sets $pid an
   [ -n "$port" ] || fail "the server did not print its port"
   url="http://127.0.0.1:$port"
 }
-stop() {
+stop() {  # SIGTERM (to the launcher, which signals every rank); every rank must exit 0
   kill -TERM "$pid"
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -0 "$pid" 2>/dev/null && fail "the server did not stop on SIGTERM"
-  wait "$pid" || fail "the server exited with an error"
+  if [ "$ranks" -gt 1 ]; then
+    wait "$pid"  # troupe-launch reports the forwarded signal in its own code
+    for r in $(seq 0 $((ranks - 1))); do
+      grep -q "rank $r exited: exit code 0" "$tmp/server.log" || fail "rank $r did not stop cleanly"
+    done
+  else
+    wait "$pid" || fail "the server exited with an error"
+  fi
   pid=""
 }
 post() {  # post PATH JSON -> body on stdout, status in $tmp/status
@@ -52,6 +76,16 @@ post() {  # post PATH JSON -> body on stdout, status in $tmp/status
   cat "$tmp/body"
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# the concatenated SSE deltas in $tmp/sse -> comma-separated ids
+sse_ids() {
+  python3 -c "
+import json
+text = ''
+for line in open('$tmp/sse'):
+    if line.startswith('data: {'):
+        text += json.loads(line[6:])['choices'][0]['text']
+print(','.join(str(ord(c)) for c in text))"
+}
 # the byte tokenizer's text of a completion -> comma-separated ids (the fixtures' ids are < 128)
 ids_of_text() { python3 -c "import json,sys; print(','.join(str(ord(c)) for c in json.load(sys.stdin)['choices'][0]['text']))"; }
 
@@ -68,13 +102,7 @@ for model in llama_gqa mixtral_moe; do
   curl -sN -H 'Authorization: Bearer sk-test' -d "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0, \"stream\": true}" \
     "$url/v1/completions" >"$tmp/sse"
   grep -q '^data: \[DONE\]' "$tmp/sse" || fail "B $model: no [DONE]"
-  streamed=$(python3 -c "
-import json
-text = ''
-for line in open('$tmp/sse'):
-    if line.startswith('data: {'):
-        text += json.loads(line[6:])['choices'][0]['text']
-print(','.join(str(ord(c)) for c in text))")
+  streamed=$(sse_ids)
   [ "$streamed" = "$want" ] || fail "B $model: streamed $streamed != $want"
   echo "B: $model: streamed deltas = the same tokens, then [DONE]"
   [ "$model" = mixtral_moe ] || stop
@@ -125,24 +153,11 @@ echo "E: a client leaving mid-stream: request aborted, KV blocks freed"
 stop
 
 # F. two ranks
-launch="$(dirname "$troupe")/troupe-launch"
-[ -x "$launch" ] || fail "F: no troupe-launch next to $troupe"
-printf 'model: %s\nserver: {port: 0}\nengine: {ranks: 2, block_size: 4, kv_cache_memory: 4MiB}\n' \
-  "$fixtures/mixtral_moe" >"$tmp/serve2.yaml"
-"$troupe" serve "$tmp/serve2.yaml" >"$tmp/refused.log" 2>&1 && fail "F: engine.ranks 2 on one rank was accepted"
+write_yaml "$fixtures/mixtral_moe" "" 2
+"$troupe" serve "$tmp/serve.yaml" >"$tmp/refused.log" 2>&1 && fail "F: engine.ranks 2 on one rank was accepted"
 grep -q "engine.ranks = 2, but troupe serve was launched on 1 rank" "$tmp/refused.log" \
   || fail "F: unclear refusal: $(cat "$tmp/refused.log")"
-"$launch" -n 2 -- "$troupe" serve "$tmp/serve2.yaml" >"$tmp/server.log" 2>&1 &
-pid=$!
-port=""
-for _ in $(seq 1 200); do
-  port=$(sed -n 's/^\[rank 0\] troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$tmp/server.log")
-  [ -n "$port" ] && break
-  kill -0 "$pid" 2>/dev/null || fail "F: the two-rank server exited at start"
-  sleep 0.1
-done
-[ -n "$port" ] || fail "F: the two-rank server did not print its port"
-url="http://127.0.0.1:$port"
+start "$fixtures/mixtral_moe" "" 2
 grep -q "2 rank(s) (experts 2 per rank, llep)" "$tmp/server.log" || fail "F: not 2 ranks with 2 experts each"
 prompt="3,17,99,4,4,60,1,2"
 want=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids "$prompt" --max-new-tokens 12 2>/dev/null)
@@ -150,19 +165,13 @@ got=$(post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temper
 [ "$(cat "$tmp/status")" = 200 ] || fail "F: status $(cat "$tmp/status"): $(cat "$tmp/body")"
 [ "$got" = "$want" ] || fail "F: two-rank greedy $got != troupe generate $want"
 # a second prompt and a stream, at once
-curl -sN -d "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0, \"stream\": true}" \
-  "$url/v1/completions" >"$tmp/sse" &
+curl -sN -H 'Authorization: Bearer sk-test' \
+  -d "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0, \"stream\": true}" "$url/v1/completions" >"$tmp/sse" &
 other=$(post /v1/completions '{"prompt": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], "max_tokens": 9, "temperature": 0}' | ids_of_text)
 want_other=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids 5,6,7,8,9,10,11,12,13,14,15 --max-new-tokens 9 2>/dev/null)
 wait $!
 [ "$other" = "$want_other" ] || fail "F: two-rank greedy (second prompt) $other != $want_other"
-streamed=$(python3 -c "
-import json
-text = ''
-for line in open('$tmp/sse'):
-    if line.startswith('data: {'):
-        text += json.loads(line[6:])['choices'][0]['text']
-print(','.join(str(ord(c)) for c in text))")
+streamed=$(sse_ids)
 [ "$streamed" = "$want" ] || fail "F: two-rank stream $streamed != $want"
 curl -sf "$url/metrics" >"$tmp/metrics" || fail "F: /metrics"
 grep -q '^troupe_engine_ranks 2$' "$tmp/metrics" || fail "F: /metrics does not say 2 ranks"
@@ -170,12 +179,6 @@ rows=$(sed -n 's/^troupe_expert_load_rows_total{layer="[0-9]*",expert="[0-9]*"} 
        | awk '{s += $1} END {print s + 0}')
 [ -n "$rows" ] && [ "$rows" -gt 0 ] || fail "F: no per-expert loads in /metrics"
 echo "F: two ranks: greedy and streamed = troupe generate, $rows expert rows in /metrics"
-kill -TERM "$pid"
-for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && fail "F: the two-rank server did not stop on SIGTERM"
-wait "$pid"
-pid=""
-grep -q "rank 0 exited: exit code 0" "$tmp/server.log" && grep -q "rank 1 exited: exit code 0" "$tmp/server.log" \
-  || fail "F: a rank did not stop cleanly"
+stop
 echo "F: SIGTERM stopped both ranks cleanly"
 echo "serve: all checks passed"

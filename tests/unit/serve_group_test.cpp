@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -75,6 +76,56 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
+// One rank of a serving group: its shard of the experts (contiguous placement), the LLEP layer.
+struct rank_model {
+  parallel::model_weights w;
+  std::unique_ptr<ep_serve_runner> runner;
+  std::unique_ptr<parallel::decoder> dec;
+  rank_model(const std::string& model, int r, int P, runtime::communicator* tok, runtime::communicator* wts) {
+    w = parallel::model_weights::load(fixture(model));
+    const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
+    parallel::ep::ep_shard_weights(w, pl, r);
+    ep_context ctx;
+    ctx.tokens = tok;
+    ctx.weights = wts;
+    ctx.placement = pl;
+    ctx.options.mode = parallel::ep::ep_mode::llep;
+    ctx.options.llep.lambda = 1.0;  // always plan with LLEP (spills whenever a rank is above the mean)
+    runner = std::make_unique<ep_serve_runner>(ctx);
+    dec = std::make_unique<parallel::decoder>(w);
+    dec->set_expert_parallel(runner.get());
+  }
+};
+
+// Runs fn(rank) on P threads; a rank that throws aborts the group's communicators (so the others
+// do not wait for it) and its message is returned ("" for the ranks that did not throw).
+std::vector<std::string> run_ranks(int P, const std::vector<std::unique_ptr<runtime::communicator>>& tok,
+                                   const std::vector<std::unique_ptr<runtime::communicator>>* wts,
+                                   const std::function<void(int)>& fn) {
+  std::vector<std::string> errors(static_cast<size_t>(P));
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      const auto rr = static_cast<size_t>(r);
+      try {
+        fn(r);
+      } catch (const std::exception& e) {
+        errors[rr] = e.what();
+        tok[rr]->abort(e.what());
+        if (wts) (*wts)[rr]->abort(e.what());
+      }
+    });
+  for (auto& t : th) t.join();
+  return errors;
+}
+
+std::vector<int32_t> greedy_tail(const parallel::decoder& dec, const std::vector<int32_t>& prompt, int64_t n) {
+  parallel::generate_options o;
+  o.max_new_tokens = n;
+  const auto r = parallel::generate_greedy(dec, prompt, 1, static_cast<int64_t>(prompt.size()), o);
+  return std::vector<int32_t>(r.ids.begin() + static_cast<int64_t>(prompt.size()), r.ids.end());
+}
+
 void group_matches_one_rank(const std::string& model, int P, double tol) {
   const parallel::model_weights full = parallel::model_weights::load(fixture(model));
   two_steps want;
@@ -89,34 +140,13 @@ void group_matches_one_rank(const std::string& model, int P, double tol) {
   auto tok = runtime::make_inproc_group(P, 20000);
   auto wts = runtime::make_inproc_group(P, 20000);
   std::vector<two_steps> got(static_cast<size_t>(P));
-  std::vector<std::string> errors(static_cast<size_t>(P));
-  std::vector<std::thread> th;
-  for (int r = 0; r < P; ++r)
-    th.emplace_back([&, r] {
-      try {
-        const auto rr = static_cast<size_t>(r);
-        parallel::model_weights w = parallel::model_weights::load(fixture(model));
-        const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
-        parallel::ep::ep_shard_weights(w, pl, r);
-        ep_context ctx;
-        ctx.tokens = tok[rr].get();
-        ctx.weights = wts[rr].get();
-        ctx.placement = pl;
-        ctx.options.mode = parallel::ep::ep_mode::llep;
-        ctx.options.llep.lambda = 1.0;  // always plan with LLEP (spills whenever a rank is above the mean)
-        ep_serve_runner runner(ctx);
-        parallel::decoder dec(w);
-        dec.set_expert_parallel(&runner);
-        parallel::paged_kv_store kv(w.config(), 8, 4);
-        got[rr] = run_steps(dec, kv, true);
-        got[rr].loads = runner.expert_loads();
-      } catch (const std::exception& e) {
-        errors[static_cast<size_t>(r)] = e.what();
-        tok[static_cast<size_t>(r)]->abort(e.what());
-        wts[static_cast<size_t>(r)]->abort(e.what());
-      }
-    });
-  for (auto& t : th) t.join();
+  const auto errors = run_ranks(P, tok, &wts, [&](int r) {
+    const auto rr = static_cast<size_t>(r);
+    rank_model m(model, r, P, tok[rr].get(), wts[rr].get());
+    parallel::paged_kv_store kv(m.w.config(), 8, 4);
+    got[rr] = run_steps(*m.dec, kv, true);
+    got[rr].loads = m.runner->expert_loads();
+  });
   for (int r = 0; r < P; ++r) {
     const auto rr = static_cast<size_t>(r);
     ASSERT_EQ(errors[rr], "") << "rank " << r;
@@ -158,12 +188,7 @@ TEST(ServeGroup, EngineOverTwoRanksEqualsGenerateGreedy) {
   std::vector<std::vector<int32_t>> want;
   {
     parallel::decoder dec(full);
-    for (const auto& p : prompts) {
-      parallel::generate_options o;
-      o.max_new_tokens = n_new;
-      const auto r = parallel::generate_greedy(dec, p, 1, static_cast<int64_t>(p.size()), o);
-      want.emplace_back(r.ids.begin() + static_cast<int64_t>(p.size()), r.ids.end());
-    }
+    for (const auto& p : prompts) want.push_back(greedy_tail(dec, p, n_new));
   }
   auto tok = runtime::make_inproc_group(P, 30000);
   auto wts = runtime::make_inproc_group(P, 30000);
@@ -172,70 +197,51 @@ TEST(ServeGroup, EngineOverTwoRanksEqualsGenerateGreedy) {
   std::mutex mu;
   std::string metrics;
   int64_t iterations = 0, followed = -1, computed_tokens = 0;
-  std::vector<std::string> errors(P);
-  std::vector<std::thread> th;
-  for (int r = 0; r < P; ++r)
-    th.emplace_back([&, r] {
-      const auto rr = static_cast<size_t>(r);
-      try {
-        parallel::model_weights w = parallel::model_weights::load(dir);
-        const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
-        parallel::ep::ep_shard_weights(w, pl, r);
-        ep_context ctx;
-        ctx.tokens = tok[rr].get();
-        ctx.weights = wts[rr].get();
-        ctx.placement = pl;
-        ep_serve_runner runner(ctx);
-        parallel::decoder dec(w);
-        dec.set_expert_parallel(&runner);
-        // Rank 1 could afford more blocks: the group takes the minimum (12 blocks of 4 tokens:
-        // fewer than the four requests need at once, so the engine preempts).
-        const int64_t blocks = r == 0 ? 12 : 40;
-        if (r != 0) {
-          followed = elastic::follow_group(dec, blocks, 4, *tok[rr]);
-          return;
-        }
-        elastic::group_executor ex(dec, blocks, 4, *tok[rr]);
-        EXPECT_EQ(ex.num_blocks(), 12);
-        auto tk = parallel::load_tokenizer(dir);
-        elastic::engine_options o;
-        o.max_batch_tokens = 16;  // chunked prefill of the 23-token prompt
-        elastic::engine eng(ex, *tk, o);
-        EXPECT_EQ(eng.ranks(), 2);
-        for (size_t i = 0; i < prompts.size(); ++i) {
-          elastic::engine_request q;
-          q.id = "r" + std::to_string(i);
-          q.prompt = prompts[i];
-          q.params.temperature = 0;
-          q.params.max_tokens = n_new;
-          q.params.ignore_eos = true;
-          q.on_event = [&, id = q.id](const elastic::engine_event& e) {
-            std::lock_guard<std::mutex> g(mu);
-            out[id].insert(out[id].end(), e.token_ids.begin(), e.token_ids.end());
-            if (e.finished) ++finished[id];
-          };
-          eng.submit(std::move(q));
-        }
-        eng.start();
-        for (int spin = 0; spin < 3000; ++spin) {
-          {
-            std::lock_guard<std::mutex> g(mu);
-            if (finished.size() == prompts.size()) break;
-          }
-          std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        }
-        metrics = eng.metrics_text();
-        eng.stop();  // ends the group: rank 1 returns
-        iterations = eng.stats().iterations;
-        computed_tokens = eng.stats().model_tokens;
-        EXPECT_GT(eng.stats().preemptions, 0);
-      } catch (const std::exception& e) {
-        errors[rr] = e.what();
-        tok[rr]->abort(e.what());
-        wts[rr]->abort(e.what());
+  const auto errors = run_ranks(P, tok, &wts, [&](int r) {
+    const auto rr = static_cast<size_t>(r);
+    rank_model m("mixtral_moe", r, P, tok[rr].get(), wts[rr].get());
+    // Rank 1 could afford more blocks: the group takes the minimum (12 blocks of 4 tokens:
+    // fewer than the four requests need at once, so the engine preempts).
+    const int64_t blocks = r == 0 ? 12 : 40;
+    if (r != 0) {
+      followed = elastic::follow_group(*m.dec, blocks, 4, *tok[rr]);
+      return;
+    }
+    elastic::group_executor ex(*m.dec, blocks, 4, *tok[rr]);
+    EXPECT_EQ(ex.num_blocks(), 12);
+    auto tk = parallel::load_tokenizer(dir);
+    elastic::engine_options o;
+    o.max_batch_tokens = 16;  // chunked prefill of the 23-token prompt
+    elastic::engine eng(ex, *tk, o);
+    EXPECT_EQ(eng.ranks(), 2);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      elastic::engine_request q;
+      q.id = "r" + std::to_string(i);
+      q.prompt = prompts[i];
+      q.params.temperature = 0;
+      q.params.max_tokens = n_new;
+      q.params.ignore_eos = true;
+      q.on_event = [&, id = q.id](const elastic::engine_event& e) {
+        std::lock_guard<std::mutex> g(mu);
+        out[id].insert(out[id].end(), e.token_ids.begin(), e.token_ids.end());
+        if (e.finished) ++finished[id];
+      };
+      eng.submit(std::move(q));
+    }
+    eng.start();
+    for (int spin = 0; spin < 3000; ++spin) {
+      {
+        std::lock_guard<std::mutex> g(mu);
+        if (finished.size() == prompts.size()) break;
       }
-    });
-  for (auto& t : th) t.join();
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    metrics = eng.metrics_text();
+    eng.stop();  // ends the group: rank 1 returns
+    iterations = eng.stats().iterations;
+    computed_tokens = eng.stats().model_tokens;
+    EXPECT_GT(eng.stats().preemptions, 0);
+  });
   for (int r = 0; r < P; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
   for (size_t i = 0; i < prompts.size(); ++i) {
     const std::string id = "r" + std::to_string(i);
@@ -268,69 +274,49 @@ TEST(ServeGroup, IdleGroupOutlivesTheTimeoutThroughKeepalives) {
   std::vector<int32_t> want;
   {
     parallel::decoder dec(full);
-    parallel::generate_options o;
-    o.max_new_tokens = 5;
-    const auto r = parallel::generate_greedy(dec, prompt, 1, static_cast<int64_t>(prompt.size()), o);
-    want.assign(r.ids.begin() + static_cast<int64_t>(prompt.size()), r.ids.end());
+    want = greedy_tail(dec, prompt, 5);
   }
   auto tok = runtime::make_inproc_group(P, 400);
   std::vector<int32_t> got;
   std::string reason;
   std::mutex mu;
-  std::vector<std::string> errors(P);
-  std::vector<std::thread> th;
-  for (int r = 0; r < P; ++r)
-    th.emplace_back([&, r] {
-      const auto rr = static_cast<size_t>(r);
-      try {
-        parallel::model_weights w = parallel::model_weights::load(dir);
-        const ep_placement pl = ep_placement::contiguous(w.config().n_experts, P);
-        parallel::ep::ep_shard_weights(w, pl, r);
-        ep_context ctx;
-        ctx.tokens = tok[rr].get();
-        ctx.placement = pl;
-        ep_serve_runner runner(ctx);
-        parallel::decoder dec(w);
-        dec.set_expert_parallel(&runner);
-        if (r != 0) {
-          elastic::follow_group(dec, 16, 4, *tok[rr]);
-          return;
-        }
-        elastic::group_executor ex(dec, 16, 4, *tok[rr]);
-        auto tk = parallel::load_tokenizer(dir);
-        elastic::engine_options o;
-        o.keepalive_ms = 100;
-        elastic::engine eng(ex, *tk, o);
-        caf::actor_system_config cfg;
-        caf::actor_system sys{cfg};
-        actors::serve_scheduler_client sched(sys, eng);
-        std::this_thread::sleep_for(std::chrono::milliseconds(1200));
-        elastic::engine_request q;
-        q.id = "late";
-        q.prompt = prompt;
-        q.params.temperature = 0;
-        q.params.max_tokens = 5;
-        q.params.ignore_eos = true;
-        q.on_event = [&](const elastic::engine_event& e) {
-          std::lock_guard<std::mutex> g(mu);
-          got.insert(got.end(), e.token_ids.begin(), e.token_ids.end());
-          if (e.finished) reason = e.finish_reason;
-        };
-        sched.submit(std::move(q));
-        for (int i = 0; i < 1000; ++i) {
-          {
-            std::lock_guard<std::mutex> g(mu);
-            if (!reason.empty()) break;
-          }
-          std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        }
-        sched.stop();
-      } catch (const std::exception& e) {
-        errors[rr] = e.what();
-        tok[rr]->abort(e.what());
+  const auto errors = run_ranks(P, tok, nullptr, [&](int r) {
+    const auto rr = static_cast<size_t>(r);
+    rank_model m("mixtral_moe", r, P, tok[rr].get(), nullptr);
+    if (r != 0) {
+      elastic::follow_group(*m.dec, 16, 4, *tok[rr]);
+      return;
+    }
+    elastic::group_executor ex(*m.dec, 16, 4, *tok[rr]);
+    auto tk = parallel::load_tokenizer(dir);
+    elastic::engine_options o;
+    o.keepalive_ms = 100;
+    elastic::engine eng(ex, *tk, o);
+    caf::actor_system_config cfg;
+    caf::actor_system sys{cfg};
+    actors::serve_scheduler_client sched(sys, eng);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+    elastic::engine_request q;
+    q.id = "late";
+    q.prompt = prompt;
+    q.params.temperature = 0;
+    q.params.max_tokens = 5;
+    q.params.ignore_eos = true;
+    q.on_event = [&](const elastic::engine_event& e) {
+      std::lock_guard<std::mutex> g(mu);
+      got.insert(got.end(), e.token_ids.begin(), e.token_ids.end());
+      if (e.finished) reason = e.finish_reason;
+    };
+    sched.submit(std::move(q));
+    for (int i = 0; i < 1000; ++i) {
+      {
+        std::lock_guard<std::mutex> g(mu);
+        if (!reason.empty()) break;
       }
-    });
-  for (auto& t : th) t.join();
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    sched.stop();
+  });
   for (int r = 0; r < P; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
   EXPECT_EQ(reason, "length");
   EXPECT_EQ(got, want);

@@ -21,15 +21,25 @@ namespace {
 
 using namespace troupe;
 
+// The model, its tokenizer and an actor system; engine options with blocks of 4 tokens.
 struct fixture_model {
   parallel::model_weights w;
   std::unique_ptr<parallel::decoder> dec;
   std::unique_ptr<parallel::text_tokenizer> tok;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
   fixture_model() {
     const std::string dir = std::string(TROUPE_FIXTURES_DIR) + "/mixtral_moe";
     w = parallel::model_weights::load(dir);
     dec = std::make_unique<parallel::decoder>(w);
     tok = parallel::load_tokenizer(dir);
+    sys = std::make_unique<caf::actor_system>(cfg);
+  }
+  static elastic::engine_options blocks(int64_t n) {
+    elastic::engine_options o;
+    o.block_size = 4;
+    o.num_blocks = n;
+    return o;
   }
 };
 
@@ -71,16 +81,12 @@ std::vector<int32_t> prompt_of(int64_t n, int32_t seed) {
 
 TEST(ServeScheduler, RequestsFromManyThreadsEqualGenerateGreedy) {
   fixture_model m;
-  caf::actor_system_config cfg;
-  caf::actor_system sys{cfg};
-  elastic::engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 64;
+  elastic::engine_options o = fixture_model::blocks(64);
   o.max_batch_tokens = 24;
   elastic::engine eng(*m.dec, *m.tok, o);
   sink s;
   {
-    actors::serve_scheduler_client sched(sys, eng);
+    actors::serve_scheduler_client sched(*m.sys, eng);
     std::vector<std::thread> th;
     for (int t = 0; t < 4; ++t)
       th.emplace_back([&, t] {
@@ -110,14 +116,10 @@ TEST(ServeScheduler, RequestsFromManyThreadsEqualGenerateGreedy) {
 
 TEST(ServeScheduler, RefusalsComeBackAsTheEnginesExceptions) {
   fixture_model m;
-  caf::actor_system_config cfg;
-  caf::actor_system sys{cfg};
-  elastic::engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 8;
+  elastic::engine_options o = fixture_model::blocks(8);
   o.max_waiting = 1;
   elastic::engine eng(*m.dec, *m.tok, o);
-  actors::serve_scheduler_client sched(sys, eng);
+  actors::serve_scheduler_client sched(*m.sys, eng);
   sink s;
   try {
     sched.submit(s.make("bad", {1, 2, 100000}, 4));
@@ -141,13 +143,8 @@ TEST(ServeScheduler, RefusalsComeBackAsTheEnginesExceptions) {
 
 TEST(ServeScheduler, StopAbortsWhatIsLeft) {
   fixture_model m;
-  caf::actor_system_config cfg;
-  caf::actor_system sys{cfg};
-  elastic::engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 64;
-  elastic::engine eng(*m.dec, *m.tok, o);
-  actors::serve_scheduler_client sched(sys, eng);
+  elastic::engine eng(*m.dec, *m.tok, fixture_model::blocks(64));
+  actors::serve_scheduler_client sched(*m.sys, eng);
   sink s;
   sched.submit(s.make("a", prompt_of(6, 3), 100000));
   sched.submit(s.make("b", prompt_of(7, 4), 100000));
