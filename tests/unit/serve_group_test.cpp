@@ -8,6 +8,8 @@
 //     requests equal generate_greedy token for token, the followers run exactly the engine's
 //     iterations and return when it stops, and /metrics reports the ranks and per-expert loads whose
 //     sum is top_k rows per computed token per MoE layer.
+//   * a rank that dies mid-serving (its communicator aborted): every running request ends with
+//     finish reason "error" naming the communicator's failure, none hangs.
 //   * an idle group outlives its communicator's timeout (400 ms) through the scheduler actor's
 //     keepalives (every 100 ms): a request after 1.2 s idle is served and equals generate_greedy.
 #include <gtest/gtest.h>
@@ -320,6 +322,55 @@ TEST(ServeGroup, IdleGroupOutlivesTheTimeoutThroughKeepalives) {
   for (int r = 0; r < P; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
   EXPECT_EQ(reason, "length");
   EXPECT_EQ(got, want);
+}
+
+TEST(ServeGroup, ARankLostMidServingEndsTheRunningRequestsWithAnError) {
+  const int P = 2;
+  const std::string dir = fixture("mixtral_moe");
+  auto tok = runtime::make_inproc_group(P, 500);
+  std::map<std::string, std::string> reason, error;
+  std::mutex mu;
+  std::string follower_error;
+  const auto errors = run_ranks(P, tok, nullptr, [&](int r) {
+    const auto rr = static_cast<size_t>(r);
+    rank_model m("mixtral_moe", r, P, tok[rr].get(), nullptr);
+    if (r != 0) {
+      try {
+        elastic::follow_group(*m.dec, 64, 4, *tok[rr]);
+      } catch (const runtime::error& e) {
+        follower_error = e.what();
+      }
+      return;
+    }
+    elastic::group_executor ex(*m.dec, 64, 4, *tok[rr]);
+    auto tk = parallel::load_tokenizer(dir);
+    elastic::engine eng(ex, *tk, {});
+    for (int i = 0; i < 3; ++i) {
+      elastic::engine_request q;
+      q.id = "r" + std::to_string(i);
+      q.prompt = ids(5 + i, i, m.w.config().vocab_size);
+      q.params.temperature = 0;
+      q.params.max_tokens = 200;
+      q.params.ignore_eos = true;
+      q.on_event = [&, id = q.id](const elastic::engine_event& e) {
+        std::lock_guard<std::mutex> g(mu);
+        if (e.finished) reason[id] = e.finish_reason, error[id] = e.error;
+      };
+      eng.submit(std::move(q));
+    }
+    for (int i = 0; i < 3 && eng.step(); ++i) {
+    }
+    tok[1]->abort("rank 1 died");  // rank 1 leaves between two iterations
+    for (int i = 0; i < 10 && eng.step(); ++i) {
+    }
+  });
+  ASSERT_EQ(errors[0], "");
+  EXPECT_NE(follower_error.find("rank 1 died"), std::string::npos) << follower_error;
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = "r" + std::to_string(i);
+    EXPECT_EQ(reason[id], "error") << id;
+    EXPECT_NE(error[id].find("broadcast"), std::string::npos) << id << ": " << error[id];
+  }
 }
 
 }  // namespace
