@@ -6,6 +6,7 @@
 
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/threads.h"
 
 // Requests carry callbacks: they stay in this process (never through the middleman).
 using troupe_engine_request_box = std::shared_ptr<troupe::elastic::engine_request>;
@@ -40,6 +41,7 @@ void kick(caf::event_based_actor* self, scheduler_state& st) {
 }  // namespace
 
 caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng) {
+  runtime::adopt_num_threads();  // its own thread runs the model step's kernels
   auto st = std::make_shared<scheduler_state>();  // only this actor's thread touches it
   const auto keepalive_every = std::chrono::milliseconds(eng->options().keepalive_ms);
   self->delayed_send(self, keepalive_every, sched_alive_atom::value);
@@ -62,6 +64,7 @@ caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng
         kick(self, *st);
       },
       [=](sched_step_atom) {
+        runtime::adopt_num_threads();  // cheap; the behaviour may be made before the thread runs it
         bool worked = false;
         try {
           worked = eng->step();

@@ -17,6 +17,7 @@
 #include "runtime/device.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/threads.h"
 
 namespace troupe::actors {
 
@@ -208,6 +209,7 @@ void compute_loop(std::shared_ptr<worker_shared> sh) {
       auto it = sh->handlers.find(static_cast<int>(cmd.kind()));
       TROUPE_CHECK(it != sh->handlers.end(), errc::unsupported, "rank {}: no handler for command {}", sh->o.rank,
                    control::Command::Kind_Name(cmd.kind()));
+      runtime::adopt_num_threads();  // the process's thread setting, on this thread (runtime/threads.h)
       it->second(cmd, ctx, rep);
       rep.set_ok(true);
     } catch (const std::exception& e) {

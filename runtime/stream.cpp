@@ -1,5 +1,6 @@
 #include "runtime/stream.h"
 
+
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -7,6 +8,7 @@
 #include <thread>
 
 #include "runtime/error.h"
+#include "runtime/threads.h"
 
 #ifdef TROUPE_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -28,6 +30,7 @@ struct stream::impl {
 #endif
 
   void run() {
+    adopt_num_threads();  // tasks run kernels: the process's thread setting (threads.h invariant 3)
     std::unique_lock<std::mutex> lock(mu);
     while (true) {
       cv.wait(lock, [&] { return stop || !queue.empty(); });

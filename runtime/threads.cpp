@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <thread>
 
@@ -10,15 +11,15 @@ extern "C" void openblas_set_num_threads(int num_threads);
 namespace troupe::runtime {
 
 namespace {
-int& current() {
-  static int n = [] {
+std::atomic<int>& current() {
+  static std::atomic<int> n{[] {
     int v = 0;
     if (const char* env = std::getenv("TROUPE_NUM_THREADS")) v = std::atoi(env);
     if (v <= 0) v = hardware_threads();
     omp_set_num_threads(v);
     openblas_set_num_threads(1);  // kernels/cpu/blas.h parallelises sgemm with OpenMP: one thread pool
     return v;
-  }();
+  }()};
   return n;
 }
 }  // namespace
@@ -28,13 +29,15 @@ int hardware_threads() {
   return h == 0 ? 1 : static_cast<int>(h);
 }
 
-int num_threads() { return current(); }
+int num_threads() { return current().load(); }
 
 void set_num_threads(int n) {
   if (n <= 0) n = hardware_threads();
-  current() = n;
+  current().store(n);
   omp_set_num_threads(n);
   openblas_set_num_threads(1);
 }
+
+void adopt_num_threads() { omp_set_num_threads(current().load()); }
 
 }  // namespace troupe::runtime

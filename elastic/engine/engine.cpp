@@ -10,6 +10,7 @@
 #include "parallel/model/forward_batch.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/threads.h"
 
 namespace troupe::elastic {
 
@@ -380,6 +381,7 @@ void engine::start() {
   TROUPE_CHECK(!loop_.joinable(), errc::invalid_argument, "engine: already started");
   stop_ = false;
   loop_ = std::thread([this] {
+    runtime::adopt_num_threads();  // the model step's kernels: the process's thread setting
     auto last = clk::now();
     while (!stop_) {
       bool worked = false;
