@@ -10,8 +10,8 @@
 //     sum is top_k rows per computed token per MoE layer.
 //   * a rank that dies mid-serving (its communicator aborted): every running request ends with
 //     finish reason "error" naming the communicator's failure, none hangs.
-//   * an idle group outlives its communicator's timeout (400 ms) through the scheduler actor's
-//     keepalives (every 100 ms): a request after 1.2 s idle is served and equals generate_greedy.
+//   * an idle group outlives its communicator's timeout (1 s) through the scheduler actor's
+//     keepalives (every 100 ms): a request after 2.5 s idle is served and equals generate_greedy.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -278,7 +278,7 @@ TEST(ServeGroup, IdleGroupOutlivesTheTimeoutThroughKeepalives) {
     parallel::decoder dec(full);
     want = greedy_tail(dec, prompt, 5);
   }
-  auto tok = runtime::make_inproc_group(P, 400);
+  auto tok = runtime::make_inproc_group(P, 1000);
   std::vector<int32_t> got;
   std::string reason;
   std::mutex mu;
@@ -297,7 +297,7 @@ TEST(ServeGroup, IdleGroupOutlivesTheTimeoutThroughKeepalives) {
     caf::actor_system_config cfg;
     caf::actor_system sys{cfg};
     actors::serve_scheduler_client sched(sys, eng);
-    std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+    std::this_thread::sleep_for(std::chrono::milliseconds(2500));
     elastic::engine_request q;
     q.id = "late";
     q.prompt = prompt;

@@ -2,11 +2,14 @@
 // requests submitted from several threads through serve_scheduler_client come back equal to
 // generate_greedy; the engine's refusals come back as the same exceptions (bad input ->
 // runtime::error invalid_argument, a full queue -> engine_busy) with nothing queued; an abort of a
-// running request ends it with "abort"; stop() ends what is left with "abort" and refuses later
+// running request ends it with "abort" (made deterministic by holding the actor in the request's
+// first event until the abort is sent); stop() ends what is left with "abort" and refuses later
 // submits; the actor sleeps when idle (the iteration count does not grow without requests).
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <functional>
+#include <future>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -47,6 +50,7 @@ struct sink {
   std::mutex mu;
   std::map<std::string, std::vector<int32_t>> ids;
   std::map<std::string, std::string> reason;
+  std::function<void(const std::string&)> on_first;  // on the engine's thread, at a request's first event
   elastic::engine_request make(const std::string& id, std::vector<int32_t> prompt, int64_t n) {
     elastic::engine_request r;
     r.id = id;
@@ -55,9 +59,14 @@ struct sink {
     r.params.max_tokens = n;
     r.params.ignore_eos = true;
     r.on_event = [this, id](const elastic::engine_event& e) {
-      std::lock_guard<std::mutex> g(mu);
-      ids[id].insert(ids[id].end(), e.token_ids.begin(), e.token_ids.end());
-      if (e.finished) reason[id] = e.finish_reason;
+      bool first = false;
+      {
+        std::lock_guard<std::mutex> g(mu);
+        first = ids.find(id) == ids.end();
+        ids[id].insert(ids[id].end(), e.token_ids.begin(), e.token_ids.end());
+        if (e.finished) reason[id] = e.finish_reason;
+      }
+      if (first && on_first) on_first(id);
     };
     return r;
   }
@@ -116,11 +125,15 @@ TEST(ServeScheduler, RequestsFromManyThreadsEqualGenerateGreedy) {
 
 TEST(ServeScheduler, RefusalsComeBackAsTheEnginesExceptions) {
   fixture_model m;
-  elastic::engine_options o = fixture_model::blocks(8);
+  elastic::engine_options o = fixture_model::blocks(16);
   o.max_waiting = 1;
   elastic::engine eng(*m.dec, *m.tok, o);
-  actors::serve_scheduler_client sched(*m.sys, eng);
   sink s;
+  // A full queue: one request waits in the engine before the actor exists (it steps only when
+  // told), so the actor's first submit finds max_waiting requests waiting.
+  eng.submit(s.make("filler", prompt_of(4, 3), 2));
+  actors::serve_scheduler_client sched(*m.sys, eng);
+  EXPECT_THROW(sched.submit(s.make("over", prompt_of(4, 4), 2)), elastic::engine_busy);
   try {
     sched.submit(s.make("bad", {1, 2, 100000}, 4));
     FAIL() << "a token outside the vocabulary was accepted";
@@ -128,14 +141,25 @@ TEST(ServeScheduler, RefusalsComeBackAsTheEnginesExceptions) {
     EXPECT_EQ(e.code(), runtime::errc::invalid_argument);
     EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
   }
-  EXPECT_EQ(eng.stats().waiting, 0);
-  // A long request runs; abort it mid-way.
-  sched.submit(s.make("long", prompt_of(6, 1), 1000));
-  for (int i = 0; i < 2000 && eng.stats().generated_tokens < 3; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  sched.abort("long");
+  sched.abort("filler");  // the actor steps now: the filler ends with "abort"
   ASSERT_TRUE(s.wait(1));
+  EXPECT_EQ(s.reason["filler"], "abort");
+  EXPECT_EQ(s.ids.count("over") + s.ids.count("bad"), 0u);  // refused: never queued
+  // A running request aborted mid-way: its first event holds the actor until the abort is sent.
+  std::promise<void> entered, release;
+  auto released = release.get_future().share();
+  s.on_first = [&](const std::string& id) {
+    if (id != "long") return;
+    entered.set_value();
+    released.wait();
+  };
+  sched.submit(s.make("long", prompt_of(6, 1), 100));
+  entered.get_future().wait();
+  sched.abort("long");
+  release.set_value();
+  ASSERT_TRUE(s.wait(2));
   EXPECT_EQ(s.reason["long"], "abort");
+  EXPECT_LT(s.ids["long"].size(), 100u);
   EXPECT_EQ(eng.stats().kv.blocks_used, 0);
   sched.stop();
   EXPECT_THROW(sched.submit(s.make("late", prompt_of(4, 2), 2)), runtime::error);
