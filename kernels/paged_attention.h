@@ -21,9 +21,14 @@
 //   3. Every key a query reads must already be in the cache: the caller writes the K/V of
 //      this batch's new tokens first, so queries of one prefill chunk see each other.
 //   4. Query head h reads KV head h / (NH / NKV). NH % NKV == 0. scale 0 = 1/sqrt(HD).
-//   5. The softmax is online over the key blocks, in fp32, one (token, head) per OpenMP item;
-//      each output has one owner and a fixed operation order: results do not depend on the
-//      thread count, nor on the other tokens of the batch.
+//   5. The softmax is online over the key blocks, in fp32. Each (token, head) row has one owner
+//      and one fixed operation order (per visible block: the scores, the running max and sum,
+//      the rescale, P @ V), so results do not depend on the thread count, on the tiling, nor on
+//      the other tokens of the batch: every query_tile gives bitwise the same output.
+//   7. Tiling (query_tile > 0): an OpenMP item is up to query_tile consecutive positions of one
+//      sequence times the NH / NKV query heads of one KV head; each key block is read once per
+//      item and used by all its rows while in L1 (GQA heads share their K/V loads). query_tile 0
+//      is the untiled path: one (token, head) per item, each streaming its keys alone.
 //   6. Bad metadata (a sequence index, a negative position, a table too short for a position,
 //      a block id outside [0, num_blocks)) throws errc::invalid_argument before anything is
 //      written, naming the query token and its sequence.
@@ -39,6 +44,7 @@ struct paged_attention_dims {
   int64_t table_stride = 1;                 // block-table row length (max blocks per sequence)
   float scale = 0.0f;                       // 0 = 1/sqrt(HD)
   int64_t window = 0;                       // 0 = full causal
+  int64_t query_tile = 16;                  // invariant 7; 0 = one (token, head) per item
 };
 
 namespace cpu {
