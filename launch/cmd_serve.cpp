@@ -43,6 +43,7 @@
 #include "parallel/model/decoder.h"
 #include "parallel/model/model_weights.h"
 #include "runtime/error.h"
+#include "runtime/io/hf_config.h"
 #include "runtime/log.h"
 #include "runtime/serve_spec.h"
 #include "runtime/threads.h"
@@ -242,6 +243,17 @@ int serve(const serve_options& o) {
   install_stop_handlers(/*follower=*/r.rank != 0);
   if (r.world_size > 1) runtime::log::set_rank(r.rank);
   const serve::ServeSpec spec = runtime::load_serve_spec(o.spec, o.sets);
+  if (spec.engine().ranks() > 1) {  // what the ranks split: the experts, nothing else yet
+    const runtime::model_config mc = runtime::load_hf_config(spec.model() + "/config.json");
+    TROUPE_CHECK(mc.is_moe(), errc::invalid_argument,
+                 "{}: engine.ranks = {}, but {} is a dense model: the ranks of a serving group split the MoE "
+                 "layers' experts only (no tensor parallelism yet), so they would only repeat each other's work; "
+                 "use engine.ranks: 1",
+                 o.spec, spec.engine().ranks(), spec.model());
+    TROUPE_CHECK(mc.n_experts % spec.engine().ranks() == 0, errc::invalid_argument,
+                 "{}: engine.ranks = {} does not divide the model's {} experts; pick a divisor of {}", o.spec,
+                 spec.engine().ranks(), mc.n_experts, mc.n_experts);
+  }
   TROUPE_CHECK(spec.engine().ranks() == r.world_size, errc::invalid_argument,
                "{}: engine.ranks = {}, but troupe serve was launched on {} rank(s) (use troupe-launch -n {} or "
                "mpirun -np {}, or --set engine.ranks={})",

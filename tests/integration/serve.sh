@@ -11,7 +11,7 @@
 # F. two expert-parallel ranks under troupe-launch (engine.ranks: 2, each rank holding half the
 #    experts, LLEP): greedy over HTTP = troupe generate on one rank, streamed too; /metrics shows
 #    2 ranks and per-expert loads; SIGTERM to the launcher stops both ranks cleanly; engine.ranks
-#    different from the launched ranks is refused naming both.
+#    different from the launched ranks, or > 1 for a dense model, is refused naming why.
 #    (the server: printf-made serve.yaml, a free port printed at start, SIGTERM at the end)
 set -uo pipefail
 troupe="$1"
@@ -157,6 +157,9 @@ write_yaml "$fixtures/mixtral_moe" "" 2
 "$troupe" serve "$tmp/serve.yaml" >"$tmp/refused.log" 2>&1 && fail "F: engine.ranks 2 on one rank was accepted"
 grep -q "engine.ranks = 2, but troupe serve was launched on 1 rank" "$tmp/refused.log" \
   || fail "F: unclear refusal: $(cat "$tmp/refused.log")"
+write_yaml "$fixtures/llama_gqa" "" 2
+"$troupe" serve "$tmp/serve.yaml" >"$tmp/refused.log" 2>&1 && fail "F: a dense model on 2 ranks was accepted"
+grep -q "is a dense model" "$tmp/refused.log" || fail "F: unclear dense refusal: $(cat "$tmp/refused.log")"
 start "$fixtures/mixtral_moe" "" 2
 grep -q "2 rank(s) (experts 2 per rank, llep)" "$tmp/server.log" || fail "F: not 2 ranks with 2 experts each"
 prompt="3,17,99,4,4,60,1,2"
