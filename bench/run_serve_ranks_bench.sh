@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # `troupe serve` on 1 rank x 2 threads vs 2 expert-parallel ranks x 1 thread: the same Mooncake window
-# through HTTP (bench/loadgen --url), one server after the other. Needs /tmp/lg-tiny-mixtral
-# (build/launch/troupe init /tmp/lg-tiny-mixtral --preset tiny-mixtral) and a build in build/.
+# through HTTP (bench/loadgen --url), one server after the other. Needs a build in build/ (targets
+# troupe, troupe-launch, loadgen); makes /tmp/lg-tiny-mixtral (troupe init --preset tiny-mixtral).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+[ -f /tmp/lg-tiny-mixtral/config.json ] || build/launch/troupe init /tmp/lg-tiny-mixtral --preset tiny-mixtral >/dev/null
 run() {  # run NAME RANKS THREADS
-  printf 'model: /tmp/lg-tiny-mixtral\nserver: {port: 0}\nengine: {ranks: %s, block_size: 16, kv_cache_memory: 16MiB, max_batch_tokens: 64}\n' "$2" > /tmp/sb.yaml
+  printf 'model: /tmp/lg-tiny-mixtral\nserver: {port: 0}\nengine: {ranks: %s, block_size: 16, kv_cache_memory: 16MiB, %s}\n' \
+    "$2" "max_batch_tokens: 64" > /tmp/sb.yaml
   if [ "$2" -gt 1 ]; then
     TROUPE_NUM_THREADS=$3 build/launch/troupe-launch -n "$2" -- build/launch/troupe serve /tmp/sb.yaml > /tmp/sb-$1.log 2>&1 &
   else
