@@ -117,6 +117,8 @@ void serve_scheduler_client::submit(elastic::engine_request r) {
                [&](caf::error& e) { ans = {3, 0, system_.render(e)}; });
   const auto& [kind, code, msg] = ans;
   if (kind == 0) return;
+  if (kind == 3)  // no answer in time: the submit may still be queued; its abort queues behind it
+    caf::anon_send(actor_, sched_abort_atom::value, id);
   if (kind == 1) throw elastic::engine_busy(msg);
   if (kind == 2) throw runtime::error(static_cast<errc>(code), msg);
   TROUPE_THROW(errc::aborted, "serve scheduler: request {}: {}", id, msg);
@@ -133,7 +135,8 @@ void serve_scheduler_client::stop() {
   std::string err;
   self->request(actor_, std::chrono::minutes(10), sched_stop_atom::value)
       .receive([&](bool) { done = true; }, [&](caf::error& e) { err = system_.render(e); });
-  self->wait_for(actor_);
+  // After an answer the actor is quitting: wait for it. Without one, do not wait without bound.
+  if (done) self->wait_for(actor_);
   TROUPE_CHECK(done, errc::aborted, "serve scheduler: stopping: {}", err);
 }
 

@@ -19,7 +19,8 @@
 //      a time in mailbox order; the engine is never start()ed.
 //   2. submit() returns after the engine accepted the request, or throws what the engine threw:
 //      elastic::engine_busy (the queue is full) or runtime::error with the engine's code and
-//      message (bad input); a refused request leaves nothing queued. Each has a timeout (30 s).
+//      message (bad input); a refused request leaves nothing queued. Each has a timeout (30 s);
+//      after one, an abort of the request follows it (so it never runs without its client).
 //   3. At most one `step` message is in flight, so a burst of submits queues no extra iterations;
 //      an iteration that did nothing (engine::step() == false) ends the burst until the next message.
 //   4. stop() runs engine::shutdown() in the actor, which then quits; stop() returns after both

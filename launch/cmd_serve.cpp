@@ -12,9 +12,9 @@
 // slice of the batch through the LLEP layer (parallel/ep/ep_serve_runner.h).
 //
 // Signals: rank 0 stops on SIGINT / SIGTERM (the HTTP server first, then the scheduler: requests
-// left end with "abort", the other ranks are told to stop and return). The other ranks ignore the
-// first signal (troupe-launch and mpirun send it to every rank; they stop when rank 0 ends the
-// group) and exit at once on a second.
+// left end with "abort", the other ranks are told to stop and return). The other ranks wait for
+// that (troupe-launch and mpirun signal every rank). A second signal exits at once on any rank.
+// Rank 0 also stops when the group ends (a rank lost) or breaks mid-step (executor.h invariant 5).
 #include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
@@ -78,19 +78,20 @@ size_t auto_kv_bytes(int local_ranks) {
 }
 
 // SIGINT / SIGTERM set a flag (a handler, not a blocked mask: threads made before main(), such as
-// OpenBLAS's, would still take the default action). Rank 0 polls it; on the other ranks the first
-// one is noted and a second one exits at once.
+// OpenBLAS's, would still take the default action). Rank 0 polls it once it serves (a signal during
+// the start is acted on as soon as it does); the other ranks wait for rank 0 to end the group. A
+// second signal exits at once on any rank.
 std::atomic<int> g_signals{0};
 std::atomic<int> g_last_signal{0};
-bool g_follower = false;
+
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free atomic");
 
 void on_stop_signal(int sig) {
   g_last_signal.store(sig);
-  if (g_signals.fetch_add(1) >= 1 && g_follower) std::_Exit(128 + sig);
+  if (g_signals.fetch_add(1) >= 1) std::_Exit(128 + sig);  // a second signal: now, on every rank
 }
 
-void install_stop_handlers(bool follower) {
-  g_follower = follower;
+void install_stop_handlers() {
   struct sigaction sa {};
   sa.sa_handler = on_stop_signal;
   sigemptyset(&sa.sa_mask);
@@ -101,25 +102,29 @@ void install_stop_handlers(bool follower) {
 
 // Rank 0: the engine, the scheduler actor and the HTTP server, until a signal or the group's end.
 void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
-          const parallel::model_weights& w, const parallel::decoder& dec, int64_t blocks,
-          runtime::communicator* group) {
-  std::unique_ptr<parallel::text_tokenizer> tok =
-      parallel::load_tokenizer(spec.tokenizer().empty() ? spec.model() : spec.tokenizer());
+          const parallel::model_weights& w, const parallel::decoder& dec, const parallel::text_tokenizer& tok,
+          int64_t blocks, runtime::communicator* group) {
   std::unique_ptr<elastic::model_executor> exec;
-  if (group) exec = std::make_unique<elastic::group_executor>(dec, blocks, spec.engine().block_size(), *group);
-  else exec = std::make_unique<elastic::local_executor>(dec, blocks, spec.engine().block_size());
+  elastic::group_executor* gx = nullptr;
+  if (group) {
+    auto g = std::make_unique<elastic::group_executor>(dec, blocks, spec.engine().block_size(), *group);
+    gx = g.get();
+    exec = std::move(g);
+  } else {
+    exec = std::make_unique<elastic::local_executor>(dec, blocks, spec.engine().block_size());
+  }
   elastic::engine_options eo;
   eo.max_batch_tokens = spec.engine().max_batch_tokens();
   eo.max_running = spec.engine().max_running();
   eo.max_waiting = spec.engine().max_waiting();
   eo.prefix_caching = spec.engine().prefix_caching();
   eo.static_batching = spec.engine().batching() == "static";
-  elastic::engine eng(*exec, *tok, eo);
+  elastic::engine eng(*exec, tok, eo);
   actors::serve_scheduler_client sched(ctx.system(), eng);
   const std::string name = spec.served_model_name().empty()
                                ? std::filesystem::path(spec.model()).lexically_normal().filename().string()
                                : spec.served_model_name();
-  elastic::engine_backend backend(eng, *tok, name.empty() ? "model" : name, static_cast<uint64_t>(spec.seed()),
+  elastic::engine_backend backend(eng, tok, name.empty() ? "model" : name, static_cast<uint64_t>(spec.seed()),
                                   &sched);
   elastic::http_options ho;
   ho.host = spec.server().host();
@@ -154,6 +159,10 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
       why = "the group ended";
       break;
     }
+    if (gx && gx->broken()) {  // a rank left mid-step: every later step would fail (executor.h invariant 5)
+      why = "the group broke: " + gx->broken_reason();
+      break;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   runtime::log::info("serve: {}: stopping", why);
@@ -166,6 +175,7 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   rep.add_lines(fmt::format("{} requests, {} tokens generated, {} iterations", st.finished, st.generated_tokens,
                             st.iterations));
   TROUPE_CHECK(why != "the group ended", errc::aborted, "rank 0: serving stopped: the group ended (a rank was lost)");
+  TROUPE_CHECK(!gx || !gx->broken(), errc::aborted, "rank 0: serving stopped: {}", why);
 }
 
 // One rank's part, on the worker's compute thread.
@@ -174,9 +184,13 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   const int rank = ctx.group_rank(), world = ctx.group_size();
   std::string backend = o.backend;
   if (backend == "auto") backend = mpi_session_of_process() ? "mpi" : "ucx";
+  // What can fail on one rank alone comes before the first collective, the same on every rank:
+  // the tokenizer (rank 0 needs it; every rank loads it so a bad file fails everywhere at once).
+  std::unique_ptr<parallel::text_tokenizer> tok =
+      parallel::load_tokenizer(spec.tokenizer().empty() ? spec.model() : spec.tokenizer());
   // The MoE layers' tokens (and the steps from rank 0) on one communicator, borrowed expert weights
-  // on a second one beside it (ep_layer.h). A day-long timeout: a quiet server's group hears a
-  // keepalive every 5 s, a dead rank is found by the supervisor's heartbeats.
+  // on a second one beside it (ep_layer.h). A 10-minute timeout per operation: a quiet server's
+  // group hears a keepalive every 5 s, a dead rank is found by the supervisor's heartbeats.
   std::unique_ptr<runtime::communicator> epc, epw;
   if (world > 1) {
     std::vector<int> all(static_cast<size_t>(world));
@@ -206,7 +220,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   const size_t kv_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes(r.local_world_size);
   const int64_t bs = spec.engine().block_size();
   const int64_t blocks = parallel::paged_kv_store::blocks_for_budget(w.config(), bs, kv_bytes);
-  TROUPE_CHECK(blocks >= 1, errc::invalid_argument,
+  TROUPE_CHECK(world > 1 || blocks >= 1, errc::invalid_argument,  // a group checks the agreed minimum
                "rank {}: a KV cache of {} bytes holds no block of {} tokens ({} bytes each); raise "
                "engine.kv_cache_memory",
                rank, kv_bytes, bs, parallel::paged_kv_store::bytes_per_block(w.config(), bs));
@@ -216,7 +230,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
     rep.add_lines(fmt::format("rank {}: followed {} model steps", rank, steps));
     return;
   }
-  lead(ctx, rep, spec, w, dec, blocks, epc.get());
+  lead(ctx, rep, spec, w, dec, *tok, blocks, epc.get());
 }
 
 int drive(actors::supervisor_client& sup, const serve_options& o) {
@@ -240,7 +254,7 @@ int drive(actors::supervisor_client& sup, const serve_options& o) {
 
 int serve(const serve_options& o) {
   const rank_info r = discover_rank();
-  install_stop_handlers(/*follower=*/r.rank != 0);
+  install_stop_handlers();
   if (r.world_size > 1) runtime::log::set_rank(r.rank);
   const serve::ServeSpec spec = runtime::load_serve_spec(o.spec, o.sets);
   if (spec.engine().ranks() > 1) {  // what the ranks split: the experts, nothing else yet

@@ -50,6 +50,18 @@ int64_t agree_num_blocks(runtime::communicator& comm, int64_t mine) {
   return -t.data<int64_t>()[0];
 }
 
+namespace {
+// agree_num_blocks, then the same check on every rank (so no rank fails alone).
+int64_t agreed_blocks(runtime::communicator& comm, int64_t mine) {
+  const int64_t n = agree_num_blocks(comm, mine);
+  TROUPE_CHECK(n >= 1, errc::invalid_argument,
+               "serving group: rank {}: some rank's KV cache budget holds no block (the group's minimum is {}); "
+               "raise engine.kv_cache_memory",
+               comm.rank(), n);
+  return n;
+}
+}  // namespace
+
 // ---- one rank ---------------------------------------------------------------------------------
 
 local_executor::local_executor(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size)
@@ -73,7 +85,7 @@ double local_executor::expert_balance() const {
 
 group_executor::group_executor(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size,
                                runtime::communicator& comm)
-    : local_executor(dec, agree_num_blocks(comm, num_blocks), block_size), comm_(comm) {
+    : local_executor(dec, agreed_blocks(comm, num_blocks), block_size), comm_(comm) {
   TROUPE_CHECK(comm.rank() == 0, errc::invalid_argument,
                "serving group: the engine's executor must be the group's rank 0, not rank {}", comm.rank());
 }
@@ -86,27 +98,57 @@ group_executor::~group_executor() {
   }
 }
 
+bool group_executor::broken() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return !broken_.empty();
+}
+
+std::string group_executor::broken_reason() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return broken_;
+}
+
+void group_executor::send_or_break(tensor& t) {
+  try {
+    comm_.broadcast(t, 0);
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (broken_.empty()) broken_ = e.what();
+    throw;
+  }
+}
+
 tensor group_executor::execute(std::span<const parallel::forward_batch_seq> seqs) {
   TROUPE_CHECK(!finished_, errc::invalid_argument, "serving group: a step after finish()");
+  const std::string why = broken_reason();
+  TROUPE_CHECK(why.empty(), errc::aborted, "serving group: broken since an earlier step: {}", why);
+  parallel::check_forward_batch(dec_, seqs, store_);  // a refused batch never leaves rank 0
   wire_step w = pack(seqs);
   tensor head = tensor::from_vector(w.head, {4});
-  comm_.broadcast(head, 0);
+  send_or_break(head);
   if (!w.body.empty()) {
     tensor body = tensor::from_vector(w.body, {static_cast<int64_t>(w.body.size())});
-    comm_.broadcast(body, 0);
+    send_or_break(body);
   }
-  return local_executor::execute(seqs);
+  try {
+    return local_executor::execute(seqs);
+  } catch (const std::exception& e) {  // after the step was sent: the group is out of step
+    std::lock_guard<std::mutex> g(mu_);
+    if (broken_.empty()) broken_ = e.what();
+    throw;
+  }
 }
 
 void group_executor::keepalive() {
-  if (finished_) return;
+  if (finished_ || broken()) return;
   tensor head = tensor::from_vector(std::vector<int64_t>{kind_idle, 0, 0, 0}, {4});
-  comm_.broadcast(head, 0);
+  send_or_break(head);
 }
 
 void group_executor::finish() {
   if (finished_) return;
   finished_ = true;
+  if (broken()) return;  // the others left (or will, on their communicator's error)
   tensor head = tensor::from_vector(std::vector<int64_t>{kind_end, 0, 0, 0}, {4});
   comm_.broadcast(head, 0);
 }
@@ -116,7 +158,7 @@ void group_executor::finish() {
 int64_t follow_group(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size,
                      runtime::communicator& comm) {
   TROUPE_CHECK(comm.rank() != 0, errc::invalid_argument, "serving group: rank 0 hosts the engine; it does not follow");
-  parallel::paged_kv_store store(dec.config(), agree_num_blocks(comm, num_blocks), block_size);
+  parallel::paged_kv_store store(dec.config(), agreed_blocks(comm, num_blocks), block_size);
   parallel::forward_batch_options fo;
   fo.no_logits = true;
   int64_t steps = 0;
@@ -149,13 +191,7 @@ int64_t follow_group(const parallel::decoder& dec, int64_t num_blocks, int64_t b
       to += nt;
       bo += nb;
     }
-    try {
-      parallel::forward_batch(dec, seqs, store, fo);
-    } catch (const runtime::error& e) {
-      // Refused input (invariant 2): rank 0 refuses the same batch before any collective.
-      if (e.code() != errc::invalid_argument && e.code() != errc::out_of_range) throw;
-      log::debug("serving group: rank {}: step {} refused like on rank 0: {}", comm.rank(), steps, e.what());
-    }
+    parallel::forward_batch(dec, seqs, store, fo);  // rank 0 checked it: any error here is the group's end
     ++steps;
   }
 }

@@ -15,20 +15,27 @@
 //      parallel::forward_batch on this rank's store; a batch it refuses (bad input) throws before
 //      anything is written (forward_batch.h invariant 5).
 //   2. In a group every rank holds a replica of the KV store with the same number of blocks (the
-//      group's minimum of what each rank's budget allows, agreed at construction) and runs every
-//      batch rank 0 runs, in the same order, so the replicas stay equal and the MoE layers'
-//      collectives pair up. Ranks > 0 compute no logits. A batch the model refuses is refused on
-//      every rank alike (the same checks on the same input) and the group goes on.
+//      group's minimum of what each rank's budget allows, agreed at construction; < 1 block fails
+//      on every rank alike) and runs every batch rank 0 runs, in the same order, so the replicas
+//      stay equal and the MoE layers' collectives pair up. Ranks > 0 compute no logits. Rank 0
+//      checks a batch (check_forward_batch) before sending it: a refused batch never leaves rank 0
+//      and the group goes on.
 //   3. Rank 0 sends one header (kind, sequences, tokens, blocks) and one body per step over the
 //      communicator, a header alone for keepalive(); finish() sends the end (once; the destructor
 //      sends it too) and follow_group returns the number of steps it ran. A broken communicator
 //      throws on every rank.
 //   4. expert_loads(): the group's rows per expert per MoE layer since the start (ep_serve_runner.h
 //      invariant 3), empty when the decoder has no ep_serve_runner (a dense model).
+//   5. A failure after a step was sent (a communicator error, a rank gone) breaks the group: from
+//      then on execute() and keepalive() throw at once (errc::aborted, with the first error) and
+//      broken() is true, so the server stops instead of waiting on collectives that never pair;
+//      a follower leaves follow_group with the error.
 #pragma once
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "parallel/model/decoder.h"
@@ -79,10 +86,15 @@ class group_executor final : public local_executor {
   runtime::tensor execute(std::span<const parallel::forward_batch_seq> seqs) override;
   void keepalive() override;
   void finish() override;
+  bool broken() const;  // invariant 5; thread-safe
+  std::string broken_reason() const;
 
  private:
+  void send_or_break(runtime::tensor& t);
   runtime::communicator& comm_;
   bool finished_ = false;
+  mutable std::mutex mu_;
+  std::string broken_;  // the first failure after a step was sent; empty = whole
 };
 
 // Ranks 1..P-1 of a group: agree on the blocks, then run every batch rank 0 sends until it finishes.

@@ -206,18 +206,20 @@ void paged_attention_forward(float* out, float* lse, const float* q, const float
   }
   // Tiles: runs of up to query_tile tokens of one sequence at consecutive positions.
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (first token, tokens)
+  int64_t longest = 1;
   for (int64_t t = 0; t < d.Nq;) {
     int64_t n = 1;
     while (n < d.query_tile && t + n < d.Nq && token_seq[t + n] == token_seq[t] &&
            token_pos[t + n] == token_pos[t + n - 1] + 1)
       ++n;
     tiles.emplace_back(t, n);
+    longest = n > longest ? n : longest;
     t += n;
   }
   const int64_t items = static_cast<int64_t>(tiles.size()) * d.NKV, G = d.NH / d.NKV;
 #pragma omp parallel
   {
-    scratch w(d.query_tile * G, d.HD, d.block_size);
+    scratch w(longest * G, d.HD, d.block_size);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < items; ++i) {
       const auto [t0, n] = tiles[static_cast<size_t>(i / d.NKV)];

@@ -40,6 +40,7 @@ void ep_serve_runner::forward(int64_t layer, float* out, const float* x, const l
     const auto& st = ep_->layer_stats(layer);
     for (int64_t e = 0; e < E && e < static_cast<int64_t>(st.loads.size()); ++e)
       add[static_cast<size_t>(e)] = st.loads[static_cast<size_t>(e)];
+    ep_->release();  // forward only: no layer's activations are kept for a backward
   }
   std::lock_guard<std::mutex> g(mu_);
   auto& l = loads_[layer];

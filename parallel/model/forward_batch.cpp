@@ -156,6 +156,10 @@ void batch_layer(float* x, layer_scratch& s, const layer_params& L, const model_
 
 }  // namespace
 
+void check_forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, const paged_kv_store& kv) {
+  (void)flatten(dec, seqs, kv);
+}
+
 tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, paged_kv_store& kv,
                      const forward_batch_options& opt) {
   const model_config& c = dec.config();

@@ -54,4 +54,8 @@ struct forward_batch_options {
 runtime::tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, paged_kv_store& kv,
                               const forward_batch_options& opt = {});
 
+// The checks of invariant 5 alone (forward_batch runs them first): throws what it would throw for
+// this batch, touches nothing. An expert-parallel group checks on rank 0 before sending a step.
+void check_forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, const paged_kv_store& kv);
+
 }  // namespace troupe::parallel

@@ -9,7 +9,8 @@
 //     iterations and return when it stops, and /metrics reports the ranks and per-expert loads whose
 //     sum is top_k rows per computed token per MoE layer.
 //   * a rank that dies mid-serving (its communicator aborted): every running request ends with
-//     finish reason "error" naming the communicator's failure, none hangs.
+//     finish reason "error" naming the communicator's failure, none hangs, and the executor is
+//     broken: a later request fails at once; a batch the model refuses never leaves rank 0.
 //   * an idle group outlives its communicator's timeout (1 s) through the scheduler actor's
 //     keepalives (every 100 ms): a request after 2.5 s idle is served and equals generate_greedy.
 #include <gtest/gtest.h>
@@ -211,6 +212,11 @@ TEST(ServeGroup, EngineOverTwoRanksEqualsGenerateGreedy) {
     }
     elastic::group_executor ex(*m.dec, blocks, 4, *tok[rr]);
     EXPECT_EQ(ex.num_blocks(), 12);
+    // A batch the model refuses never leaves rank 0 (the follower's step count below proves it).
+    const std::vector<int32_t> bad_ids = {1, 100000}, table = {0};
+    const parallel::forward_batch_seq bad[] = {{bad_ids, 0, table}};
+    EXPECT_THROW(ex.execute(bad), runtime::error);
+    EXPECT_FALSE(ex.broken());
     auto tk = parallel::load_tokenizer(dir);
     elastic::engine_options o;
     o.max_batch_tokens = 16;  // chunked prefill of the 23-token prompt
@@ -363,7 +369,20 @@ TEST(ServeGroup, ARankLostMidServingEndsTheRunningRequestsWithAnError) {
     tok[1]->abort("rank 1 died");  // rank 1 leaves between two iterations
     for (int i = 0; i < 10 && eng.step(); ++i) {
     }
+    // Broken from now on: a new request fails at once, without waiting on the group.
+    EXPECT_TRUE(ex.broken());
+    elastic::engine_request q;
+    q.id = "after";
+    q.prompt = ids(4, 9, m.w.config().vocab_size);
+    q.on_event = [&](const elastic::engine_event& e) {
+      std::lock_guard<std::mutex> g(mu);
+      if (e.finished) reason["after"] = e.finish_reason, error["after"] = e.error;
+    };
+    eng.submit(std::move(q));
+    eng.step();
   });
+  EXPECT_EQ(reason["after"], "error");
+  EXPECT_NE(error["after"].find("broken since an earlier step"), std::string::npos) << error["after"];
   ASSERT_EQ(errors[0], "");
   EXPECT_NE(follower_error.find("rank 1 died"), std::string::npos) << follower_error;
   for (int i = 0; i < 3; ++i) {
