@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `troupe serve` end to end with curl on 127.0.0.1 (the server started and stopped here, by PID):
-#   tests/integration/serve.sh TROUPE_BIN
+#   tests/integration/serve.sh TROUPE_BIN [MPIRUN]
 # A. dense (llama_gqa) and MoE (mixtral_moe) fixtures: greedy /v1/completions over HTTP equal
 #    `troupe generate` token for token (which generate_test checks against transformers).
 # B. stream: true — the SSE deltas concatenate to the same text, then [DONE].
@@ -12,9 +12,10 @@
 #    experts, LLEP): greedy over HTTP = troupe generate on one rank, streamed too; /metrics shows
 #    2 ranks and per-expert loads; SIGTERM to the launcher stops both ranks cleanly; engine.ranks
 #    different from the launched ranks, or > 1 for a dense model, is refused naming why.
+# G. (with MPIRUN) the same two ranks under mpirun: greedy = troupe generate; SIGTERM stops them.
 #    (the server: printf-made serve.yaml, a free port printed at start, SIGTERM at the end)
 set -uo pipefail
-troupe="$1"
+troupe="$1"; mpirun="${2:-}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 fixtures="$root/tests/fixtures"
 tmp=$(mktemp -d)
@@ -40,7 +41,9 @@ write_yaml() {  # write_yaml MODEL_DIR [EXTRA_YAML] [RANKS] -> $tmp/serve.yaml
 start() {  # start MODEL_DIR [EXTRA_YAML] [RANKS]: a server on a free port; sets $pid, $ranks and $url
   write_yaml "$@"
   ranks="${3:-1}"
-  if [ "$ranks" -gt 1 ]; then
+  if [ "$ranks" -gt 1 ] && [ -n "${use_mpirun:-}" ]; then
+    "$mpirun" --oversubscribe -np "$ranks" "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
+  elif [ "$ranks" -gt 1 ]; then
     [ -x "$launch" ] || fail "no troupe-launch next to $troupe"
     "$launch" -n "$ranks" -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
   else
@@ -60,7 +63,11 @@ stop() {  # SIGTERM (to the launcher, which signals every rank); every rank must
   kill -TERM "$pid"
   for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -0 "$pid" 2>/dev/null && fail "the server did not stop on SIGTERM"
-  if [ "$ranks" -gt 1 ]; then
+  if [ "$ranks" -gt 1 ] && [ -n "${use_mpirun:-}" ]; then
+    wait "$pid"  # mpirun reports the signal in its own code
+    grep -q "troupe serve: stopped" "$tmp/server.log" || fail "rank 0 did not stop cleanly under mpirun"
+    grep -q "exit code [1-9]" "$tmp/server.log" && fail "a rank failed under mpirun"
+  elif [ "$ranks" -gt 1 ]; then
     wait "$pid"  # troupe-launch reports the forwarded signal in its own code
     for r in $(seq 0 $((ranks - 1))); do
       grep -q "rank $r exited: exit code 0" "$tmp/server.log" || fail "rank $r did not stop cleanly"
@@ -184,4 +191,17 @@ rows=$(sed -n 's/^troupe_expert_load_rows_total{layer="[0-9]*",expert="[0-9]*"} 
 echo "F: two ranks: greedy and streamed = troupe generate, $rows expert rows in /metrics"
 stop
 echo "F: SIGTERM stopped both ranks cleanly"
+
+# G. mpirun
+if [ -n "$mpirun" ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader \
+         OMPI_MCA_btl_vader_single_copy_mechanism=none
+  use_mpirun=1
+  start "$fixtures/mixtral_moe" "" 2
+  got=$(post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 12, \"temperature\": 0}" | ids_of_text)
+  [ "$(cat "$tmp/status")" = 200 ] || fail "G: status $(cat "$tmp/status"): $(cat "$tmp/body")"
+  [ "$got" = "$want" ] || fail "G: mpirun greedy $got != troupe generate $want"
+  stop
+  echo "G: mpirun -np 2: greedy = troupe generate, stopped by SIGTERM"
+fi
 echo "serve: all checks passed"
