@@ -25,11 +25,13 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "actors/expert_balancer.h"
 #include "actors/serve_scheduler.h"
 #include "elastic/engine/engine.h"
 #include "elastic/engine/executor.h"
@@ -103,11 +105,11 @@ void install_stop_handlers() {
 // Rank 0: the engine, the scheduler actor and the HTTP server, until a signal or the group's end.
 void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
           const parallel::model_weights& w, const parallel::decoder& dec, const parallel::text_tokenizer& tok,
-          int64_t blocks, runtime::communicator* group) {
+          int64_t blocks, runtime::communicator* group, const elastic::group_hooks& hooks) {
   std::unique_ptr<elastic::model_executor> exec;
   elastic::group_executor* gx = nullptr;
   if (group) {
-    auto g = std::make_unique<elastic::group_executor>(dec, blocks, spec.engine().block_size(), *group);
+    auto g = std::make_unique<elastic::group_executor>(dec, blocks, spec.engine().block_size(), *group, hooks);
     gx = g.get();
     exec = std::move(g);
   } else {
@@ -224,13 +226,49 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
                "rank {}: a KV cache of {} bytes holds no block of {} tokens ({} bytes each); raise "
                "engine.kv_cache_memory",
                rank, kv_bytes, bs, parallel::paged_kv_store::bytes_per_block(w.config(), bs));
+  // expert.rebalance: every rank reports each step's loads per MoE layer (rank 0 the group's rows,
+  // the others zeros: the supervisor sums the ranks' reports), and when rank 0 holds a newer
+  // placement from the supervisor every rank switches at the same step boundary (executor.h
+  // invariant 6; actors/expert_balancer.h: agree on the version, move the expert weights).
+  std::map<int64_t, actors::expert_placement_state> placements;
+  elastic::group_hooks hooks;
+  if (world > 1 && moe && spec.expert().rebalance().enabled()) {
+    for (int64_t l = 0; l < static_cast<int64_t>(w.layers.size()); ++l)
+      if (w.layers[static_cast<size_t>(l)].is_moe)
+        placements[l] = actors::expert_placement_state{moe->group()->placement(l)};
+    const auto E = static_cast<size_t>(w.config().n_experts);
+    hooks.after_step = [&, rank, E](int64_t step) {
+      const auto last = moe->last_loads();
+      for (const auto& [l, st] : placements) {
+        const auto it = last.find(l);
+        ctx.report_expert_loads(static_cast<int>(l), step,
+                                rank == 0 && it != last.end() ? it->second : std::vector<int64_t>(E, 0));
+      }
+    };
+    hooks.want_sync = [&] {
+      for (const auto& [l, st] : placements)
+        if (ctx.placement_version(static_cast<int>(l)) > st.version) return true;
+      return false;
+    };
+    hooks.sync = [&, rank] {
+      for (auto& [l, st] : placements)
+        if (actors::switch_expert_placement(ctx, *epc, static_cast<int>(l), st,
+                                            parallel::ep::ep_expert_sets(w.layers[static_cast<size_t>(l)],
+                                                                         w.config()))) {
+          moe->group()->set_placement(l, st.placement);
+          if (rank == 0)
+            runtime::log::info("serve: layer {} moved to expert placement v{} (rank 0 has sent {} bytes of experts "
+                               "in all)", l, st.version, st.bytes_sent);
+        }
+    };
+  }
   if (rank != 0) {
     // A signal here waits for rank 0 (troupe-launch and mpirun signal every rank); a second exits.
-    const int64_t steps = elastic::follow_group(dec, blocks, bs, *epc);
+    const int64_t steps = elastic::follow_group(dec, blocks, bs, *epc, hooks);
     rep.add_lines(fmt::format("rank {}: followed {} model steps", rank, steps));
     return;
   }
-  lead(ctx, rep, spec, w, dec, *tok, blocks, epc.get());
+  lead(ctx, rep, spec, w, dec, *tok, blocks, epc.get(), hooks);
 }
 
 int drive(actors::supervisor_client& sup, const serve_options& o) {
@@ -281,7 +319,10 @@ int serve(const serve_options& o) {
   so.join_timeout_ms = o.join_timeout_ms;
   start_mpi_if_launched(r);
   so.backends = available_backends("all");
-  actors::cluster_node node(cluster_options_for(r, so));
+  actors::cluster_options co = cluster_options_for(r, so);
+  co.rebalance_experts = spec.engine().ranks() > 1 && spec.expert().rebalance().enabled();
+  co.experts = parallel::ep::ep_rebalance_options_from(spec.expert());
+  actors::cluster_node node(co);
   node.local_worker().on(Command::SERVE, [&](const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
     run_serve(ctx, rep, spec, o, r);
   });

@@ -13,7 +13,7 @@ using runtime::tensor;
 
 namespace {
 
-constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2;
+constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3;
 
 const parallel::ep::ep_serve_runner* serve_runner(const parallel::decoder& dec) {
   return dynamic_cast<const parallel::ep::ep_serve_runner*>(dec.expert_parallelism());
@@ -84,8 +84,8 @@ double local_executor::expert_balance() const {
 // ---- a group: rank 0 ----------------------------------------------------------------------------
 
 group_executor::group_executor(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size,
-                               runtime::communicator& comm)
-    : local_executor(dec, agreed_blocks(comm, num_blocks), block_size), comm_(comm) {
+                               runtime::communicator& comm, group_hooks hooks)
+    : local_executor(dec, agreed_blocks(comm, num_blocks), block_size), comm_(comm), hooks_(std::move(hooks)) {
   TROUPE_CHECK(comm.rank() == 0, errc::invalid_argument,
                "serving group: the engine's executor must be the group's rank 0, not rank {}", comm.rank());
 }
@@ -131,7 +131,15 @@ tensor group_executor::execute(std::span<const parallel::forward_batch_seq> seqs
     send_or_break(body);
   }
   try {
-    return local_executor::execute(seqs);
+    tensor logits = local_executor::execute(seqs);
+    if (hooks_.after_step) hooks_.after_step(steps_);
+    ++steps_;
+    if (hooks_.want_sync && hooks_.want_sync()) {
+      tensor head = tensor::from_vector(std::vector<int64_t>{kind_sync, 0, 0, 0}, {4});
+      send_or_break(head);
+      if (hooks_.sync) hooks_.sync();
+    }
+    return logits;
   } catch (const std::exception& e) {  // after the step was sent: the group is out of step
     std::lock_guard<std::mutex> g(mu_);
     if (broken_.empty()) broken_ = e.what();
@@ -156,7 +164,7 @@ void group_executor::finish() {
 // ---- a group: the other ranks -------------------------------------------------------------------
 
 int64_t follow_group(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size,
-                     runtime::communicator& comm) {
+                     runtime::communicator& comm, const group_hooks& hooks) {
   TROUPE_CHECK(comm.rank() != 0, errc::invalid_argument, "serving group: rank 0 hosts the engine; it does not follow");
   parallel::paged_kv_store store(dec.config(), agreed_blocks(comm, num_blocks), block_size);
   parallel::forward_batch_options fo;
@@ -168,6 +176,10 @@ int64_t follow_group(const parallel::decoder& dec, int64_t num_blocks, int64_t b
     const int64_t* h = head.data<int64_t>();
     if (h[0] == kind_end) return steps;
     if (h[0] == kind_idle) continue;
+    if (h[0] == kind_sync) {
+      if (hooks.sync) hooks.sync();
+      continue;
+    }
     TROUPE_CHECK(h[0] == kind_step && h[1] >= 0 && h[2] >= 0 && h[3] >= 0, errc::internal,
                  "serving group: rank {}: a malformed step header from rank 0 ({}, {}, {}, {})", comm.rank(), h[0],
                  h[1], h[2], h[3]);
@@ -192,6 +204,7 @@ int64_t follow_group(const parallel::decoder& dec, int64_t num_blocks, int64_t b
       bo += nb;
     }
     parallel::forward_batch(dec, seqs, store, fo);  // rank 0 checked it: any error here is the group's end
+    if (hooks.after_step) hooks.after_step(steps);
     ++steps;
   }
 }

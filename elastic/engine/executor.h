@@ -24,6 +24,9 @@
 //      communicator, a header alone for keepalive(); finish() sends the end (once; the destructor
 //      sends it too) and follow_group returns the number of steps it ran. A broken communicator
 //      throws on every rank.
+//   6. Hooks (group_hooks): after_step(k) runs on every rank after the k-th step; when rank 0's
+//      want_sync() says so after a step, a sync header follows it and every rank runs sync() at
+//      that point, before the next step, so sync may run collectives (a placement switch).
 //   4. expert_loads(): the group's rows per expert per MoE layer since the start (ep_serve_runner.h
 //      invariant 3), empty when the decoder has no ep_serve_runner (a dense model).
 //   5. A failure after a step was sent (a communicator error, a rank gone) breaks the group: from
@@ -32,6 +35,7 @@
 //      a follower leaves follow_group with the error.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <span>
@@ -44,6 +48,14 @@
 #include "runtime/communicator.h"
 
 namespace troupe::elastic {
+
+// What a group does between steps besides the model (launch/cmd_serve.cpp wires the supervisor's
+// expert placement through these; elastic/ knows no actors). All optional.
+struct group_hooks {
+  std::function<void(int64_t step)> after_step;  // every rank, after step `step` (0, 1, ...) ran
+  std::function<bool()> want_sync;                // rank 0, after each step: run `sync` on every rank now?
+  std::function<void()> sync;                     // every rank at the same point (collectives allowed)
+};
 
 class model_executor {
  public:
@@ -80,7 +92,8 @@ class local_executor : public model_executor {
 class group_executor final : public local_executor {
  public:
   // comm: the group (this rank is its rank 0); num_blocks: what this rank's budget allows.
-  group_executor(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size, runtime::communicator& comm);
+  group_executor(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size, runtime::communicator& comm,
+                 group_hooks hooks = {});
   ~group_executor() override;
   int ranks() const override { return comm_.size(); }
   runtime::tensor execute(std::span<const parallel::forward_batch_seq> seqs) override;
@@ -92,6 +105,8 @@ class group_executor final : public local_executor {
  private:
   void send_or_break(runtime::tensor& t);
   runtime::communicator& comm_;
+  group_hooks hooks_;
+  int64_t steps_ = 0;
   bool finished_ = false;
   mutable std::mutex mu_;
   std::string broken_;  // the first failure after a step was sent; empty = whole
@@ -99,7 +114,7 @@ class group_executor final : public local_executor {
 
 // Ranks 1..P-1 of a group: agree on the blocks, then run every batch rank 0 sends until it finishes.
 int64_t follow_group(const parallel::decoder& dec, int64_t num_blocks, int64_t block_size,
-                     runtime::communicator& comm);
+                     runtime::communicator& comm, const group_hooks& hooks = {});
 
 // The group's minimum of `mine` (every rank calls it at once).
 int64_t agree_num_blocks(runtime::communicator& comm, int64_t mine);

@@ -22,7 +22,11 @@ ep_options ep_options_from(const job::ExpertParallel& x) {
 }
 
 ep_rebalance_options ep_rebalance_options_from_spec(const job::JobSpec& spec) {
-  const auto& r = spec.parallel().expert().rebalance();
+  return ep_rebalance_options_from(spec.parallel().expert());
+}
+
+ep_rebalance_options ep_rebalance_options_from(const job::ExpertParallel& x) {
+  const auto& r = x.rebalance();
   ep_rebalance_options o;
   if (r.threshold() > 0) o.threshold = r.threshold();
   if (r.patience() > 0) o.patience = static_cast<int>(r.patience());

@@ -31,6 +31,7 @@ ep_options ep_options_from_spec(const job::JobSpec& spec);
 ep_options ep_options_from(const job::ExpertParallel& x);  // the same message in a serve spec
 // parallel.expert.rebalance (enabled is read separately); zeros mean the defaults.
 ep_rebalance_options ep_rebalance_options_from_spec(const job::JobSpec& spec);
+ep_rebalance_options ep_rebalance_options_from(const job::ExpertParallel& x);  // a serve spec's
 
 class ep_moe_runner final : public moe_runner {
  public:

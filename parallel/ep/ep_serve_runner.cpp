@@ -46,6 +46,7 @@ void ep_serve_runner::forward(int64_t layer, float* out, const float* x, const l
   auto& l = loads_[layer];
   if (l.empty()) l.assign(static_cast<size_t>(E), 0);
   for (int64_t e = 0; e < E; ++e) l[static_cast<size_t>(e)] += add[static_cast<size_t>(e)];
+  last_[layer] = add;
   if (ep_) last_mom_ = ep_->step_max_over_mean();
 }
 
@@ -59,6 +60,11 @@ void ep_serve_runner::backward(int64_t layer, float*, layer_params&, const float
 std::map<int64_t, std::vector<int64_t>> ep_serve_runner::expert_loads() const {
   std::lock_guard<std::mutex> g(mu_);
   return loads_;
+}
+
+std::map<int64_t, std::vector<int64_t>> ep_serve_runner::last_loads() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return last_;
 }
 
 double ep_serve_runner::last_max_over_mean() const {

@@ -47,6 +47,8 @@ class ep_serve_runner final : public moe_runner {
   // The group's expert-parallel layer (placements, last plans); null on one rank.
   ep_moe_runner* group() { return ep_.get(); }
   std::map<int64_t, std::vector<int64_t>> expert_loads() const;
+  // The group's rows per expert of each MoE layer's last forward (what a step reports).
+  std::map<int64_t, std::vector<int64_t>> last_loads() const;
   // Max/mean rows per rank of the last forward's plans over the MoE layers (1 on one rank).
   double last_max_over_mean() const;
 
@@ -56,7 +58,7 @@ class ep_serve_runner final : public moe_runner {
   moe_activations local_;
   std::vector<float> slice_out_;
   mutable std::mutex mu_;
-  std::map<int64_t, std::vector<int64_t>> loads_;
+  std::map<int64_t, std::vector<int64_t>> loads_, last_;
   double last_mom_ = 1.0;
 };
 

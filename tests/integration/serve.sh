@@ -13,6 +13,8 @@
 #    2 ranks and per-expert loads; SIGTERM to the launcher stops both ranks cleanly; engine.ranks
 #    different from the launched ranks, or > 1 for a dense model, is refused naming why.
 # G. (with MPIRUN) the same two ranks under mpirun: greedy = troupe generate; SIGTERM stops them.
+# H. two ranks with the supervisor's expert rebalancing on (a hair trigger): the experts move
+#    between ranks while serving (the log says so) and greedy output still = troupe generate.
 #    (the server: printf-made serve.yaml, a free port printed at start, SIGTERM at the end)
 set -uo pipefail
 troupe="$1"; mpirun="${2:-}"
@@ -191,6 +193,19 @@ rows=$(sed -n 's/^troupe_expert_load_rows_total{layer="[0-9]*",expert="[0-9]*"} 
 echo "F: two ranks: greedy and streamed = troupe generate, $rows expert rows in /metrics"
 stop
 echo "F: SIGTERM stopped both ranks cleanly"
+
+# H. rebalancing while serving
+start "$fixtures/mixtral_moe" \
+  "expert: {rebalance: {enabled: true, threshold: 1.05, patience: 1, cooldown: 2, min_improvement: 0.01}}" 2
+for p in "$prompt" "5,6,7,8,9,10,11,12,13,14,15" "$prompt"; do
+  got=$(post /v1/completions "{\"prompt\": [$p], \"max_tokens\": 40, \"temperature\": 0}" | ids_of_text)
+  want_h=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids "$p" --max-new-tokens 40 2>/dev/null)
+  [ "$got" = "$want_h" ] || fail "H: greedy with rebalancing $got != troupe generate $want_h"
+done
+moves=$(grep -c "moved to expert placement" "$tmp/server.log")
+[ "$moves" -ge 1 ] || fail "H: no expert placement change while serving"
+stop
+echo "H: rebalancing while serving: $moves placement changes, greedy = troupe generate"
 
 # G. mpirun
 if [ -n "$mpirun" ]; then

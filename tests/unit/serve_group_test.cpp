@@ -11,6 +11,9 @@
 //   * a rank that dies mid-serving (its communicator aborted): every running request ends with
 //     finish reason "error" naming the communicator's failure, none hangs, and the executor is
 //     broken: a later request fails at once; a batch the model refuses never leaves rank 0.
+//   * a placement switch between two steps (group_hooks: rank 0 asks after step 2, every rank
+//     moves its experts with ep_migrate at the same point): greedy output still = generate_greedy,
+//     every rank ran after_step for the same steps and the experts live on their new ranks.
 //   * an idle group outlives its communicator's timeout (1 s) through the scheduler actor's
 //     keepalives (every 100 ms): a request after 2.5 s idle is served and equals generate_greedy.
 #include <gtest/gtest.h>
@@ -389,6 +392,81 @@ TEST(ServeGroup, ARankLostMidServingEndsTheRunningRequestsWithAnError) {
     const std::string id = "r" + std::to_string(i);
     EXPECT_EQ(reason[id], "error") << id;
     EXPECT_NE(error[id].find("broadcast"), std::string::npos) << id << ": " << error[id];
+  }
+}
+
+TEST(ServeGroup, APlacementSwitchBetweenStepsKeepsGreedyOutput) {
+  const int P = 2;
+  const std::string dir = fixture("mixtral_moe");
+  const parallel::model_weights full = parallel::model_weights::load(dir);
+  const int64_t V = full.config().vocab_size, E = full.config().n_experts;
+  const std::vector<std::vector<int32_t>> prompts = {ids(9, 1, V), ids(5, 2, V)};
+  std::vector<std::vector<int32_t>> want;
+  {
+    parallel::decoder dec(full);
+    for (const auto& p : prompts) want.push_back(greedy_tail(dec, p, 8));
+  }
+  ep_placement swapped;  // rank 0 gets the upper half of the experts, rank 1 the lower
+  swapped.ranks = P;
+  for (int64_t e = 0; e < E; ++e) swapped.native.push_back(e < E / 2 ? 1 : 0);
+  auto tok = runtime::make_inproc_group(P, 30000);
+  auto wts = runtime::make_inproc_group(P, 30000);
+  std::map<std::string, std::vector<int32_t>> out;
+  std::mutex mu;
+  std::vector<std::vector<int64_t>> seen(P);
+  std::vector<int> syncs(P, 0);
+  std::vector<std::vector<bool>> holds(P);  // after the run: which experts rank r holds (layer 0)
+  const auto errors = run_ranks(P, tok, &wts, [&](int r) {
+    const auto rr = static_cast<size_t>(r);
+    rank_model m("mixtral_moe", r, P, tok[rr].get(), wts[rr].get());
+    const ep_placement from = ep_placement::contiguous(E, P);
+    elastic::group_hooks hooks;
+    hooks.after_step = [&, rr](int64_t step) { seen[rr].push_back(step); };
+    hooks.want_sync = [&] { return seen[0].size() == 3; };  // once, after the third step
+    hooks.sync = [&, rr] {
+      ++syncs[rr];
+      for (size_t l = 0; l < m.w.layers.size(); ++l) {
+        if (!m.w.layers[l].is_moe) continue;
+        parallel::ep::ep_migrate(parallel::ep::ep_expert_sets(m.w.layers[l], m.w.config()), from, swapped,
+                                 *tok[rr]);
+        m.runner->group()->set_placement(static_cast<int64_t>(l), swapped);
+      }
+    };
+    if (r != 0) {
+      elastic::follow_group(*m.dec, 64, 4, *tok[rr], hooks);
+    } else {
+      elastic::group_executor ex(*m.dec, 64, 4, *tok[rr], hooks);
+      auto tk = parallel::load_tokenizer(dir);
+      elastic::engine eng(ex, *tk, {});
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        elastic::engine_request q;
+        q.id = "r" + std::to_string(i);
+        q.prompt = prompts[i];
+        q.params.temperature = 0;
+        q.params.max_tokens = 8;
+        q.params.ignore_eos = true;
+        q.on_event = [&, id = q.id](const elastic::engine_event& e) {
+          std::lock_guard<std::mutex> g(mu);
+          out[id].insert(out[id].end(), e.token_ids.begin(), e.token_ids.end());
+        };
+        eng.submit(std::move(q));
+      }
+      while (eng.step()) {
+      }
+      ex.finish();
+    }
+    for (int64_t e = 0; e < E; ++e) holds[rr].push_back(m.w.layers[0].expert_gate.size() > static_cast<size_t>(e) &&
+                                                       m.w.layers[0].expert_gate[static_cast<size_t>(e)].defined());
+  });
+  for (int r = 0; r < P; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(out["r" + std::to_string(i)], want[i]) << i;
+  EXPECT_EQ(syncs[0], 1);
+  EXPECT_EQ(syncs[1], 1);
+  EXPECT_GT(seen[0].size(), 3u);
+  EXPECT_EQ(seen[0], seen[1]);
+  for (int64_t e = 0; e < E; ++e) {
+    EXPECT_EQ(holds[0][static_cast<size_t>(e)], e >= E / 2) << "expert " << e;
+    EXPECT_EQ(holds[1][static_cast<size_t>(e)], e < E / 2) << "expert " << e;
   }
 }
 
