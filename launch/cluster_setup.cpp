@@ -174,4 +174,33 @@ int run_cluster_node(actors::cluster_node& node, const char* what,
   return std::max(node.wait(), driver_code);
 }
 
+int run_group_command(const rank_info& r, cluster_setup_options so,
+                      const std::function<void(actors::cluster_options&)>& tweak, const group_command& g) {
+  start_mpi_if_launched(r);
+  so.backends = available_backends("all");
+  actors::cluster_options co = cluster_options_for(r, so);
+  if (tweak) tweak(co);
+  actors::cluster_node node(co);
+  node.local_worker().on(g.kind, g.run);
+  return run_cluster_node(node, g.what, [&](actors::supervisor_client& sup) {
+    sup.wait_for_group(so.join_timeout_ms);
+    control::Command c;
+    c.set_id(1);
+    c.set_kind(g.kind);
+    for (const auto& [k, v] : g.args) (*c.mutable_args())[k] = v;
+    bool ok = true;
+    const auto reports = sup.run(c, g.timeout_ms);
+    for (const auto& rep : reports) {
+      if (!rep.ok()) {
+        ok = false;
+        fmt::print("rank {}: FAILED: {}\n", rep.rank(), rep.error());
+      }
+    }
+    if (g.after) g.after(sup, reports);
+    std::fflush(stdout);
+    sup.shutdown(fmt::format("{} {}", g.what, ok ? "done" : "failed"), ok ? 0 : 1);
+    return ok ? 0 : 1;
+  });
+}
+
 }  // namespace troupe::launch

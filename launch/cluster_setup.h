@@ -18,6 +18,7 @@
 //      An unavailable backend is errc::unsupported naming why.
 #pragma once
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -80,6 +81,23 @@ std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& bac
 // `what` prefixes the driver's error in the log ("train", "selftest").
 int run_cluster_node(actors::cluster_node& node, const char* what,
                      const std::function<int(actors::supervisor_client&)>& drive);
+
+// One command for the whole group, run until every rank reports: how `troupe train` and `troupe
+// serve` run. Starts MPI when mpirun launched this process, builds the node from `so` (then
+// `tweak`, e.g. the supervisor's expert balancer), registers `run` for `kind` on this rank's
+// worker, and on rank 0 drives it: waits for every rank, issues the command with `args`, prints
+// each failed rank's error, calls `after` with the reports, shuts the group down ("<what> done" or
+// "<what> failed"). Returns the exit code as run_cluster_node.
+struct group_command {
+  control::Command::Kind kind = control::Command::PING;
+  const char* what = "";                          // "training", "serving"
+  std::map<std::string, std::string> args;
+  int timeout_ms = 0;                             // how long rank 0 waits for the reports
+  actors::command_handler run;
+  std::function<void(actors::supervisor_client&, const std::vector<control::StatsReport>&)> after;  // optional
+};
+int run_group_command(const rank_info& r, cluster_setup_options so,
+                      const std::function<void(actors::cluster_options&)>& tweak, const group_command& g);
 
 std::vector<std::string> split_list(const std::string& s);
 std::string this_hostname();

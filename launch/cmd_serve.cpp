@@ -271,25 +271,6 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   lead(ctx, rep, spec, w, dec, *tok, blocks, epc.get(), hooks);
 }
 
-int drive(actors::supervisor_client& sup, const serve_options& o) {
-  sup.wait_for_group(o.join_timeout_ms);
-  Command c;
-  c.set_id(1);
-  c.set_kind(Command::SERVE);
-  (*c.mutable_args())["spec"] = o.spec;
-  bool ok = true;
-  // Until rank 0 stops serving: the longest a request to the supervisor can wait (~24 days).
-  for (const auto& rep : sup.run(c, std::numeric_limits<int>::max())) {
-    if (!rep.ok()) {
-      ok = false;
-      fmt::print("rank {}: FAILED: {}\n", rep.rank(), rep.error());
-    }
-  }
-  std::fflush(stdout);
-  sup.shutdown(ok ? "serving done" : "serving failed", ok ? 0 : 1);
-  return ok ? 0 : 1;
-}
-
 int serve(const serve_options& o) {
   const rank_info r = discover_rank();
   install_stop_handlers();
@@ -317,16 +298,18 @@ int serve(const serve_options& o) {
   cluster_setup_options so;
   so.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
   so.join_timeout_ms = o.join_timeout_ms;
-  start_mpi_if_launched(r);
-  so.backends = available_backends("all");
-  actors::cluster_options co = cluster_options_for(r, so);
-  co.rebalance_experts = spec.engine().ranks() > 1 && spec.expert().rebalance().enabled();
-  co.experts = parallel::ep::ep_rebalance_options_from(spec.expert());
-  actors::cluster_node node(co);
-  node.local_worker().on(Command::SERVE, [&](const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
+  group_command g;
+  g.kind = Command::SERVE;
+  g.what = "serving";
+  g.args["spec"] = o.spec;
+  g.timeout_ms = std::numeric_limits<int>::max();  // until rank 0 stops serving (~24 days at most)
+  g.run = [&](const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
     run_serve(ctx, rep, spec, o, r);
-  });
-  return run_cluster_node(node, "serve", [&](actors::supervisor_client& sup) { return drive(sup, o); });
+  };
+  return run_group_command(r, so, [&](actors::cluster_options& co) {
+    co.rebalance_experts = spec.engine().ranks() > 1 && spec.expert().rebalance().enabled();
+    co.experts = parallel::ep::ep_rebalance_options_from(spec.expert());
+  }, g);
 }
 
 }  // namespace

@@ -152,32 +152,6 @@ void run_train(const Command& cmd, actors::worker_context& ctx, control::StatsRe
                             summary["final_loss"].get<double>(), summary["tokens_per_s"].get<double>()));
 }
 
-int drive(actors::supervisor_client& sup, const train_options& o) {
-  sup.wait_for_group(o.join_timeout_ms);
-  Command c;
-  c.set_id(1);
-  c.set_kind(Command::TRAIN);
-  (*c.mutable_args())["job"] = o.job;
-  bool ok = true;
-  const auto reports = sup.run(c, 7 * 24 * 3600 * 1000);
-  for (const auto& rep : reports) {
-    if (!rep.ok()) {
-      ok = false;
-      fmt::print("rank {}: FAILED: {}\n", rep.rank(), rep.error());
-    }
-  }
-  if (reports.size() > 1) {
-    fmt::print("per rank (as the supervisor saw it):\n");
-    for (const auto& p : sup.progress())
-      fmt::print("  rank {}: step {}/{}, loss {:.4f}, {:.0f} tok/s, host peak {:.1f} MiB\n", p.rank(), p.step(),
-                 p.max_steps(), p.loss(), p.tokens_per_s(), p.values().count("host_peak_bytes") ?
-                 p.values().at("host_peak_bytes") / (1 << 20) : 0.0);
-  }
-  std::fflush(stdout);
-  sup.shutdown(ok ? "training done" : "training failed", ok ? 0 : 1);
-  return ok ? 0 : 1;
-}
-
 int train(const train_options& o) {
   const rank_info r = discover_rank();
   if (r.world_size > 1) log::set_rank(r.rank);
@@ -197,15 +171,26 @@ int train(const train_options& o) {
   so.heartbeat_ms = o.heartbeat_ms;
   so.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
   so.join_timeout_ms = o.join_timeout_ms;
-  start_mpi_if_launched(r);
-  so.backends = available_backends("all");
-  actors::cluster_options co = cluster_options_for(r, so);
-  co.rebalance_experts = spec.parallel().ep() > 1 && spec.parallel().expert().rebalance().enabled();
-  co.experts = parallel::ep::ep_rebalance_options_from_spec(spec);
-  actors::cluster_node node(co);
-  node.local_worker().on(Command::TRAIN, [&](const Command& c, actors::worker_context& ctx,
-                                             control::StatsReport& rep) { run_train(c, ctx, rep, spec, o, r); });
-  return run_cluster_node(node, "train", [&](actors::supervisor_client& sup) { return drive(sup, o); });
+  group_command g;
+  g.kind = Command::TRAIN;
+  g.what = "training";
+  g.args["job"] = o.job;
+  g.timeout_ms = 7 * 24 * 3600 * 1000;
+  g.run = [&](const Command& c, actors::worker_context& ctx, control::StatsReport& rep) {
+    run_train(c, ctx, rep, spec, o, r);
+  };
+  g.after = [](actors::supervisor_client& sup, const std::vector<control::StatsReport>& reports) {
+    if (reports.size() <= 1) return;
+    fmt::print("per rank (as the supervisor saw it):\n");
+    for (const auto& p : sup.progress())
+      fmt::print("  rank {}: step {}/{}, loss {:.4f}, {:.0f} tok/s, host peak {:.1f} MiB\n", p.rank(), p.step(),
+                 p.max_steps(), p.loss(), p.tokens_per_s(), p.values().count("host_peak_bytes") ?
+                 p.values().at("host_peak_bytes") / (1 << 20) : 0.0);
+  };
+  return run_group_command(r, so, [&](actors::cluster_options& co) {
+    co.rebalance_experts = spec.parallel().ep() > 1 && spec.parallel().expert().rebalance().enabled();
+    co.experts = parallel::ep::ep_rebalance_options_from_spec(spec);
+  }, g);
 }
 
 }  // namespace
