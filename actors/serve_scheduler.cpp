@@ -1,16 +1,38 @@
 // actors/serve_scheduler.cpp — see serve_scheduler.h.
 #include "actors/serve_scheduler.h"
 
+#include <fmt/format.h>
+
 #include <memory>
+#include <exception>
+#include <functional>
 #include <tuple>
+#include <utility>
 
 #include "runtime/error.h"
 #include "runtime/log.h"
 #include "runtime/threads.h"
 
+// An asynchronous submit: the request and whom to tell. The answer is given exactly once: by the
+// actor, or — when the message never reaches it (the actor is gone) — by the box's destructor.
+struct troupe_async_submit {
+  troupe::elastic::engine_request request;
+  std::function<void(std::exception_ptr)> accepted;
+  void answer(std::exception_ptr e) {
+    if (auto f = std::exchange(accepted, nullptr)) f(e);
+  }
+  ~troupe_async_submit() {
+    answer(std::make_exception_ptr(troupe::runtime::error(troupe::runtime::errc::aborted,
+                                                          "serve scheduler: the scheduler stopped before taking "
+                                                          "request " + request.id)));
+  }
+};
+
 // Requests carry callbacks: they stay in this process (never through the middleman).
 using troupe_engine_request_box = std::shared_ptr<troupe::elastic::engine_request>;
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe_engine_request_box)
+using troupe_async_submit_box = std::shared_ptr<troupe_async_submit>;
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe_async_submit_box)
 
 namespace troupe::actors {
 
@@ -20,6 +42,7 @@ using runtime::errc;
 namespace {
 
 using sched_submit_atom = caf::atom_constant<caf::atom("s_submit")>;
+using sched_submit_async_atom = caf::atom_constant<caf::atom("s_asubmit")>;
 using sched_abort_atom = caf::atom_constant<caf::atom("s_abort")>;
 using sched_step_atom = caf::atom_constant<caf::atom("s_step")>;
 using sched_stop_atom = caf::atom_constant<caf::atom("s_stop")>;
@@ -58,6 +81,16 @@ caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng
         }
         kick(self, *st);
         return {0, 0, std::string()};
+      },
+      [=](sched_submit_async_atom, troupe_async_submit_box& box) {
+        try {
+          eng->submit(std::move(box->request));
+        } catch (...) {
+          box->answer(std::current_exception());
+          return;
+        }
+        box->answer(nullptr);
+        kick(self, *st);
       },
       [=](sched_abort_atom, const std::string& id) {
         eng->abort(id);
@@ -122,6 +155,19 @@ void serve_scheduler_client::submit(elastic::engine_request r) {
   if (kind == 1) throw elastic::engine_busy(msg);
   if (kind == 2) throw runtime::error(static_cast<errc>(code), msg);
   TROUPE_THROW(errc::aborted, "serve scheduler: request {}: {}", id, msg);
+}
+
+void serve_scheduler_client::submit_async(elastic::engine_request r,
+                                          std::function<void(std::exception_ptr)> accepted) {
+  auto box = std::make_shared<troupe_async_submit>();
+  box->request = std::move(r);
+  box->accepted = std::move(accepted);
+  if (stopped_) {
+    box->answer(std::make_exception_ptr(runtime::error(
+        errc::aborted, fmt::format("serve scheduler: request {} after the scheduler stopped", box->request.id))));
+    return;
+  }
+  caf::anon_send(actor_, sched_submit_async_atom::value, std::move(box));
 }
 
 void serve_scheduler_client::abort(const std::string& id) {

@@ -26,6 +26,9 @@
 //   4. stop() runs engine::shutdown() in the actor, which then quits; stop() returns after both
 //      (idempotent, also from the destructor; it waits up to 10 minutes for the iteration in
 //      flight). Submits after that are refused (errc::aborted).
+//   5. submit_async() never blocks: the request travels to the actor with its answer callback,
+//      which is called exactly once — by the actor after engine::submit, or with errc::aborted when
+//      the message is dropped because the actor has quit. The HTTP server submits this way.
 #pragma once
 #include <caf/all.hpp>
 
@@ -47,6 +50,9 @@ class serve_scheduler_client final : public elastic::request_sink {
   serve_scheduler_client& operator=(const serve_scheduler_client&) = delete;
 
   void submit(elastic::engine_request r) override;
+  // Without waiting (invariant 5): `accepted` runs on the actor's thread once the engine took the
+  // request or refused it (what engine::submit threw), or with errc::aborted when the actor is gone.
+  void submit_async(elastic::engine_request r, std::function<void(std::exception_ptr)> accepted) override;
   void abort(const std::string& id) override;
   void stop();
   caf::actor handle() const { return actor_; }

@@ -118,6 +118,9 @@ void register_inspect(CLI::App& app) {
       fmt::print("check:      ok, every tensor the config needs is present with its shape\n");
     else
       fmt::print("check:      {} missing, {} misshaped tensors (first: {})\n", missing, misshaped, first_problem);
+    TROUPE_CHECK(missing + misshaped == 0, runtime::errc::invalid_argument,
+                 "{}: the checkpoint does not match its config.json ({} missing, {} misshaped tensors; first: {})",
+                 *dir, missing, misshaped, first_problem);
   });
 }
 

@@ -132,7 +132,9 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   ho.host = spec.server().host();
   ho.port = static_cast<int>(spec.server().port());
   ho.api_key = runtime::serve_api_key(spec);
-  ho.threads = static_cast<int>(spec.server().threads());
+  ho.io_threads = static_cast<int>(spec.server().threads());
+  ho.max_connections = static_cast<int>(std::min<int64_t>(spec.server().max_connections(), 1 << 30));
+  ho.idle_timeout_ms = static_cast<int>(std::min<int64_t>(spec.server().idle_timeout_ms(), 1 << 30));
   ho.limits.max_body_bytes = static_cast<size_t>(runtime::serve_max_body_bytes(spec));
   ho.limits.max_tokens = spec.server().max_tokens();
   ho.limits.max_prompt_tokens = spec.server().max_prompt_tokens() > 0 ? spec.server().max_prompt_tokens()

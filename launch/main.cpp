@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <string>
 
 #include "launch/commands.h"
 #include "runtime/error.h"
@@ -17,10 +18,28 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("troupe ") + TROUPE_VERSION);
   app.require_subcommand(1);
   troupe::launch::register_commands(app);
+  // The first word that is not an option must name a subcommand.
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.empty() || a[0] == '-') continue;
+    bool known = false;
+    std::string names;
+    for (const auto* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+      known |= sub->get_name() == a;
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      std::fprintf(stderr, "troupe: '%s' is not a troupe command (commands: %s); see troupe --help\n", a.c_str(),
+                   names.c_str());
+      return 2;
+    }
+    break;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const int code = app.exit(e);  // prints the message (or the help / version text)
+    return code == 0 ? 0 : 2;      // a usage error: 2, as getopt and argparse programs exit
   } catch (const troupe::runtime::error& e) {
     troupe::runtime::log::error("{}", e.what());
     return 1;

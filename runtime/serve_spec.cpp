@@ -17,7 +17,9 @@ serve::ServeSpec serve_spec_defaults() {
   v->set_port(8000);
   v->set_max_body("1MiB");
   v->set_max_tokens(1024);
-  v->set_threads(8);
+  v->set_threads(1);
+  v->set_max_connections(16384);
+  v->set_idle_timeout_ms(75000);
   auto* e = s.mutable_engine();
   e->set_ranks(1);
   e->set_block_size(16);
@@ -48,6 +50,9 @@ void validate_serve(serve::ServeSpec& s, const spec_fail& fail) {
   if (v.max_tokens() < 1) fail("server.max_tokens", fmt::format("= {} must be >= 1", v.max_tokens()));
   if (v.max_prompt_tokens() < 0) fail("server.max_prompt_tokens", "must be >= 0 (0 = the model's context)");
   if (v.threads() < 1) fail("server.threads", fmt::format("= {} must be >= 1", v.threads()));
+  if (v.max_connections() < 1)
+    fail("server.max_connections", fmt::format("= {} must be >= 1", v.max_connections()));
+  if (v.idle_timeout_ms() < 1) fail("server.idle_timeout_ms", fmt::format("= {} must be >= 1", v.idle_timeout_ms()));
   const auto& e = s.engine();
   for (const auto& [key, value] : {std::pair<const char*, int64_t>{"engine.ranks", e.ranks()},
                                    {"engine.block_size", e.block_size()},

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 
 #include "parallel/model/forward_batch.h"
 #include "runtime/error.h"
@@ -60,8 +61,16 @@ std::vector<double> latency_bounds() {
 
 // ---- sequences ------------------------------------------------------------------------------
 
+// The samples of one request (invariant 7): what the others wait for.
+struct sample_group {
+  kv_request_id leader_kv = 0;  // sample 0's blocks, while it holds them
+  bool prefilled = false;       // sample 0's prompt is in its blocks (or sample 0 is gone)
+};
+
 struct engine::sequence {
   engine_request req;
+  int64_t index = 0;                    // the sample
+  std::shared_ptr<sample_group> group;  // n > 1
   kv_request_id kv_id = 0;
   bool allocated = false;
   std::vector<int32_t> tokens;  // prompt + generated
@@ -75,6 +84,12 @@ struct engine::sequence {
   clk::time_point arrival, last_token;
   bool got_first = false, done = false;
   std::vector<int32_t> pending_ids;  // generated since the last event
+  std::vector<token_logprob> pending_lps;
+  bool collect_prompt_lps = false;   // sample 0 with prompt_logprobs, until they are sent
+  bool all_logits = false;           // this iteration: a logits row per scheduled token
+  std::vector<token_logprob> prompt_lps;
+  double cumulative_logprob = 0;
+  std::optional<json_matcher> matcher;  // guided decoding
 };
 
 namespace {
@@ -134,6 +149,11 @@ void engine::submit(engine_request r) {
                "request {}: the prompt needs {} KV blocks of {} tokens; the cache has {} in all", r.id,
                kv_.blocks_for(static_cast<int64_t>(r.prompt.size()) + 1), kv_.block_size(), kv_.num_blocks());
   validate_sampling_params(r.params);
+  for (const auto& [id, b] : r.params.logit_bias)
+    TROUPE_CHECK(id < vocab_, errc::invalid_argument,
+                 "request {}: logit_bias names token {}, outside the vocabulary [0, {})", r.id, id, vocab_);
+  TROUPE_CHECK(r.n >= 1, errc::invalid_argument, "request {}: n = {} samples; at least 1", r.id, r.n);
+  if (r.arrival == clk::time_point{}) r.arrival = clk::now();
   {
     std::lock_guard<std::mutex> g(mu_);
     if (static_cast<int64_t>(inbox_.size() + waiting_.size()) >= o_.max_waiting)
@@ -160,16 +180,28 @@ void engine::take_inbox() {
     ab.swap(aborts_);
   }
   for (auto& r : in) {
-    auto s = std::make_unique<sequence>();
-    s->tokens = r.prompt;
-    s->prompt_len = static_cast<int64_t>(r.prompt.size());
-    s->samp = std::make_unique<sampler>(r.params);
-    s->stops = std::make_unique<stop_checker>(r.params.stop);
-    s->detok = std::make_unique<parallel::token_stream_decoder>(tok_);
-    s->arrival = clk::now();
-    s->kv_id = next_kv_id_++;
-    s->req = std::move(r);
-    waiting_.push_back(std::move(s));
+    std::shared_ptr<sample_group> group;
+    if (r.n > 1) group = std::make_shared<sample_group>();
+    for (int64_t i = 0; i < r.n; ++i) {
+      auto s = std::make_unique<sequence>();
+      s->req = r;  // each sample its own copy (its seed, its callback)
+      s->req.params.seed = r.params.seed + static_cast<uint64_t>(i);
+      if (i > 0) s->req.params.prompt_logprobs = -1;  // sample 0 reports the prompt's
+      s->index = i;
+      s->group = group;
+      s->tokens = r.prompt;
+      s->prompt_len = static_cast<int64_t>(r.prompt.size());
+      s->samp = std::make_unique<sampler>(s->req.params);
+      s->samp->set_prompt(r.prompt);
+      s->stops = std::make_unique<stop_checker>(r.params.stop);
+      s->detok = std::make_unique<parallel::token_stream_decoder>(tok_);
+      s->collect_prompt_lps = s->req.params.prompt_logprobs >= 0;
+      if (s->req.params.grammar) s->matcher.emplace(s->req.params.grammar);
+      s->arrival = r.arrival;
+      s->kv_id = next_kv_id_++;
+      if (group && i == 0) group->leader_kv = s->kv_id;
+      waiting_.push_back(std::move(s));
+    }
   }
   for (const auto& id : ab) {
     for (auto& s : running_)
@@ -186,13 +218,17 @@ void engine::finish(sequence& s, const std::string& reason, const std::string& e
     kv_.free(s.kv_id);
     s.allocated = false;
   }
+  if (s.group && s.index == 0) s.group->prefilled = true;  // the other samples stop waiting for it
   engine_event e;
   if (reason == "length" || (reason == "stop" && !s.stops->stopped())) {
-    // eos or length: what the detokenizer and the stop checker held back is output after all
-    const stop_chunk c = s.stops->push(s.detok->finish());
-    e.text = c.text + (c.stopped ? std::string() : s.stops->flush());
+    // eos or length: what the stop checker held back is output after all; an incomplete UTF-8
+    // character the detokenizer holds is not (invariant 9)
+    e.text = s.stops->flush();
   }
+  e.index = s.index;
   e.token_ids = std::move(s.pending_ids);
+  e.logprobs = std::move(s.pending_lps);
+  e.cumulative_logprob = s.cumulative_logprob;
   e.finished = true;
   e.finish_reason = reason;
   e.error = error;
@@ -206,7 +242,7 @@ void engine::finish(sequence& s, const std::string& reason, const std::string& e
   if (s.req.on_event) s.req.on_event(e);  // never under the lock: a callback may call abort()
 }
 
-void engine::emit_token(sequence& s, int32_t token) {
+void engine::emit_token(sequence& s, int32_t token, const token_logprob* lp) {
   const auto now = clk::now();
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -218,6 +254,11 @@ void engine::emit_token(sequence& s, int32_t token) {
   s.last_token = now;
   ++s.generated;
   s.pending_ids.push_back(token);
+  s.samp->accept(token);
+  if (lp) {
+    s.cumulative_logprob += lp->logprob;
+    if (s.req.params.logprobs >= 0) s.pending_lps.push_back(*lp);
+  }
   // Stop conditions: eos / stop token ids, then stop strings on the text, then length.
   const auto& p = s.req.params;
   bool eos = false;
@@ -230,14 +271,39 @@ void engine::emit_token(sequence& s, int32_t token) {
   // Empty text: bytes of a character, or text that may start a stop string — nothing to show yet.
   if (!c.text.empty()) {
     engine_event e;
+    e.index = s.index;
     e.text = c.text;
     e.token_ids = std::move(s.pending_ids);
     s.pending_ids.clear();
+    e.logprobs = std::move(s.pending_lps);
+    s.pending_lps.clear();
+    e.cumulative_logprob = s.cumulative_logprob;
     e.prompt_tokens = s.prompt_len;
     e.completion_tokens = s.generated;
     if (s.req.on_event) s.req.on_event(e);
   }
-  if (c.stopped || eos || length) finish(s, c.stopped || eos ? "stop" : "length");
+  // Guided: the value is whole and nothing may follow (invariant 9).
+  bool complete = false;
+  if (s.matcher && !eos) {
+    if (!s.matcher->advance(tok_.token_bytes(token))) {
+      finish(s, "error", fmt::format("guided decoding: token {} does not fit the JSON grammar", token));
+      return;
+    }
+    complete = s.matcher->complete() && !s.matcher->can_continue();
+  }
+  if (c.stopped || eos || length || complete) finish(s, c.stopped || eos || complete ? "stop" : "length");
+}
+
+bool engine::admissible(const sequence& s) const { return !s.group || s.index == 0 || s.group->prefilled; }
+
+const token_trie& engine::trie() {
+  if (!trie_) {
+    std::vector<std::string> bytes(static_cast<size_t>(vocab_));
+    for (int64_t i = 0; i < vocab_ && i < tok_.vocab_size(); ++i)
+      bytes[static_cast<size_t>(i)] = tok_.token_bytes(static_cast<int32_t>(i), /*skip_special=*/true);
+    trie_ = std::make_unique<token_trie>(bytes);
+  }
+  return *trie_;
 }
 
 // The latest-arrived running sequence other than... any: freed and requeued first (invariant 3).
@@ -253,6 +319,7 @@ bool engine::preempt_one(const sequence* for_whom) {
     kv_.free(v.kv_id);
     v.allocated = false;
     v.computed = 0;
+    v.prompt_lps.clear();  // collected again when it is recomputed
     v.kv_id = next_kv_id_++;
     std::lock_guard<std::mutex> g(mu_);
     ++stats_.preemptions;
@@ -291,17 +358,29 @@ bool engine::step() {
   // 1. Schedule (invariant 1).
   int64_t budget = o_.max_batch_tokens;
   std::vector<sequence*> batch;
+  auto schedule = [&](sequence& s, int64_t need) {
+    s.scheduled = std::min(need, budget);
+    s.all_logits = s.collect_prompt_lps && s.computed < s.prompt_len;
+    budget -= s.scheduled;
+    batch.push_back(&s);
+  };
   for (auto& s : running_) {
     const int64_t need = static_cast<int64_t>(s->tokens.size()) - s->computed;
     if (budget <= 0 || need <= 0) continue;
-    s->scheduled = std::min(need, budget);
-    budget -= s->scheduled;
-    batch.push_back(s.get());
+    schedule(*s, need);
   }
   const bool admit = !o_.static_batching || running_.empty();
-  while (admit && budget > 0 && !waiting_.empty() && static_cast<int64_t>(running_.size()) < o_.max_running) {
-    sequence& s = *waiting_.front();
-    const auto a = kv_.allocate(s.kv_id, s.tokens);
+  for (size_t j = 0; admit && budget > 0 && j < waiting_.size() &&
+                     static_cast<int64_t>(running_.size()) < o_.max_running;) {
+    sequence& s = *waiting_[j];
+    if (!admissible(s)) {  // a sample waiting for sample 0's prompt: the ones behind may go
+      ++j;
+      continue;
+    }
+    kv_allocate_options ao;
+    ao.use_cache = !s.collect_prompt_lps;  // prompt logprobs need every prompt position computed
+    if (s.group && s.index > 0 && kv_.contains(s.group->leader_kv)) ao.share_from = s.group->leader_kv;
+    const auto a = kv_.allocate(s.kv_id, s.tokens, ao);
     if (!a) break;  // KV memory: wait for blocks (no one behind overtakes)
     s.allocated = true;
     s.computed = a->cached_tokens;  // 0 without prefix caching (no hash ever matches)
@@ -309,11 +388,9 @@ bool engine::step() {
       std::lock_guard<std::mutex> g(mu_);
       stats_.prompt_tokens += static_cast<int64_t>(s.tokens.size());
     }
-    s.scheduled = std::min(static_cast<int64_t>(s.tokens.size()) - s.computed, budget);
-    budget -= s.scheduled;
-    batch.push_back(&s);
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
+    schedule(s, static_cast<int64_t>(s.tokens.size()) - s.computed);
+    running_.push_back(std::move(waiting_[j]));
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(j));
   }
   if (batch.empty()) {
     std::lock_guard<std::mutex> g(mu_);
@@ -323,12 +400,17 @@ bool engine::step() {
     return false;  // waiting for blocks that only finishing requests can free
   }
 
-  // 2. The model over every scheduled chunk.
+  // 2. The model over every scheduled chunk; row_base[i]: sequence i's first logits row.
   std::vector<parallel::forward_batch_seq> seqs;
-  for (sequence* s : batch)
+  std::vector<int64_t> row_base;
+  int64_t rows = 0;
+  for (sequence* s : batch) {
     seqs.push_back({std::span<const int32_t>(s->tokens).subspan(static_cast<size_t>(s->computed),
                                                                  static_cast<size_t>(s->scheduled)),
-                    s->computed, kv_.block_table(s->kv_id)});
+                    s->computed, kv_.block_table(s->kv_id), s->all_logits});
+    row_base.push_back(rows);
+    rows += s->all_logits ? s->scheduled : 1;
+  }
   runtime::tensor logits;
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -346,14 +428,59 @@ bool engine::step() {
   for (size_t i = 0; i < batch.size(); ++i) {
     sequence& s = *batch[i];
     if (s.done || !s.allocated) continue;  // finished, or preempted by an earlier sequence's token
+    const int64_t before = s.computed;
     s.computed += s.scheduled;
     {
       std::lock_guard<std::mutex> g(mu_);
       if (s.computed <= s.prompt_len) stats_.computed_prompt_tokens += s.scheduled;
     }
     kv_.mark_computed(s.kv_id, s.computed);
+    const float* base = logits.data<float>() + row_base[i] * vocab_;
+    if (s.all_logits)  // row j: the distribution of the token after position before + j
+      for (int64_t j = 0; j < s.scheduled && before + j + 1 < s.prompt_len; ++j)
+        s.prompt_lps.push_back(logprob_of(base + j * vocab_, vocab_, s.tokens[static_cast<size_t>(before + j + 1)],
+                                          s.req.params.prompt_logprobs));
+    if (s.group && s.index == 0 && s.computed >= s.prompt_len) s.group->prefilled = true;
     if (s.computed < static_cast<int64_t>(s.tokens.size())) continue;  // more prefill chunks to come
-    const int32_t token = s.samp->sample(logits.data<float>() + static_cast<int64_t>(i) * vocab_, vocab_);
+    if (s.collect_prompt_lps) {  // the whole prompt is computed: its logprobs go out first (invariant 8)
+      s.collect_prompt_lps = false;
+      engine_event e;
+      e.index = s.index;
+      e.prompt_logprobs.push_back({s.tokens[0], std::numeric_limits<float>::quiet_NaN(), {}});
+      e.prompt_logprobs.insert(e.prompt_logprobs.end(), s.prompt_lps.begin(), s.prompt_lps.end());
+      s.prompt_lps.clear();
+      e.prompt_tokens = s.prompt_len;
+      if (s.req.on_event) s.req.on_event(e);
+      if (s.req.params.max_tokens == 0) {
+        finish(s, "length");
+        continue;
+      }
+    }
+    const float* row = base + (s.all_logits ? s.scheduled - 1 : 0) * vocab_;
+    const auto& p = s.req.params;
+    const uint8_t* allowed = nullptr;
+    if (s.matcher) {  // invariant 9
+      json_allowed_tokens(*s.matcher, trie(), mask_);
+      if (s.matcher->complete())
+        for (int32_t e : tok_.eos_ids())
+          if (e < vocab_) mask_[static_cast<size_t>(e)] = 1;
+      allowed = mask_.data();
+    }
+    std::vector<int32_t> blocked;
+    if (s.generated < p.min_tokens) {
+      if (!p.ignore_eos) blocked = tok_.eos_ids();
+      blocked.insert(blocked.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
+    }
+    int32_t token = 0;
+    try {
+      token = s.samp->sample(row, vocab_, allowed, blocked);
+    } catch (const std::exception& e) {
+      finish(s, "error", e.what());
+      continue;
+    }
+    const bool want_lp = p.logprobs >= 0 || s.req.cumulative_logprob;
+    token_logprob lp;
+    if (want_lp) lp = logprob_of(row, vocab_, token, std::max<int64_t>(p.logprobs, 0));
     // The token's KV slot (a new block when the last is full): preempt the latest arrivals.
     while (!kv_.append_token(s.kv_id, token)) {
       if (!preempt_one(&s)) break;
@@ -361,13 +488,13 @@ bool engine::step() {
     }
     if (!s.allocated) {  // preempted: keep the token, recompute everything later
       s.tokens.push_back(token);
-      emit_token(s, token);
+      emit_token(s, token, want_lp ? &lp : nullptr);
       if (!s.done && kv_.blocks_for(static_cast<int64_t>(s.tokens.size()) + 1) > kv_.num_blocks())
         finish(s, "length");  // it could never fit again
       continue;
     }
     s.tokens.push_back(token);
-    emit_token(s, token);
+    emit_token(s, token, want_lp ? &lp : nullptr);
   }
   std::lock_guard<std::mutex> g(mu_);
   ++stats_.iterations;

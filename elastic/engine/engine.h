@@ -7,6 +7,7 @@
 //   engine eng(executor, *tokenizer, opts);   // the model step behind executor.h (e.g. an EP group)
 //   eng.start();                                            // the iteration loop on its own thread
 //   eng.submit({.id = "cmpl-1", .prompt = ids, .params = p, .on_event = [](const engine_event& e) {...}});
+//   eng.submit({.id = "cmpl-2", .prompt = ids, .params = p, .n = 4, ...});   // 4 samples sharing the prompt
 //   eng.abort("cmpl-1");                                    // frees its blocks at the next iteration
 //   eng.stop();
 //
@@ -27,11 +28,24 @@
 //      whatever shares the batch (forward_batch.h invariant 3), on one rank or a group
 //      (executor.h invariant 2, ep_serve_runner.h invariant 2).
 //   6. stop() ends the executor (a group's other ranks return) after the last iteration.
+//   7. A request of n samples is n sequences (sample i seeded seed + i, events tagged index i).
+//      Sample 0 prefills the prompt; the others are admitted once it has, sharing its computed
+//      full blocks (kv_blocks.h invariant 4) and computing only the prompt's last partial block.
+//   8. prompt_logprobs: sample 0 computes every prompt token (no prefix hits), the logits of all its
+//      prompt positions come back, and one event with the prompt's logprobs (the first token
+//      without one) precedes its first token. logprobs / cumulative_logprob come from the raw
+//      logits row each token was sampled from (sampling.h invariant 5).
+//   9. A guided request (sampling_params::grammar) samples only tokens its JSON matcher allows;
+//      it finishes with "stop" once the value is complete and nothing more may follow (eos is
+//      allowed as soon as it is complete). Text never ends inside a UTF-8 character: an
+//      incomplete trailing character is dropped, not shown as U+FFFD.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -42,6 +56,7 @@
 #include <vector>
 
 #include "elastic/engine/executor.h"
+#include "elastic/engine/guided_json.h"
 #include "elastic/engine/kv_blocks.h"
 #include "elastic/engine/sampling.h"
 #include "parallel/data/bpe_tokenizer.h"
@@ -65,8 +80,12 @@ struct engine_options {
 };
 
 struct engine_event {
+  int64_t index = 0;                // the sample (invariant 7)
   std::string text;                 // safe to show (stop strings held back)
   std::vector<int32_t> token_ids;   // generated since the last event
+  std::vector<token_logprob> logprobs;         // per token of token_ids, with params.logprobs >= 0
+  std::vector<token_logprob> prompt_logprobs;  // once, with params.prompt_logprobs >= 0 (invariant 8)
+  double cumulative_logprob = 0;               // the sample's tokens so far, when asked
   bool finished = false;
   std::string finish_reason;        // "stop" | "length" | "abort" | "error"
   std::string error;
@@ -77,7 +96,11 @@ struct engine_request {
   std::string id;
   std::vector<int32_t> prompt;
   sampling_params params;
+  int64_t n = 1;                    // samples of the prompt (invariant 7)
+  bool cumulative_logprob = false;  // report each sample's summed logprob (best_of)
   std::function<void(const engine_event&)> on_event;
+  // When the request reached the server (TTFT counts from here); unset: when submit() takes it.
+  std::chrono::steady_clock::time_point arrival{};
 };
 
 // Latency histogram with Prometheus' cumulative buckets (seconds).
@@ -112,6 +135,17 @@ class request_sink {
  public:
   virtual ~request_sink() = default;
   virtual void submit(engine_request r) = 0;
+  // Without waiting: `accepted` gets nullptr once the request is queued, else what submit threw.
+  // The default runs submit() on the calling thread.
+  virtual void submit_async(engine_request r, std::function<void(std::exception_ptr)> accepted) {
+    try {
+      submit(std::move(r));
+    } catch (...) {
+      accepted(std::current_exception());
+      return;
+    }
+    accepted(nullptr);
+  }
   virtual void abort(const std::string& id) = 0;
 };
 
@@ -152,6 +186,7 @@ class engine final : public request_sink {
   int64_t num_blocks() const { return kv_.num_blocks(); }
   int ranks() const { return exec_->ranks(); }
   int64_t vocab_size() const { return vocab_; }  // the model's
+  const parallel::text_tokenizer& tokenizer() const { return tok_; }
 
  private:
   struct sequence;
@@ -159,7 +194,9 @@ class engine final : public request_sink {
   void take_inbox();
   void finish(sequence& s, const std::string& reason, const std::string& error = "");
   bool preempt_one(const sequence* for_whom);
-  void emit_token(sequence& s, int32_t token);
+  void emit_token(sequence& s, int32_t token, const token_logprob* lp);
+  bool admissible(const sequence& s) const;
+  const token_trie& trie();
 
   std::unique_ptr<model_executor> own_exec_;
   model_executor* exec_;
@@ -177,6 +214,8 @@ class engine final : public request_sink {
   kv_request_id next_kv_id_ = 1;
   engine_stats stats_;
   latency_histogram ttft_, tpot_;
+  std::unique_ptr<token_trie> trie_;  // the vocabulary for guided decoding, made on first use
+  std::vector<uint8_t> mask_;         // scratch: a guided sequence's allowed tokens
   std::thread loop_;
   std::atomic<bool> stop_{false};
 };

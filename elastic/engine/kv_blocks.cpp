@@ -66,7 +66,8 @@ uint64_t kv_block_manager::chain_hash(const request_state& r, size_t i) const {
                                                                   static_cast<size_t>(block_size_)));
 }
 
-std::optional<kv_allocation> kv_block_manager::allocate(kv_request_id id, std::span<const int32_t> prompt) {
+std::optional<kv_allocation> kv_block_manager::allocate(kv_request_id id, std::span<const int32_t> prompt,
+                                                        const kv_allocate_options& o) {
   TROUPE_CHECK(!requests_.count(id), errc::invalid_argument,
                "kv_block_manager::allocate: request {} is already allocated; free it first", id);
   TROUPE_CHECK(!prompt.empty(), errc::invalid_argument, "kv_block_manager::allocate: request {} has an empty prompt",
@@ -80,7 +81,7 @@ std::optional<kv_allocation> kv_block_manager::allocate(kv_request_id id, std::s
 
   // Longest verified prefix of cached blocks, leaving the last prompt token uncached.
   std::vector<int32_t> hits;
-  const auto max_hits = static_cast<size_t>((n - 1) / block_size_);
+  const auto max_hits = o.use_cache ? static_cast<size_t>((n - 1) / block_size_) : size_t{0};
   for (size_t i = 0; i < max_hits; ++i) {
     auto it = by_hash_.find(r.hashes[i]);
     if (it == by_hash_.end()) break;
@@ -90,6 +91,25 @@ std::optional<kv_allocation> kv_block_manager::allocate(kv_request_id id, std::s
     if (!same) break;  // a collision or a stale entry: a miss, never wrong KV
     hits.push_back(it->second);
     r.chain.push_back(c.serial);
+  }
+  // Another sample of this prompt: its computed full blocks, cached or not (invariant 4).
+  if (o.share_from && o.use_cache) {
+    const auto p = requests_.find(*o.share_from);
+    if (p != requests_.end()) {
+      const request_state& q = p->second;
+      const size_t k = std::min(max_hits, static_cast<size_t>(q.computed / block_size_));
+      const size_t same = static_cast<size_t>(
+          std::mismatch(q.tokens.begin(), q.tokens.begin() + static_cast<std::ptrdiff_t>(std::min(q.tokens.size(), k * bs)),
+                        r.tokens.begin())
+              .first -
+          q.tokens.begin());
+      const size_t blocks = std::min(k, same / bs);
+      if (blocks > hits.size()) {
+        hits.assign(q.table.begin(), q.table.begin() + static_cast<std::ptrdiff_t>(blocks));
+        r.chain.assign(q.chain.begin(), q.chain.begin() + static_cast<std::ptrdiff_t>(std::min(blocks, q.chain.size())));
+        r.chain.resize(blocks, 0);
+      }
+    }
   }
 
   const int64_t reusable_cached = std::count_if(hits.begin(), hits.end(), [this](int32_t b) {

@@ -25,7 +25,10 @@
 //      KV of every earlier token was written (the model produced the new token from them).
 //      Freeing a request before its KV was computed never leaves garbage in the cache.
 //   4. allocate() leaves the last prompt token uncached (cached_tokens <= prompt size - 1),
-//      so the model always runs over it and produces the logits of the next token.
+//      so the model always runs over it and produces the logits of the next token. With
+//      share_from (another sample of the same prompt) the other request's computed full blocks
+//      are shared whether or not they are in the prefix cache; with use_cache = false nothing is
+//      reused (every prompt token is computed again: prompt logprobs).
 //   5. New blocks come from the free blocks first (lowest id first initially, then in
 //      the order they were freed); only when none is left is the least recently used
 //      cached block evicted (its hash entry removed). free() hands a request's blocks
@@ -57,6 +60,11 @@ struct kv_allocation {
   int64_t cached_tokens = 0;         // prompt tokens whose KV is already there (multiple of block_size)
 };
 
+struct kv_allocate_options {
+  bool use_cache = true;                    // false: no prefix hits
+  std::optional<kv_request_id> share_from;  // an allocated request with the same prompt (samples of one prompt)
+};
+
 struct kv_block_stats {
   int64_t num_blocks = 0;
   int64_t blocks_used = 0;    // ref_count > 0
@@ -85,7 +93,8 @@ class kv_block_manager {
   // Takes the blocks of a new request's prompt (non-empty), reusing cached prefix blocks.
   // nullopt when the free + cached blocks do not suffice (nothing changes then).
   // Throws errc::invalid_argument on a request id already allocated or an empty prompt.
-  std::optional<kv_allocation> allocate(kv_request_id id, std::span<const int32_t> prompt);
+  std::optional<kv_allocation> allocate(kv_request_id id, std::span<const int32_t> prompt,
+                                       const kv_allocate_options& o = {});
 
   // Appends one generated token (a new slot; a new block when the last one is full) and
   // marks the KV of all earlier tokens computed. false when a new block is needed and none

@@ -1,4 +1,5 @@
-// elastic/engine/sampling.cpp — greedy / temperature / top-k / top-p sampling and stop strings.
+// elastic/engine/sampling.cpp — logit processors, greedy / temperature / min-p / top-k / top-p
+// sampling, logprobs and stop strings.
 #include "elastic/engine/sampling.h"
 
 #include <algorithm>
@@ -25,7 +26,25 @@ std::optional<sampling_param_error> check_sampling_params(const sampling_params&
   if (p.top_p <= 0)
     return err("top_p", fmt::format("{} is less than or equal to the exclusive minimum of 0", p.top_p));
   if (p.top_p > 1) return err("top_p", fmt::format("{} is greater than the maximum of 1", p.top_p));
-  if (p.max_tokens < 1) return err("max_tokens", fmt::format("{} is less than the minimum of 1", p.max_tokens));
+  const int64_t min_max = p.prompt_logprobs >= 0 ? 0 : 1;  // the prompt's logprobs alone need no token
+  if (p.max_tokens < min_max)
+    return err("max_tokens", fmt::format("{} is less than the minimum of {}", p.max_tokens, min_max));
+  if (p.min_tokens < 0 || p.min_tokens > p.max_tokens)
+    return err("min_tokens", fmt::format("{} is not in [0, max_tokens = {}]", p.min_tokens, p.max_tokens));
+  if (!(p.min_p >= 0 && p.min_p <= 1)) return err("min_p", fmt::format("{} is not in [0, 1]", p.min_p));
+  if (!(p.presence_penalty >= -2 && p.presence_penalty <= 2))
+    return err("presence_penalty", fmt::format("{} is not in [-2, 2]", p.presence_penalty));
+  if (!(p.frequency_penalty >= -2 && p.frequency_penalty <= 2))
+    return err("frequency_penalty", fmt::format("{} is not in [-2, 2]", p.frequency_penalty));
+  if (!(p.repetition_penalty > 0 && p.repetition_penalty <= 2))
+    return err("repetition_penalty", fmt::format("{} is not in (0, 2]", p.repetition_penalty));
+  for (const auto& [id, b] : p.logit_bias) {
+    if (id < 0) return err("logit_bias", fmt::format("token id {} is negative", id));
+    if (!(b >= -100 && b <= 100)) return err("logit_bias", fmt::format("bias {} of token {} is not in [-100, 100]", b, id));
+  }
+  if (p.logprobs < -1) return err("logprobs", fmt::format("{} is less than the minimum of -1 (none)", p.logprobs));
+  if (p.prompt_logprobs < -1)
+    return err("prompt_logprobs", fmt::format("{} is less than the minimum of -1 (none)", p.prompt_logprobs));
   for (const auto& s : p.stop)
     if (s.empty()) return err("stop", "'' is too short: a stop string must not be empty");
   for (int32_t t : p.stop_token_ids)
@@ -56,6 +75,7 @@ int64_t filter_candidates(const float* logits, int64_t V, const sampling_params&
   for (size_t i = 0; i < n; ++i) {
     const double l = logits[i];
     prob[i] = std::isnan(l) ? 0.0 : std::exp((l - double(m)) * inv_t);  // exp(-inf) = 0
+    if (prob[i] < p.min_p) prob[i] = 0.0;  // min_p x the largest probability, which is 1 here
   }
   std::iota(order.begin(), order.end(), 0);
   auto by_prob = [&prob](int32_t a, int32_t b) {
@@ -120,12 +140,66 @@ std::vector<double> sampling_probs(const float* logits, int64_t V, const samplin
 
 sampler::sampler(const sampling_params& p) : params_(p), rng_(p.seed) { validate_sampling_params(p); }
 
-int32_t sampler::sample(const float* logits, int64_t V) {
-  if (params_.temperature == 0) {
-    TROUPE_CHECK(V >= 1, errc::invalid_argument, "sampler: vocabulary size {} must be >= 1", V);
-    return parallel::argmax_token(logits, V);
+void sampler::set_prompt(std::span<const int32_t> prompt) {
+  if (params_.repetition_penalty == 1) return;
+  prompt_ids_.assign(prompt.begin(), prompt.end());
+  std::sort(prompt_ids_.begin(), prompt_ids_.end());
+  prompt_ids_.erase(std::unique(prompt_ids_.begin(), prompt_ids_.end()), prompt_ids_.end());
+}
+
+void sampler::accept(int32_t token) {
+  if (params_.presence_penalty == 0 && params_.frequency_penalty == 0 && params_.repetition_penalty == 1) return;
+  auto it = std::lower_bound(counts_.begin(), counts_.end(), std::make_pair(token, int32_t{0}));
+  if (it != counts_.end() && it->first == token) ++it->second;
+  else counts_.insert(it, {token, 1});
+}
+
+bool sampler::processes(const uint8_t* allowed, std::span<const int32_t> blocked) const {
+  return allowed || !blocked.empty() || !params_.logit_bias.empty() ||
+         (!counts_.empty() && (params_.presence_penalty != 0 || params_.frequency_penalty != 0)) ||
+         (params_.repetition_penalty != 1 && (!counts_.empty() || !prompt_ids_.empty()));
+}
+
+int32_t sampler::sample(const float* logits, int64_t V, const uint8_t* allowed, std::span<const int32_t> blocked) {
+  TROUPE_CHECK(V >= 1, errc::invalid_argument, "sampler: vocabulary size {} must be >= 1", V);
+  const float* l = logits;
+  if (processes(allowed, blocked)) {  // invariant 2, on a copy
+    work_.assign(logits, logits + V);
+    float* w = work_.data();
+    for (const auto& [id, b] : params_.logit_bias)
+      if (id < V) w[id] += b;
+    if (allowed)
+      for (int64_t i = 0; i < V; ++i)
+        if (!allowed[i]) w[i] = -INFINITY;
+    for (int32_t id : blocked)
+      if (id >= 0 && id < V) w[id] = -INFINITY;
+    if (params_.repetition_penalty != 1) {
+      const auto rp = static_cast<float>(params_.repetition_penalty);
+      auto penalise = [&](int32_t id) {
+        if (id >= V) return;
+        w[id] = w[id] > 0 ? w[id] / rp : w[id] * rp;
+      };
+      // Each id once, whether it is in the prompt, the output or both.
+      auto c = counts_.begin();
+      for (int32_t id : prompt_ids_) {
+        for (; c != counts_.end() && c->first < id; ++c) penalise(c->first);
+        if (c != counts_.end() && c->first == id) ++c;
+        penalise(id);
+      }
+      for (; c != counts_.end(); ++c) penalise(c->first);
+    }
+    for (const auto& [id, n] : counts_)
+      if (id < V)
+        w[id] -= static_cast<float>(params_.frequency_penalty * n + params_.presence_penalty * (n > 0 ? 1.0 : 0.0));
+    l = w;
   }
-  const int64_t kept = filter_candidates(logits, V, params_, order_, prob_);
+  if (params_.temperature == 0) {
+    const int32_t best = parallel::argmax_token(l, V);
+    TROUPE_CHECK(std::isfinite(l[best]), errc::invalid_argument,
+                 "sampler: no token is left to choose (every logit is -inf or NaN after the masks)");
+    return best;
+  }
+  const int64_t kept = filter_candidates(l, V, params_, order_, prob_);
   double total = 0;
   for (int64_t j = 0; j < kept; ++j) total += prob_[static_cast<size_t>(order_[static_cast<size_t>(j)])];
   const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53;  // [0, 1), library independent
@@ -141,6 +215,32 @@ int32_t sampler::sample(const float* logits, int64_t V) {
     if (cum > target) return id;
   }
   return last;  // rounding left target at the very top
+}
+
+token_logprob logprob_of(const float* logits, int64_t V, int32_t token, int64_t k) {
+  TROUPE_CHECK(V >= 1 && token >= 0 && token < V, errc::invalid_argument,
+               "logprob_of: token {} outside a vocabulary of {}", token, V);
+  double m = -INFINITY;
+  for (int64_t i = 0; i < V; ++i) m = std::max(m, static_cast<double>(logits[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i]) - m);
+  const double lse = m + std::log(sum);
+  token_logprob out;
+  out.id = token;
+  out.logprob = static_cast<float>(static_cast<double>(logits[token]) - lse);
+  if (k > 0) {
+    k = std::min(k, V);
+    std::vector<int32_t> ids(static_cast<size_t>(V));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [logits](int32_t a, int32_t b) {
+      return logits[a] != logits[b] ? logits[a] > logits[b] : a < b;
+    });
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t id = ids[static_cast<size_t>(j)];
+      out.top.emplace_back(id, static_cast<float>(static_cast<double>(logits[id]) - lse));
+    }
+  }
+  return out;
 }
 
 const char* finish_reason_name(finish_reason r) {

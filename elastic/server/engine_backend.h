@@ -1,6 +1,7 @@
-// elastic/server/engine_backend.h — the HTTP front's generation_backend over the serving engine:
+// elastic/server/engine_backend.h — the HTTP server's generation_backend over the serving engine:
 // prompts through the tokenizer (chat: the model's chat template), OpenAI fields to sampling
-// parameters, engine events to HTTP events.
+// parameters (penalties, logit bias, logprobs, response_format as a compiled JSON grammar), engine
+// events to HTTP events.
 //
 //   engine eng(dec, *tok, opts);  eng.start();
 //   engine_backend be(eng, *tok, "tiny-moe", /*default_seed=*/0);
@@ -12,11 +13,16 @@
 //      a chat prompt is the chat template's rendering, encoded without adding them again; a prompt
 //      of token ids is taken as is, each id checked against the vocabulary (400, param "prompt").
 //   2. A request without a seed gets default_seed + a per-request counter when default_seed > 0,
-//      else a random one; temperature 0 is greedy.
+//      else a random one; sample i of a submission uses seed + i; temperature 0 is greedy.
 //   3. engine_busy becomes 503 "server_error" ("the server is full"); the engine's refusals of
-//      input (errc::invalid_argument) become 400 with its message.
+//      input (errc::invalid_argument) become 400 with its message; a JSON schema the guided
+//      decoder cannot take is 400 naming its place (param response_format.json_schema.schema...).
+//   4. Submitting never waits on the engine's iteration: the sink's submit_async answers later.
 #pragma once
 #include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include "elastic/engine/engine.h"
@@ -31,9 +37,10 @@ class engine_backend final : public generation_backend {
   engine_backend(engine& eng, const parallel::text_tokenizer& tok, std::string model_id, uint64_t default_seed,
                  request_sink* sink = nullptr);
   std::string model_id() const override { return model_id_; }
-  std::vector<int32_t> prompt_tokens(const completion_request& r) override;
-  void submit(const std::string& id, const completion_request& r, std::vector<int32_t> prompt,
-              generation_callback on_event) override;
+  std::vector<int32_t> prompt_tokens(const completion_request& r, size_t i) override;
+  std::string prompt_text(const completion_request& r, size_t i) override;
+  std::string token_bytes(int32_t id) const override;
+  void submit(generation_submission s) override;
   void abort(const std::string& id) override { sink_->abort(id); }
   std::string metrics_text() override { return eng_.metrics_text(); }
 
@@ -45,6 +52,8 @@ class engine_backend final : public generation_backend {
   std::string model_id_;
   uint64_t default_seed_;
   std::atomic<uint64_t> counter_{0};
+  std::mutex grammar_mu_;
+  std::map<std::string, std::shared_ptr<const json_grammar>> grammars_;  // compiled schemas (the last 64)
 };
 
 }  // namespace troupe::elastic

@@ -30,6 +30,7 @@ struct flat_batch {
   std::vector<int32_t> tables;     // (n_seqs, table_stride), -1 padded
   std::vector<float> cos, sin;     // (Nq, rotary_dim / 2)
   std::vector<int64_t> last;       // (n_seqs) flat index of each sequence's last token
+  std::vector<int64_t> rows;       // flat indices whose logits are returned (the last, or all of a sequence)
 };
 
 flat_batch flatten(const decoder& dec, std::span<const forward_batch_seq> seqs, const paged_kv_store& kv) {
@@ -80,6 +81,7 @@ flat_batch flatten(const decoder& dec, std::span<const forward_batch_seq> seqs, 
     f.sin.insert(f.sin.end(), sn.begin(), sn.end());
     f.Nq += n;
     f.last.push_back(f.Nq - 1);
+    for (int64_t t = s.all_logits ? f.Nq - n : f.Nq - 1; t < f.Nq; ++t) f.rows.push_back(t);
   }
   // Two new tokens in one slot would overwrite each other (a block manager bug).
   std::vector<std::pair<int64_t, int32_t>> slots(static_cast<size_t>(f.Nq));
@@ -173,10 +175,10 @@ tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs
     batch_layer(x.data(), s, w.layers[static_cast<size_t>(l)], c, f, kv, l, dec.expert_parallelism());
   if (opt.no_logits) return {};
   // Final norm and LM head on the rows that are returned only.
-  const int64_t R = opt.all_logits ? N : static_cast<int64_t>(f.last.size());
+  const int64_t R = opt.all_logits ? N : static_cast<int64_t>(f.rows.size());
   std::vector<float> rows(static_cast<size_t>(R * C)), h(rows.size()), rstd(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t t = opt.all_logits ? r : f.last[static_cast<size_t>(r)];
+    const int64_t t = opt.all_logits ? r : f.rows[static_cast<size_t>(r)];
     std::memcpy(rows.data() + r * C, x.data() + t * C, static_cast<size_t>(C) * sizeof(float));
   }
   kc::rmsnorm_forward(h.data(), rstd.data(), rows.data(), w.final_norm.data<float>(), R, C,

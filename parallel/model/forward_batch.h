@@ -41,6 +41,7 @@ struct forward_batch_seq {
   std::span<const int32_t> tokens;       // (n) new token ids, n >= 1
   int64_t start = 0;                     // tokens already in the cache = position of tokens[0]
   std::span<const int32_t> block_table;  // block ids covering positions [0, start + n)
+  bool all_logits = false;               // the logits of every new token, not only the last (prompt logprobs)
 };
 
 struct forward_batch_options {
@@ -49,8 +50,9 @@ struct forward_batch_options {
                             // (the other ranks of an expert-parallel serving group)
 };
 
-// -> logits: (n_seqs, V) of each sequence's last new token, or (Nq, V) with opt.all_logits
-//    (Nq = sum of n, sequence 0's tokens first); nothing with opt.no_logits
+// -> logits: (R, V): per sequence the row of its last new token, or a row per new token for a
+//    sequence with all_logits (in batch order); (Nq, V) with opt.all_logits (Nq = sum of n,
+//    sequence 0's tokens first); nothing with opt.no_logits
 runtime::tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, paged_kv_store& kv,
                               const forward_batch_options& opt = {});
 

@@ -7,7 +7,12 @@
 # C. /v1/chat/completions, /v1/models, /health, /metrics (TTFT/TPOT histograms, KV, prefix hits).
 # D. bad input: malformed JSON, a bad field, a missing API key, a token id outside the vocabulary
 #    -> 4xx with an OpenAI error object; the server keeps serving.
-# E. a client that leaves mid-stream: its request is aborted and its KV blocks freed.
+# E. a client that leaves mid-stream, and one that leaves before a non-streamed answer: each
+#    request is aborted and its KV blocks freed.
+# I. the OpenAI API on the MoE fixture: a seeded sampled request = `troupe generate --seed` with the
+#    same parameters; n choices; echo with logprobs; best_of; an unknown model is 404
+#    model_not_found, an unknown parameter a 400 naming it, a GET on a POST route 405 and an
+#    unknown route 404, each a JSON error object.
 # F. two expert-parallel ranks under troupe-launch (engine.ranks: 2, each rank holding half the
 #    experts, LLEP): greedy over HTTP = troupe generate on one rank, streamed too; /metrics shows
 #    2 ranks and per-expert loads; SIGTERM to the launcher stops both ranks cleanly; engine.ranks
@@ -143,6 +148,32 @@ c=$(curl -s -o /dev/null -w '%{http_code}' -d '{"prompt": "x"}' "$url/v1/complet
 post /v1/completions '{"prompt": [1, 2], "max_tokens": 2}' >/dev/null; [ "$(code)" = 200 ] || fail "D: the server stopped serving"
 echo "D: malformed JSON, bad field, bad token id -> 400, no key -> 401, and it still serves"
 
+# I. the OpenAI API
+want=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids "$prompt" --max-new-tokens 10 --temperature 0.8 \
+       --top-p 0.9 --seed 5 2>/dev/null)
+got=$(post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 10, \"temperature\": 0.8, \"top_p\": 0.9,
+                             \"seed\": 5, \"ignore_eos\": true}" | ids_of_text)
+[ "$got" = "$want" ] || fail "I: seeded sampling over HTTP $got != troupe generate --seed 5 $want"
+post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 3, \"temperature\": 0, \"n\": 3, \"echo\": true,
+                      \"logprobs\": 2}" >"$tmp/n"
+[ "$(code)" = 200 ] || fail "I: n/echo/logprobs got $(code): $(cat "$tmp/body")"
+[ "$(json "len(d['choices'])" <"$tmp/n")" = 3 ] || fail "I: n=3 did not give 3 choices"
+[ "$(json "len(set(c['text'] for c in d['choices']))" <"$tmp/n")" = 1 ] || fail "I: greedy choices differ"
+[ "$(json "len(d['choices'][2]['logprobs']['tokens'])" <"$tmp/n")" = 11 ] || fail "I: echo logprobs: not 8 + 3 tokens"
+[ "$(json "d['choices'][0]['logprobs']['token_logprobs'][0]" <"$tmp/n")" = None ] || fail "I: echo's first logprob"
+[ "$(json "d['usage']['prompt_tokens']" <"$tmp/n")" = 8 ] || fail "I: usage counts the prompt once"
+post /v1/completions "{\"prompt\": [$prompt], \"max_tokens\": 4, \"best_of\": 3, \"seed\": 2}" >"$tmp/best"
+[ "$(code)" = 200 ] && [ "$(json "len(d['choices'])" <"$tmp/best")" = 1 ] || fail "I: best_of 3 got $(code)"
+post /v1/completions '{"prompt": "x", "model": "gpt-4"}' >/dev/null
+[ "$(code)" = 404 ] && [ "$(json "d['error']['code']" <"$tmp/body")" = model_not_found ] || fail "I: unknown model got $(code)"
+post /v1/completions '{"prompt": "x", "mirostat": 1}' >/dev/null
+[ "$(code)" = 400 ] && [ "$(json "d['error']['param']" <"$tmp/body")" = mirostat ] || fail "I: unknown parameter got $(code)"
+c=$(curl -s -o "$tmp/body" -w '%{http_code}' -H 'Authorization: Bearer sk-test' "$url/v1/completions")
+[ "$c" = 405 ] && json "d['error']['message']" <"$tmp/body" >/dev/null || fail "I: GET /v1/completions got $c"
+c=$(curl -s -o "$tmp/body" -w '%{http_code}' "$url/v2/nothing")
+[ "$c" = 404 ] && json "d['error']['message']" <"$tmp/body" >/dev/null || fail "I: an unknown route got $c"
+echo "I: seeded sampling = troupe generate --seed, n, echo + logprobs, best_of, 404 model / 400 parameter / 405 / 404"
+
 stop
 
 # E. a client leaving mid-stream (a model with a 2048-token context, so the stream outlasts curl)
@@ -159,6 +190,17 @@ done
 grep -q '^troupe_http_client_disconnects_total 1' "$tmp/metrics" || fail "E: the disconnect was not noticed"
 grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: the aborted request still holds KV blocks"
 echo "E: a client leaving mid-stream: request aborted, KV blocks freed"
+curl -s --max-time 0.3 -H 'Authorization: Bearer sk-test' \
+  -d '{"prompt": [1, 2, 3], "max_tokens": 1000, "ignore_eos": true}' "$url/v1/completions" >/dev/null
+for _ in $(seq 1 50); do
+  curl -s "$url/metrics" >"$tmp/metrics"
+  grep -q '^troupe_http_client_disconnects_total 2' "$tmp/metrics" && grep -q '^troupe_requests_running 0' "$tmp/metrics" \
+    && grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" && break
+  sleep 0.1
+done
+grep -q '^troupe_http_client_disconnects_total 2' "$tmp/metrics" || fail "E: a non-streamed disconnect was not noticed"
+grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: the aborted non-streamed request still holds KV blocks"
+echo "E: a client leaving before a non-streamed answer: request aborted, KV blocks freed"
 stop
 
 # F. two ranks

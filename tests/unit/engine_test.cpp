@@ -4,91 +4,14 @@
 // batching; seeded sampling does not depend on the batch; abort and bad input.
 #include <gtest/gtest.h>
 
-#include <map>
-#include <mutex>
-
-#include "elastic/engine/engine.h"
-#include "parallel/model/generate.h"
-#include "parallel/model/model_weights.h"
+#include "engine_harness.h"
 #include "runtime/error.h"
 
 namespace {
 
 using namespace troupe;
 using namespace troupe::elastic;
-
-struct collected {
-  std::vector<int32_t> ids;
-  std::string text, reason;
-  int events = 0, finished = 0;
-  int64_t completion_tokens = 0;
-};
-
-struct harness {
-  parallel::model_weights w;
-  std::unique_ptr<parallel::decoder> dec;
-  std::unique_ptr<parallel::text_tokenizer> tok;
-  std::unique_ptr<engine> eng;
-  std::map<std::string, collected> out;
-  std::mutex mu;
-
-  harness(const std::string& fixture, engine_options o) {
-    const std::string dir = std::string(TROUPE_FIXTURES_DIR) + "/" + fixture;
-    w = parallel::model_weights::load(dir);
-    dec = std::make_unique<parallel::decoder>(w);
-    tok = parallel::load_tokenizer(dir);
-    eng = std::make_unique<engine>(*dec, *tok, o);
-  }
-  void submit(const std::string& id, std::vector<int32_t> prompt, sampling_params p) {
-    engine_request r;
-    r.id = id;
-    r.prompt = std::move(prompt);
-    r.params = p;
-    r.on_event = [this, id](const engine_event& e) {
-      std::lock_guard<std::mutex> g(mu);
-      auto& c = out[id];
-      c.ids.insert(c.ids.end(), e.token_ids.begin(), e.token_ids.end());
-      c.text += e.text;
-      ++c.events;
-      if (e.finished) {
-        ++c.finished;
-        c.reason = e.finish_reason;
-        c.completion_tokens = e.completion_tokens;
-      }
-    };
-    eng->submit(std::move(r));
-  }
-  void run(int max_iterations = 10000) {
-    for (int i = 0; i < max_iterations; ++i) {
-      eng->step();
-      bool all = true;
-      std::lock_guard<std::mutex> g(mu);
-      for (auto& [id, c] : out) all &= c.finished == 1;
-      if (all && eng->stats().running == 0 && eng->stats().waiting == 0) return;
-    }
-    FAIL() << "the engine did not finish";
-  }
-  std::vector<int32_t> greedy(const std::vector<int32_t>& prompt, int64_t n) const {
-    parallel::generate_options o;
-    o.max_new_tokens = n;
-    const auto r = parallel::generate_greedy(*dec, prompt, 1, static_cast<int64_t>(prompt.size()), o);
-    return std::vector<int32_t>(r.ids.begin() + static_cast<int64_t>(prompt.size()), r.ids.end());
-  }
-};
-
-std::vector<int32_t> prompt_of(int64_t n, int32_t seed, int64_t vocab) {
-  std::vector<int32_t> p;
-  for (int64_t i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((seed * 31 + i * 7 + i * i) % vocab));
-  return p;
-}
-
-sampling_params greedy_params(int64_t n) {
-  sampling_params p;
-  p.temperature = 0;
-  p.max_tokens = n;
-  p.ignore_eos = true;
-  return p;
-}
+using namespace troupe_test;
 
 void expect_greedy_equal(const std::string& fixture, engine_options o, bool shared_prefix) {
   harness h(fixture, o);

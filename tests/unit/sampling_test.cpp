@@ -16,6 +16,9 @@ using namespace troupe;
 using elastic::sampler;
 using elastic::sampling_params;
 using elastic::stop_checker;
+using elastic::logprob_of;
+using elastic::sampling_probs;
+using elastic::token_logprob;
 
 std::vector<float> log_probs(const std::vector<double>& p) {
   std::vector<float> l;
@@ -215,6 +218,16 @@ TEST(Sampling, InvalidParamsNameTheField) {
       {mk([](auto& p) { p.stop = {"ok", ""}; }), "stop", "'' is too short: a stop string must not be empty - 'stop'"},
       {mk([](auto& p) { p.stop_token_ids = {3, -2}; }), "stop_token_ids",
        "-2 is less than the minimum of 0 - 'stop_token_ids'"},
+      {mk([](auto& p) { p.min_tokens = 17; }), "min_tokens", "17 is not in [0, max_tokens = 16] - 'min_tokens'"},
+      {mk([](auto& p) { p.min_p = 1.5; }), "min_p", "1.5 is not in [0, 1] - 'min_p'"},
+      {mk([](auto& p) { p.presence_penalty = -3; }), "presence_penalty", "-3 is not in [-2, 2] - 'presence_penalty'"},
+      {mk([](auto& p) { p.frequency_penalty = NAN; }), "frequency_penalty",
+       "nan is not in [-2, 2] - 'frequency_penalty'"},
+      {mk([](auto& p) { p.repetition_penalty = 0; }), "repetition_penalty",
+       "0 is not in (0, 2] - 'repetition_penalty'"},
+      {mk([](auto& p) { p.logit_bias = {{4, 101.0f}}; }), "logit_bias",
+       "bias 101 of token 4 is not in [-100, 100] - 'logit_bias'"},
+      {mk([](auto& p) { p.logprobs = -2; }), "logprobs", "-2 is less than the minimum of -1 (none) - 'logprobs'"},
   };
   for (const auto& c : cases) {
     const auto e = elastic::check_sampling_params(c.p);
@@ -237,11 +250,104 @@ TEST(Sampling, InvalidParamsNameTheField) {
     p.max_tokens = 1;
   })));
   EXPECT_FALSE(elastic::check_sampling_params(mk([](auto& p) { p.temperature = 0.0; })));
+  EXPECT_FALSE(elastic::check_sampling_params(mk([](auto& p) {  // the prompt's logprobs alone
+    p.max_tokens = 0;
+    p.prompt_logprobs = 0;
+  })));
   // Logits the model broke are an error, not a silent pick.
   sampler s(with(1.0, 0, 1.0));
   const std::vector<float> dead{-INFINITY, NAN};
   EXPECT_THROW(s.sample(dead.data(), 2), runtime::error);
   EXPECT_THROW(s.sample(dead.data(), 0), runtime::error);
+}
+
+TEST(Sampling, BiasMaskBlockedIdsAndPenaltiesMoveTheGreedyChoiceByExactAmounts) {
+  const std::vector<float> logits = {2.0f, 1.9f, -1.0f, -1.1f};
+  auto greedy = [](sampling_params p) {
+    p.temperature = 0;
+    return p;
+  };
+  {
+    sampler s(greedy({}));
+    EXPECT_EQ(s.sample(logits.data(), 4), 0);
+    const std::vector<uint8_t> mask = {0, 1, 1, 1};
+    EXPECT_EQ(s.sample(logits.data(), 4, mask.data()), 1);
+    const std::vector<int32_t> blocked = {0, 1};
+    EXPECT_EQ(s.sample(logits.data(), 4, nullptr, blocked), 2);
+    const std::vector<uint8_t> none = {0, 0, 0, 0};
+    EXPECT_THROW(s.sample(logits.data(), 4, none.data()), troupe::runtime::error);
+  }
+  {
+    sampling_params p = greedy({});
+    p.logit_bias = {{3, 3.2f}};  // -1.1 + 3.2 = 2.1 > 2.0
+    EXPECT_EQ(sampler(p).sample(logits.data(), 4), 3);
+    p.logit_bias = {{3, 3.0f}};  // 1.9 < 2.0
+    EXPECT_EQ(sampler(p).sample(logits.data(), 4), 0);
+  }
+  {
+    // repetition: a positive logit is divided (2.0 / 1.1 = 1.818 < 1.9), a negative one multiplied
+    sampling_params p = greedy({});
+    p.repetition_penalty = 1.1;
+    sampler s(p);
+    const std::vector<int32_t> prompt = {0, 0, 2};
+    s.set_prompt(prompt);
+    EXPECT_EQ(s.sample(logits.data(), 4), 1);
+    const std::vector<uint8_t> low = {0, 0, 1, 1};  // -1.0 * 1.1 = -1.1 ties -1.1: the lower id
+    EXPECT_EQ(s.sample(logits.data(), 4, low.data()), 2);
+    p.repetition_penalty = 1.01;  // 2.0 / 1.01 = 1.98 > 1.9
+    sampler t(p);
+    t.set_prompt(prompt);
+    EXPECT_EQ(t.sample(logits.data(), 4), 0);
+  }
+  {
+    // frequency x count and presence once, on generated ids only
+    sampling_params p = greedy({});
+    p.frequency_penalty = 0.04;
+    sampler s(p);
+    s.accept(0);
+    EXPECT_EQ(s.sample(logits.data(), 4), 0);  // 2.0 - 0.04 = 1.96
+    s.accept(0);
+    s.accept(0);
+    EXPECT_EQ(s.sample(logits.data(), 4), 1);  // 2.0 - 0.12 = 1.88
+    p.frequency_penalty = 0;
+    p.presence_penalty = 0.05;
+    sampler q(p);
+    for (int i = 0; i < 5; ++i) q.accept(0);
+    EXPECT_EQ(q.sample(logits.data(), 4), 0);  // 1.95: presence does not grow with the count
+    p.presence_penalty = 0.2;
+    sampler r(p);
+    r.accept(0);
+    EXPECT_EQ(r.sample(logits.data(), 4), 1);
+  }
+}
+
+TEST(Sampling, MinPDropsTheUnlikelyTail) {
+  const std::vector<float> logits = {0.0f, -1.0f, -3.0f};
+  sampling_params p;
+  p.min_p = 0.1;  // e^-3 = 0.0498 of the largest is dropped, e^-1 = 0.368 kept
+  const auto probs = sampling_probs(logits.data(), 3, p);
+  const double z = 1.0 + std::exp(-1.0);
+  EXPECT_NEAR(probs[0], 1.0 / z, 1e-12);
+  EXPECT_NEAR(probs[1], std::exp(-1.0) / z, 1e-12);
+  EXPECT_EQ(probs[2], 0.0);
+  p.min_p = 0.4;
+  EXPECT_EQ(sampling_probs(logits.data(), 3, p)[1], 0.0);
+}
+
+TEST(Sampling, LogprobsAreTheRawLogSoftmaxWithTheMostLikelyFirst) {
+  const std::vector<float> logits = {1.0f, 3.0f, 3.0f, -2.0f, 0.5f};
+  double z = 0;
+  for (float l : logits) z += std::exp(double(l));
+  const token_logprob lp = logprob_of(logits.data(), 5, 3, 3);
+  EXPECT_EQ(lp.id, 3);
+  EXPECT_NEAR(lp.logprob, -2.0 - std::log(z), 1e-6);
+  ASSERT_EQ(lp.top.size(), 3u);
+  EXPECT_EQ(lp.top[0].first, 1);  // a tie: the lower id first
+  EXPECT_EQ(lp.top[1].first, 2);
+  EXPECT_EQ(lp.top[2].first, 0);
+  EXPECT_NEAR(lp.top[2].second, 1.0 - std::log(z), 1e-6);
+  EXPECT_TRUE(logprob_of(logits.data(), 5, 0, 0).top.empty());
+  EXPECT_THROW(logprob_of(logits.data(), 5, 5, 0), troupe::runtime::error);
 }
 
 TEST(Sampling, FinishReasons) {
