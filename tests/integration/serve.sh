@@ -179,27 +179,21 @@ stop
 # E. a client leaving mid-stream (a model with a 2048-token context, so the stream outlasts curl)
 "$troupe" init "$tmp/tiny" --preset tiny-mixtral >/dev/null 2>&1 || fail "E: troupe init failed"
 start "$tmp/tiny"
-curl -sN --max-time 0.3 -H 'Authorization: Bearer sk-test' \
-  -d '{"prompt": [1, 2, 3], "max_tokens": 1000, "stream": true, "ignore_eos": true}' "$url/v1/completions" >/dev/null
-for _ in $(seq 1 50); do
-  curl -s "$url/metrics" >"$tmp/metrics"
-  grep -q '^troupe_http_client_disconnects_total 1' "$tmp/metrics" && grep -q '^troupe_requests_running 0' "$tmp/metrics" \
-    && grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" && break
-  sleep 0.1
-done
-grep -q '^troupe_http_client_disconnects_total 1' "$tmp/metrics" || fail "E: the disconnect was not noticed"
-grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: the aborted request still holds KV blocks"
+leave_early() {  # leave_early STREAM N WHAT: a client gives up after 0.3 s; the N-th disconnect must free everything
+  curl -sN --max-time 0.3 -H 'Authorization: Bearer sk-test' \
+    -d "{\"prompt\": [1, 2, 3], \"max_tokens\": 1000, \"stream\": $1, \"ignore_eos\": true}" "$url/v1/completions" >/dev/null
+  for _ in $(seq 1 50); do
+    curl -s "$url/metrics" >"$tmp/metrics"
+    grep -q "^troupe_http_client_disconnects_total $2" "$tmp/metrics" && grep -q '^troupe_requests_running 0' "$tmp/metrics" \
+      && grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" && break
+    sleep 0.1
+  done
+  grep -q "^troupe_http_client_disconnects_total $2" "$tmp/metrics" || fail "E: $3: the disconnect was not noticed"
+  grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: $3: the aborted request still holds KV blocks"
+}
+leave_early true 1 "mid-stream"
 echo "E: a client leaving mid-stream: request aborted, KV blocks freed"
-curl -s --max-time 0.3 -H 'Authorization: Bearer sk-test' \
-  -d '{"prompt": [1, 2, 3], "max_tokens": 1000, "ignore_eos": true}' "$url/v1/completions" >/dev/null
-for _ in $(seq 1 50); do
-  curl -s "$url/metrics" >"$tmp/metrics"
-  grep -q '^troupe_http_client_disconnects_total 2' "$tmp/metrics" && grep -q '^troupe_requests_running 0' "$tmp/metrics" \
-    && grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" && break
-  sleep 0.1
-done
-grep -q '^troupe_http_client_disconnects_total 2' "$tmp/metrics" || fail "E: a non-streamed disconnect was not noticed"
-grep -q '^troupe_kv_cache_usage 0$' "$tmp/metrics" || fail "E: the aborted non-streamed request still holds KV blocks"
+leave_early false 2 "before a non-streamed answer"
 echo "E: a client leaving before a non-streamed answer: request aborted, KV blocks freed"
 stop
 

@@ -21,6 +21,7 @@ namespace {
 using namespace troupe::elastic;
 using troupe_test::http_get;
 using troupe_test::http_post;
+using troupe_test::eventually;
 using troupe_test::raw_conn;
 
 // Streams that the test feeds from one thread (a ticker), like the engine's events.
@@ -82,17 +83,14 @@ struct front_fixture {
     front->start();
   }
   int port() const { return front->port(); }
-};
-
-template <typename F>
-bool eventually(F f, int ms = 5000) {
-  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
-  while (!f()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  // Waits until n /hold requests are held (their answers pending).
+  bool holding(size_t n) {
+    return eventually([&] {
+      std::lock_guard<std::mutex> g(mu);
+      return held.size() == n;
+    });
   }
-  return true;
-}
+};
 
 TEST(HttpFront, AThousandIdleKeepAliveAndNeverReadingStreamsLeaveNewRequestsAnswered) {
   streams st(/*every_ms=*/5, /*bytes=*/512);
@@ -152,19 +150,13 @@ TEST(HttpFront, AClientLeavingBeforeAWholeAnswerFiresOnDisconnect) {
   front_fixture f({});
   raw_conn a(f.port());
   ASSERT_TRUE(a.send(http_post("/hold", "x")));
-  ASSERT_TRUE(eventually([&] {
-    std::lock_guard<std::mutex> g(f.mu);
-    return f.held.size() == 1;
-  }));
+  ASSERT_TRUE(f.holding(1));
   EXPECT_EQ(f.pending_disconnects.load(), 0);
   a.close();  // a non-streamed answer still pending
   EXPECT_TRUE(eventually([&] { return f.pending_disconnects.load() == 1; }));
   raw_conn b(f.port());
   ASSERT_TRUE(b.send(http_post("/hold", "y")));
-  ASSERT_TRUE(eventually([&] {
-    std::lock_guard<std::mutex> g(f.mu);
-    return f.held.size() == 2;
-  }));
+  ASSERT_TRUE(f.holding(2));
   b.reset();
   EXPECT_TRUE(eventually([&] { return f.pending_disconnects.load() == 2; }));
   EXPECT_EQ(f.front->stats().disconnects, 2);
@@ -330,10 +322,7 @@ TEST(HttpFront, StopClosesEveryConnectionAndPendingAnswersSeeTheDisconnect) {
   front_fixture f({});
   raw_conn a(f.port());
   ASSERT_TRUE(a.send(http_post("/hold", "x")));
-  ASSERT_TRUE(eventually([&] {
-    std::lock_guard<std::mutex> g(f.mu);
-    return f.held.size() == 1;
-  }));
+  ASSERT_TRUE(f.holding(1));
   f.front->stop();
   EXPECT_EQ(f.pending_disconnects.load(), 1);
   EXPECT_TRUE(a.closed_within(5000));

@@ -23,6 +23,7 @@ using namespace troupe::elastic;
 using json = nlohmann::json;
 using troupe_test::http_get;
 using troupe_test::http_post;
+using troupe_test::eventually;
 using troupe_test::raw_conn;
 
 // Emits `pieces` for every sample of every submission, one piece per tick (delay_ms), from one
@@ -173,16 +174,6 @@ std::vector<json> sse(const std::string& body, bool* done) {
     pos = end;
   }
   return events;
-}
-
-template <typename F>
-bool eventually(F f, int ms = 5000) {
-  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
-  while (!f()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return true;
 }
 
 TEST(HttpServer, HealthModelsMetricsAndRouteErrors) {

@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <map>
+#include <thread>
 #include <stdexcept>
 #include <string>
 
@@ -172,5 +173,16 @@ class raw_conn {
   std::string buf_;
   bool closed_ = false;
 };
+
+// Polls f every 5 ms until it is true (true) or ms pass (false).
+template <typename F>
+bool eventually(F f, int ms = 5000) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+  while (!f()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
 
 }  // namespace troupe_test
