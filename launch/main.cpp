@@ -37,6 +37,8 @@ int main(int argc, char** argv) {
   }
   try {
     app.parse(argc, argv);
+  } catch (const CLI::RuntimeError& e) {  // a command's own exit code (e.g. 3: a rank was lost)
+    return e.get_exit_code();
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e);  // prints the message (or the help / version text)
     return code == 0 ? 0 : 2;      // a usage error: 2, as getopt and argparse programs exit

@@ -182,26 +182,43 @@ void engine::take_inbox() {
   for (auto& r : in) {
     std::shared_ptr<sample_group> group;
     if (r.n > 1) group = std::make_shared<sample_group>();
-    for (int64_t i = 0; i < r.n; ++i) {
-      auto s = std::make_unique<sequence>();
-      s->req = r;  // each sample its own copy (its seed, its callback)
-      s->req.params.seed = r.params.seed + static_cast<uint64_t>(i);
-      if (i > 0) s->req.params.prompt_logprobs = -1;  // sample 0 reports the prompt's
-      s->index = i;
-      s->group = group;
-      s->tokens = r.prompt;
-      s->prompt_len = static_cast<int64_t>(r.prompt.size());
-      s->samp = std::make_unique<sampler>(s->req.params);
-      s->samp->set_prompt(r.prompt);
-      s->stops = std::make_unique<stop_checker>(r.params.stop);
-      s->detok = std::make_unique<parallel::token_stream_decoder>(tok_);
-      s->collect_prompt_lps = s->req.params.prompt_logprobs >= 0;
-      if (s->req.params.grammar) s->matcher.emplace(s->req.params.grammar);
-      s->arrival = r.arrival;
-      s->kv_id = next_kv_id_++;
-      if (group && i == 0) group->leader_kv = s->kv_id;
-      waiting_.push_back(std::move(s));
+    std::vector<std::unique_ptr<sequence>> samples;
+    try {  // all of a request's samples, or none: a failure ends that request alone
+      for (int64_t i = 0; i < r.n; ++i) {
+        auto s = std::make_unique<sequence>();
+        s->req = r;  // each sample its own copy (its seed, its callback)
+        s->req.params.seed = r.params.seed + static_cast<uint64_t>(i);
+        // Sample 0 reports the prompt's logprobs; with max_tokens 0 the others only end (invariant 7).
+        if (i > 0 && r.params.max_tokens > 0) s->req.params.prompt_logprobs = -1;
+        s->index = i;
+        s->group = group;
+        s->tokens = r.prompt;
+        s->prompt_len = static_cast<int64_t>(r.prompt.size());
+        s->samp = std::make_unique<sampler>(s->req.params);
+        s->samp->set_prompt(r.prompt);
+        s->stops = std::make_unique<stop_checker>(r.params.stop);
+        s->detok = std::make_unique<parallel::token_stream_decoder>(tok_);
+        s->collect_prompt_lps = i == 0 && s->req.params.prompt_logprobs >= 0;
+        if (s->req.params.grammar) s->matcher.emplace(s->req.params.grammar);
+        s->arrival = r.arrival;
+        s->kv_id = next_kv_id_++;
+        if (group && i == 0) group->leader_kv = s->kv_id;
+        samples.push_back(std::move(s));
+      }
+    } catch (const std::exception& e) {
+      log::error("engine: request {} could not be queued: {}", r.id, e.what());
+      for (int64_t i = 0; i < r.n && r.on_event; ++i) {
+        engine_event ev;
+        ev.index = i;
+        ev.finished = true;
+        ev.finish_reason = "error";
+        ev.error = e.what();
+        ev.prompt_tokens = static_cast<int64_t>(r.prompt.size());
+        r.on_event(ev);
+      }
+      continue;
     }
+    for (auto& s : samples) waiting_.push_back(std::move(s));
   }
   for (const auto& id : ab) {
     for (auto& s : running_)
@@ -321,6 +338,7 @@ bool engine::preempt_one(const sequence* for_whom) {
     v.computed = 0;
     v.prompt_lps.clear();  // collected again when it is recomputed
     v.kv_id = next_kv_id_++;
+    if (v.group && v.index == 0) v.group->leader_kv = v.kv_id;  // the other samples share its new blocks
     std::lock_guard<std::mutex> g(mu_);
     ++stats_.preemptions;
     log::debug("engine: preempted {} ({} tokens) for lack of KV blocks", v.req.id, v.tokens.size());
@@ -375,6 +393,11 @@ bool engine::step() {
     sequence& s = *waiting_[j];
     if (!admissible(s)) {  // a sample waiting for sample 0's prompt: the ones behind may go
       ++j;
+      continue;
+    }
+    if (s.index > 0 && s.req.params.max_tokens == 0) {  // nothing to generate: sample 0 reported the prompt
+      finish(s, "length");
+      waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(j));
       continue;
     }
     kv_allocate_options ao;

@@ -12,6 +12,7 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <array>
 #include <deque>
 #include <future>
 #include <map>
@@ -78,6 +79,8 @@ struct http_front::impl : std::enable_shared_from_this<http_front::impl> {
   std::map<std::string, std::map<std::string, http_handler>> routes;  // path -> method -> handler
   int port = 0;
   bool started = false, stopped = false;
+  bool stopping = false;  // under mu: accepted sockets are closed at once
+  std::optional<net::steady_timer> accept_retry;  // backs off after a failed accept (out of descriptors)
 
   mutable std::mutex mu;  // conns and the counters below
   std::unordered_map<uint64_t, std::weak_ptr<http_connection>> conns;
@@ -112,7 +115,8 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
   tcp::socket sock;
   net::steady_timer timer;
   uint64_t timer_gen = 0;
-  beast::flat_buffer in;
+  beast::flat_buffer in;               // bytes received and not parsed yet
+  std::array<char, 16384> rbuf{};      // the pending read's target (never `in`: parse() consumes it meanwhile)
   std::optional<http::request_parser<http::string_body>> parser;
   bool continue_sent = false;
   std::deque<std::string> out;
@@ -143,7 +147,7 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
     if (reading || gone) return;
     if (active && in.size() >= watch_limit) return;  // paused until the answer ends
     reading = true;
-    sock.async_read_some(in.prepare(16384), net::bind_executor(strand, [self = shared_from_this()](
+    sock.async_read_some(net::buffer(rbuf), net::bind_executor(strand, [self = shared_from_this()](
                                                                            beast::error_code ec, size_t n) {
                            self->on_read(ec, n);
                          }));
@@ -156,6 +160,7 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
       close_now(ec == net::error::eof ? "the client closed the connection" : ec.message());
       return;
     }
+    net::buffer_copy(in.prepare(n), net::buffer(rbuf.data(), n));
     in.commit(n);
     if (!active && !closing) parse();
     if (!closing) do_read();
@@ -260,7 +265,7 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
                const http_headers& extra) {
     if (gone || ex != active) return;
     send_whole(status, ct, body, extra);
-    finish_exchange();
+    if (!gone) finish_exchange();
   }
 
   void start_stream(const std::shared_ptr<http_exchange>& ex, int status, const std::string& ct,
@@ -281,11 +286,12 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
   void end(const std::shared_ptr<http_exchange>& ex) {
     if (gone || ex != active || !streaming) return;
     if (chunked) enqueue("0\r\n\r\n");
-    finish_exchange();
+    if (!gone) finish_exchange();
   }
 
   // The answer is queued whole: settle the exchange, then the next request (or close).
   void finish_exchange() {
+    if (!active || gone) return;
     auto ex = std::move(active);
     active.reset();
     streaming = false;
@@ -294,25 +300,31 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
       ex->done_ = true;
       ex->on_disconnect_ = nullptr;
     }
-    if (gone) return;
     if (!keep_alive) {
       closing = true;
       if (!writing && out.empty()) close_now("");
       return;
     }
-    arm_timer(front->o.idle_timeout_ms);
+    arm_idle_if_quiet();
     parse();
     do_read();
   }
 
+  // A keep-alive connection with nothing pending, nothing to write and no request begun: the idle timeout runs.
+  void arm_idle_if_quiet() {
+    if (!active && !parser && out.empty() && !writing && !closing) arm_timer(front->o.idle_timeout_ms);
+  }
+
+  // A reader is too slow when a new piece finds max_buffered_bytes still unsent before it (one large
+  // answer alone never trips it).
   void enqueue(std::string bytes) {
     if (gone) return;
-    out_bytes += bytes.size();
-    out.push_back(std::move(bytes));
     if (out_bytes > front->o.max_buffered_bytes) {
       close_now(fmt::format("the client reads too slowly ({} answer bytes wait for it)", out_bytes));
       return;
     }
+    out_bytes += bytes.size();
+    out.push_back(std::move(bytes));
     if (!writing) do_write();
   }
 
@@ -335,6 +347,7 @@ struct http_connection : std::enable_shared_from_this<http_connection> {
     out.pop_front();
     if (!out.empty()) do_write();
     else if (closing) close_now("");
+    else arm_idle_if_quiet();
   }
 
   void arm_timer(int ms) {
@@ -454,14 +467,23 @@ void http_front::impl::do_accept() {
   acceptor->async_accept(net::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
     if (ec) {
       if (ec == net::error::operation_aborted || !self->acceptor->is_open()) return;
-      log::warn("http: accept failed: {}", ec.message());  // e.g. out of descriptors: keep accepting
-      self->do_accept();
+      // e.g. out of descriptors: the connection stays in the backlog, so retry after a pause, not at once
+      log::warn("http: accept failed: {}; retrying in 100 ms", ec.message());
+      self->accept_retry->expires_after(std::chrono::milliseconds(100));
+      self->accept_retry->async_wait([self](beast::error_code tec) {
+        if (!tec && self->acceptor->is_open()) self->do_accept();
+      });
       return;
     }
     uint64_t cid = 0;
     bool refuse = false;
     {
       std::lock_guard<std::mutex> g(self->mu);
+      if (self->stopping) {
+        beast::error_code cec;
+        s.close(cec);
+        return;
+      }
       refuse = static_cast<int64_t>(self->conns.size()) >= self->o.max_connections;
       if (refuse) {
         ++self->st.refused_connections;
@@ -517,6 +539,7 @@ void http_front::start() {
                m.o.host, ec.message());
   const tcp::endpoint ep(addr, static_cast<unsigned short>(m.o.port));
   m.acceptor.emplace(net::make_strand(m.ioc));
+  m.accept_retry.emplace(m.acceptor->get_executor());
   m.acceptor->open(ep.protocol(), ec);
   if (!ec) m.acceptor->set_option(net::socket_base::reuse_address(true), ec);
   if (!ec) m.acceptor->bind(ep, ec);
@@ -553,12 +576,14 @@ void http_front::stop() {
   net::post(m.acceptor->get_executor(), [&] {
     beast::error_code ec;
     m.acceptor->close(ec);
+    m.accept_retry->cancel();
     closed.set_value();
   });
   closed.get_future().wait();
   std::vector<std::shared_ptr<http_connection>> open;
   {
     std::lock_guard<std::mutex> g(m.mu);
+    m.stopping = true;  // an accept completing now closes its socket (the snapshot below misses it)
     for (auto& [_, w] : m.conns)
       if (auto c = w.lock()) open.push_back(std::move(c));
   }

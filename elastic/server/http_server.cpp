@@ -116,6 +116,9 @@ struct completion_job : std::enable_shared_from_this<completion_job> {
         ex->start_stream(200, "text/event-stream", {{"Cache-Control", "no-cache"}});
         auto h = std::move(held);
         for (auto& [p, e] : h) stream_event(p, e);
+        if (running == 0) finish_locked();  // every sample ended before the last acceptance
+      } else if (accepted == sub_ids.size() && running == 0) {
+        finish_locked();
       }
     }
     abort_all(abort);
@@ -174,7 +177,7 @@ struct completion_job : std::enable_shared_from_this<completion_job> {
     if (d.text.empty() && d.logprobs.empty() && !e.finished) return;
     d.text_offset = s.text_offset;
     for (const auto& t : d.logprobs)
-      s.text_offset += static_cast<int64_t>(logprob_token_text(backend->token_bytes(t.id)).size());
+      s.text_offset += static_cast<int64_t>(backend->token_bytes(t.id).size());
     ex->write(sse_event(chunk_json(head, req, d, !s.started, names())));
     s.started = true;
   }
@@ -341,6 +344,14 @@ void http_server::start_completion(const std::shared_ptr<http_exchange>& ex, boo
   } catch (const api_error& e) {
     st_->send_error(*ex, e);
     return;
+  } catch (const runtime::error& e) {  // e.g. the tokenizer refused the text
+    st_->send_error(*ex, api_error(e.code() == errc::invalid_argument ? 400 : 500,
+                                   e.code() == errc::invalid_argument ? "invalid_request_error" : "server_error",
+                                   e.message()));
+    return;
+  } catch (const std::exception& e) {
+    st_->send_error(*ex, api_error(500, "server_error", fmt::format("the request could not be prepared: {}", e.what())));
+    return;
   }
   const completion_request& r = job->req;
   const std::string id = fmt::format("{}-{}{:x}", chat ? "chatcmpl" : "cmpl", st_->id_prefix, st_->next_id++);
@@ -371,6 +382,12 @@ void http_server::start_completion(const std::shared_ptr<http_exchange>& ex, boo
     } catch (...) {
       job->on_accepted(std::current_exception());
     }
+    bool gone = false;
+    {
+      std::lock_guard<std::mutex> g(job->mu);
+      gone = job->over;
+    }
+    if (gone) backend_.abort(job->sub_ids[p]);  // the client left while it was being submitted
   }
 }
 

@@ -66,7 +66,8 @@ std::string content_text(const json& c, size_t i) {
   std::string text;
   for (size_t k = 0; k < c.size(); ++k) {
     const json& part = c[k];
-    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+    if (!part.is_object() || !part.contains("type") || !part["type"].is_string() || part["type"] != "text" ||
+        !part.contains("text") || !part["text"].is_string())
       bad(param, fmt::format("`{}[{}]` must be {{\"type\": \"text\", \"text\": \"...\"}} (this model takes text only)",
                              param, k));
     if (k > 0) text += "\n";
@@ -292,7 +293,7 @@ completion_request parse_completion_request(const std::string& body_text, bool c
     if (s.is_string()) {
       r.stop.push_back(s.get<std::string>());
     } else if (s.is_array()) {
-      if (s.size() > 4) bad("stop", fmt::format("`stop` has {} strings; at most 4", s.size()));
+      if (s.size() > 64) bad("stop", fmt::format("`stop` has {} strings; at most 64", s.size()));
       for (size_t i = 0; i < s.size(); ++i) {
         if (!s[i].is_string()) bad("stop", fmt::format("`stop[{}]` must be a string", i));
         r.stop.push_back(s[i].get<std::string>());
@@ -370,11 +371,12 @@ json byte_list(const std::string& s) {
 json completion_logprobs(const std::vector<token_logprob>& lps, int64_t k, int64_t offset, const token_namer& names) {
   json tokens = json::array(), values = json::array(), tops = json::array(), offsets = json::array();
   for (const auto& t : lps) {
-    const std::string text = logprob_token_text(names(t.id));
+    const std::string bytes = names(t.id);
+    const std::string text = logprob_token_text(bytes);
     tokens.push_back(text);
     values.push_back(lp_value(t.logprob));
     offsets.push_back(offset);
-    offset += static_cast<int64_t>(text.size());
+    offset += static_cast<int64_t>(bytes.size());  // where the next token's bytes start in the text
     if (std::isnan(t.logprob)) {
       tops.push_back(nullptr);
       continue;

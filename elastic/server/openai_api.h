@@ -87,7 +87,7 @@ struct completion_request {
   int64_t top_k = 0;                   // 0 = off (extension)
   double min_p = 0.0;                  // extension
   std::optional<uint64_t> seed;
-  std::vector<std::string> stop;       // at most 4
+  std::vector<std::string> stop;       // at most 64 (OpenAI: 4; lm_eval sends more)
   std::vector<int32_t> stop_token_ids; // extension
   bool ignore_eos = false;             // extension
   int64_t min_tokens = 0;              // extension: no eos / stop token before this many

@@ -106,6 +106,14 @@ TEST(EngineOpenAi, MaxTokensZeroGivesThePromptLogprobsAlone) {
   EXPECT_EQ(c.completion_tokens, 0);
   EXPECT_EQ(c.prompt_logprobs.size(), prompt.size());
   EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
+  h.submit("z3", prompt, p, /*n=*/3);  // samples of nothing: each ends; sample 0 reports the prompt
+  h.run();
+  for (int i = 0; i < 3; ++i) {
+    const auto& s = h.out["z3#" + std::to_string(i)];
+    EXPECT_EQ(s.finished, 1);
+    EXPECT_EQ(s.reason, "length");
+    EXPECT_EQ(s.prompt_logprobs.size(), i == 0 ? prompt.size() : 0u);
+  }
   auto bad = greedy_params(0);  // without prompt logprobs, 0 tokens is refused
   EXPECT_THROW(h.submit("bad", prompt, bad), runtime::error);
   h.out.erase("bad");

@@ -222,6 +222,27 @@ TEST(HttpFront, PipelinedRequestsAreAnsweredInOrder) {
   EXPECT_EQ(c.read_reply(5000).body, "later:1");
   EXPECT_EQ(c.read_reply(5000).body, "2");
   EXPECT_EQ(c.read_reply(5000).body, "ok\n");
+  // Two in one write, answered from the work pool while a read is pending, then a third: each its own.
+  ASSERT_TRUE(c.send(http_post("/later", "AAAA") + http_post("/later", "BBBB")));
+  EXPECT_EQ(c.read_reply(5000).body, "later:AAAA");
+  EXPECT_EQ(c.read_reply(5000).body, "later:BBBB");
+  ASSERT_TRUE(c.send(http_post("/later", "CCCC")));
+  EXPECT_EQ(c.read_reply(5000).body, "later:CCCC");
+}
+
+TEST(HttpFront, AnAnswerLargerThanTheSlowReaderLimitIsSentWhole) {
+  http_front_options o;
+  o.max_buffered_bytes = 64 << 10;
+  o.max_body_bytes = 1 << 20;
+  front_fixture f(o);
+  raw_conn c(f.port());
+  const std::string big(900 << 10, 'z');  // 14x the limit, one answer
+  ASSERT_TRUE(c.send(http_post("/echo", big)));
+  const auto r = c.read_reply(10000);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body.size(), big.size());
+  ASSERT_TRUE(c.send(http_get("/health")));  // and the connection lives on
+  EXPECT_EQ(c.read_reply(5000).status, 200);
 }
 
 TEST(HttpFront, ExpectContinueIsAnswered) {

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <stdexcept>
 #include <thread>
 
 #include "elastic/server/http_server.h"
@@ -35,6 +36,7 @@ class scripted_backend final : public generation_backend {
   int delay_ms = 1;
   bool endless = false;
   std::string refuse;  // non-empty: every submission is refused with 503 and this message
+  bool finish_before_accept = false;  // every sample's events, finish included, come before on_accepted
   std::mutex mu;
   std::vector<generation_submission> subs;  // what arrived
   std::set<std::string> aborted;
@@ -48,6 +50,7 @@ class scripted_backend final : public generation_backend {
   }
   std::string model_id() const override { return "tiny-test"; }
   std::vector<int32_t> prompt_tokens(const completion_request& r, size_t i) override {
+    if (!r.chat && r.prompts[i].text == "THROW") throw std::runtime_error("the tokenizer broke");
     if (!r.chat && r.prompts[i].is_ids) return r.prompts[i].ids;
     std::string text = r.chat ? "" : r.prompts[i].text;
     for (const auto& m : r.messages) text += m.role + ":" + m.content + "\n";
@@ -67,6 +70,21 @@ class scripted_backend final : public generation_backend {
       std::thread([cb, why = refuse] {  // refused later, from another thread
         cb(std::make_exception_ptr(api_error(503, "server_error", why)));
       }).detach();
+      return;
+    }
+    if (finish_before_accept) {
+      for (int64_t i = 0; i < s.samples; ++i) {
+        generation_event e;
+        e.index = i;
+        e.text = "all";
+        e.completion_tokens = 1;
+        s.on_event(e);
+        e.text.clear();
+        e.finished = true;
+        e.finish_reason = "stop";
+        s.on_event(e);
+      }
+      s.on_accepted(nullptr);
       return;
     }
     s.on_accepted(nullptr);
@@ -346,6 +364,27 @@ TEST(HttpServer, ARefusalThatComesLaterIsTheAnswer) {
   EXPECT_EQ(json::parse(r.body)["error"]["message"], "the server is full; retry later");
   auto s = f.post("/v1/completions", R"({"prompt": "x", "stream": true})");
   EXPECT_EQ(s.status, 503);
+}
+
+TEST(HttpServer, EveryAnswerComesWhateverTheOrderOfEventsAndFailures) {
+  server_fixture f;
+  f.backend.finish_before_accept = true;  // a backend may finish a request before it says it took it
+  auto s = f.post("/v1/completions", R"({"prompt": ["a", "b"], "n": 2, "stream": true})");
+  ASSERT_EQ(s.status, 200);
+  bool done = false;
+  const auto events = sse(s.body, &done);
+  EXPECT_TRUE(done);
+  EXPECT_EQ(events.size(), 8u);  // 4 choices x (text, finish)
+  auto j = f.post("/v1/completions", R"({"prompt": "a", "n": 3})");
+  ASSERT_EQ(j.status, 200);
+  EXPECT_EQ(json::parse(j.body)["choices"].size(), 3u);
+  // Failures that are not api_errors (a tokenizer that throws, a malformed content part) still get answers.
+  auto t = f.post("/v1/completions", R"({"prompt": "THROW"})");
+  EXPECT_EQ(t.status, 500);
+  EXPECT_NE(json::parse(t.body)["error"]["message"].get<std::string>().find("the tokenizer broke"), std::string::npos);
+  auto c = f.post("/v1/chat/completions", R"({"messages": [{"role": "user", "content": [{"type": 1, "text": "x"}]}]})");
+  EXPECT_EQ(c.status, 400);
+  EXPECT_EQ(json::parse(c.body)["error"]["param"], "messages[0].content");
 }
 
 TEST(HttpServer, AClientLeavingMidStreamAbortsItsRequest) {

@@ -146,7 +146,6 @@ TEST(OpenAiApi, BadRequestsName400TypeParamAndWhatIsAllowed) {
       {R"({"prompt": "x", "min_tokens": 20})", false, "min_tokens", "[0, 16]"},
       {R"({"prompt": "x", "logit_bias": {"a": 1}})", false, "logit_bias", "key 'a' is not a token id"},
       {R"({"prompt": "x", "logit_bias": {"3": 101}})", false, "logit_bias", "[-100, 100]"},
-      {R"({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})", false, "stop", "at most 4"},
       {R"({"prompt": "x", "stop": [""]})", false, "stop", "must not be empty"},
       {R"({"prompt": "x", "stream": "yes"})", false, "stream", "must be true or false"},
       {R"({"prompt": "x", "stream_options": {"include_usage": true}})", false, "stream_options", "only allowed with"},
@@ -172,6 +171,8 @@ TEST(OpenAiApi, BadRequestsName400TypeParamAndWhatIsAllowed) {
       {R"({"messages": [{"role": "robot", "content": "x"}]})", true, "messages[0].role", "'robot' is not one of"},
       {R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})", true, "messages[0].content",
        "this model takes text only"},
+      {R"({"messages": [{"role": "user", "content": [{"type": 1, "text": "x"}]}]})", true, "messages[0].content",
+       "this model takes text only"},
   };
   for (const auto& c : cases) {
     const api_error e = error_of(c.body, c.chat);
@@ -180,6 +181,14 @@ TEST(OpenAiApi, BadRequestsName400TypeParamAndWhatIsAllowed) {
     EXPECT_EQ(e.param, c.param) << c.body;
     EXPECT_NE(std::string(e.what()).find(c.text), std::string::npos) << c.body << " -> " << e.what();
   }
+  std::string stops;  // 64 stop strings are taken (lm_eval sends its `until` list whole), 65 are not
+  for (int i = 0; i < 65; ++i) stops += (i ? ", \"s" : "\"s") + std::to_string(i) + "\"";
+  const std::string many = R"({"prompt": "x", "stop": [)" + stops + "]}";
+  const api_error e65 = error_of(many, false);
+  EXPECT_EQ(e65.param, "stop");
+  EXPECT_NE(std::string(e65.what()).find("at most 64"), std::string::npos);
+  const std::string ok64 = R"({"prompt": "x", "stop": [)" + stops.substr(0, stops.rfind(", ")) + "]}";
+  EXPECT_EQ(parse_completion_request(ok64, false, {}).stop.size(), 64u);
   api_limits small;
   small.max_body_bytes = 10;
   EXPECT_EQ(error_of(R"({"prompt": "hello world"})", false, small).status, 413);
