@@ -356,6 +356,7 @@ void http_server::start_completion(const std::shared_ptr<http_exchange>& ex, boo
   const completion_request& r = job->req;
   const std::string id = fmt::format("{}-{}{:x}", chat ? "chatcmpl" : "cmpl", st_->id_prefix, st_->next_id++);
   job->head = {id, unix_now(), r.model.empty() ? backend_.model_id() : r.model};
+  if (!r.user.empty()) log::info("serve: {} is for user '{}'", id, r.user);  // OpenAI's `user`: for the logs
   const size_t P = prompts.size();
   for (size_t p = 0; p < P; ++p) job->sub_ids.push_back(P == 1 ? id : fmt::format("{}-{}", id, p));
   job->samples.assign(P, std::vector<completion_job::sample>(static_cast<size_t>(r.best_of)));

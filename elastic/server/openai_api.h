@@ -101,7 +101,7 @@ struct completion_request {
   std::string json_schema;                              // json_schema: the schema (JSON text)
   bool stream = false;
   bool include_usage = false;          // stream_options.include_usage
-  std::string user;                    // the end user's id (logged, nothing else)
+  std::string user;                    // the end user's id (logged with the request id, nothing else)
 };
 
 // body -> the request (invariants 1-4); throws api_error.
