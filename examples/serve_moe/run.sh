@@ -34,6 +34,8 @@ ask() {
 ask /v1/completions '{"prompt": "ROMEO:\nBut soft, what light", "max_tokens": 48, "temperature": 0}'
 ask /v1/completions '{"prompt": "KING HENRY:\n", "max_tokens": 48, "temperature": 0.8, "top_p": 0.95, "seed": 7}'
 ask /v1/chat/completions '{"messages": [{"role": "user", "content": "Speak, friend."}], "max_tokens": 32, "seed": 1}'
+ask /v1/completions '{"prompt": "HAMLET:", "max_tokens": 6, "n": 2, "seed": 3, "logprobs": 1}'
+ask /v1/completions '{"prompt": "x", "model": "gpt-4o"}'
 echo; echo "\$ curl -N $url/v1/completions (stream)"
 curl -sN "$url/v1/completions" -d '{"prompt": "JULIET:\n", "max_tokens": 16, "stream": true, "temperature": 0}'
 echo; echo "\$ curl $url/metrics | grep troupe_"
