@@ -63,10 +63,10 @@ void kick(caf::event_based_actor* self, scheduler_state& st) {
 
 }  // namespace
 
-caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng) {
+caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::step_driver* eng) {
   runtime::adopt_num_threads();  // its own thread runs the model step's kernels
   auto st = std::make_shared<scheduler_state>();  // only this actor's thread touches it
-  const auto keepalive_every = std::chrono::milliseconds(eng->options().keepalive_ms);
+  const auto keepalive_every = std::chrono::milliseconds(eng->keepalive_ms());
   self->delayed_send(self, keepalive_every, sched_alive_atom::value);
   return {
       [=](sched_submit_atom, troupe_engine_request_box& box) -> submit_answer {
@@ -125,7 +125,7 @@ caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng
   };
 }
 
-serve_scheduler_client::serve_scheduler_client(caf::actor_system& system, elastic::engine& eng, int timeout_ms)
+serve_scheduler_client::serve_scheduler_client(caf::actor_system& system, elastic::step_driver& eng, int timeout_ms)
     : system_(system), eng_(eng), timeout_ms_(timeout_ms) {
   actor_ = system.spawn<caf::detached>(
       [e = &eng](caf::event_based_actor* self) { return serve_scheduler(self, e); });
@@ -186,6 +186,5 @@ void serve_scheduler_client::stop() {
   TROUPE_CHECK(done, errc::aborted, "serve scheduler: stopping: {}", err);
 }
 
-int64_t serve_scheduler_client::iterations() const { return eng_.stats().iterations; }
 
 }  // namespace troupe::actors

@@ -40,11 +40,12 @@
 namespace troupe::actors {
 
 // The actor's behaviour (spawned detached by serve_scheduler_client).
-caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::engine* eng);
+caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::step_driver* eng);
 
 class serve_scheduler_client final : public elastic::request_sink {
  public:
-  serve_scheduler_client(caf::actor_system& system, elastic::engine& eng, int timeout_ms = 30000);
+  // eng: an engine, or a data-parallel group's rank 0 (elastic/scale/dp_group.h)
+  serve_scheduler_client(caf::actor_system& system, elastic::step_driver& eng, int timeout_ms = 30000);
   ~serve_scheduler_client() override;
   serve_scheduler_client(const serve_scheduler_client&) = delete;
   serve_scheduler_client& operator=(const serve_scheduler_client&) = delete;
@@ -56,11 +57,10 @@ class serve_scheduler_client final : public elastic::request_sink {
   void abort(const std::string& id) override;
   void stop();
   caf::actor handle() const { return actor_; }
-  int64_t iterations() const;  // engine iterations the actor ran (its engine's stats)
 
  private:
   caf::actor_system& system_;
-  elastic::engine& eng_;
+  elastic::step_driver& eng_;
   caf::actor actor_;
   int timeout_ms_;
   std::atomic<bool> stopped_{false};

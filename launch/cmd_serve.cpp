@@ -4,17 +4,20 @@
 //   troupe serve examples/serve_moe/serve.yaml --set server.port=0           # one rank; prints the port
 //   troupe-launch -n 2 -- troupe serve examples/serve_moe/serve.yaml --set engine.ranks=2
 //
-// Every rank is a worker actor of the cluster (actors/cluster.h) and runs the SERVE command. The
-// ranks form an expert-parallel group: each holds the dense weights, its share of the experts
-// (ep_shard_weights, native placement contiguous) and a replica of the paged KV cache. Rank 0 hosts
-// the scheduler actor (actors/serve_scheduler.h) driving the engine and the HTTP server; each model
-// step it runs is sent to the other ranks (elastic/engine/executor.h), whose MoE layers take their
-// slice of the batch through the LLEP layer (parallel/ep/ep_serve_runner.h).
+// Every rank is a worker actor of the cluster (actors/cluster.h) and runs the SERVE command. Each
+// holds the dense weights and its share of the experts (ep_shard_weights, native placement
+// contiguous). Rank 0 hosts the scheduler actor (actors/serve_scheduler.h) and the HTTP server. Two
+// layouts (engine.attention):
+//   * data_parallel (default): every rank runs its own engine over its own requests and KV cache;
+//     rank 0 dispatches each request to a rank and steps the group in lockstep
+//     (elastic/scale/dp_group.h); the MoE layers send each rank's rows to their experts' ranks.
+//   * replicated: every rank runs rank 0's batch on a replica of its KV cache
+//     (elastic/engine/executor.h); the MoE layers take a slice of the batch each.
 //
 // Signals: rank 0 stops on SIGINT / SIGTERM (the HTTP server first, then the scheduler: requests
 // left end with "abort", the other ranks are told to stop and return). The other ranks wait for
 // that (troupe-launch and mpirun signal every rank). A second signal exits at once on any rank.
-// Rank 0 also stops when the group ends (a rank lost) or breaks mid-step (executor.h invariant 5).
+// Rank 0 also stops when the group ends (a rank lost) or breaks mid-step.
 #include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
@@ -23,6 +26,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -36,6 +40,7 @@
 #include "elastic/engine/engine.h"
 #include "elastic/engine/executor.h"
 #include "elastic/server/engine_backend.h"
+#include "elastic/scale/dp_group.h"
 #include "elastic/server/http_server.h"
 #include "launch/cluster_setup.h"
 #include "launch/commands.h"
@@ -102,32 +107,38 @@ void install_stop_handlers() {
   ::sigaction(SIGTERM, &sa, nullptr);
 }
 
-// Rank 0: the engine, the scheduler actor and the HTTP server, until a signal or the group's end.
-void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
-          const parallel::model_weights& w, const parallel::decoder& dec, const parallel::text_tokenizer& tok,
-          int64_t blocks, runtime::communicator* group, const elastic::group_hooks& hooks) {
-  std::unique_ptr<elastic::model_executor> exec;
-  elastic::group_executor* gx = nullptr;
-  if (group) {
-    auto g = std::make_unique<elastic::group_executor>(dec, blocks, spec.engine().block_size(), *group, hooks);
-    gx = g.get();
-    exec = std::move(g);
-  } else {
-    exec = std::make_unique<elastic::local_executor>(dec, blocks, spec.engine().block_size());
-  }
+elastic::engine_options engine_options_from(const serve::ServeSpec& spec) {
   elastic::engine_options eo;
   eo.max_batch_tokens = spec.engine().max_batch_tokens();
   eo.max_running = spec.engine().max_running();
   eo.max_waiting = spec.engine().max_waiting();
   eo.prefix_caching = spec.engine().prefix_caching();
   eo.static_batching = spec.engine().batching() == "static";
-  elastic::engine eng(*exec, tok, eo);
-  actors::serve_scheduler_client sched(ctx.system(), eng);
+  return eo;
+}
+
+// What rank 0 serves through: its engine, what steps it (the engine, or a data-parallel group's
+// leader), the metrics the server shows, and whether the group broke ("" while whole).
+struct serving {
+  elastic::engine& eng;
+  elastic::step_driver& driver;
+  std::function<std::string()> metrics;
+  std::function<std::string()> broken;
+  int ranks = 1;
+  std::string layout;
+};
+
+// Rank 0: the scheduler actor and the HTTP server, until a signal or the group's end.
+void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
+          const parallel::model_weights& w, const parallel::text_tokenizer& tok, const serving& sv) {
+  elastic::engine& eng = sv.eng;
+  actors::serve_scheduler_client sched(ctx.system(), sv.driver);
   const std::string name = spec.served_model_name().empty()
                                ? std::filesystem::path(spec.model()).lexically_normal().filename().string()
                                : spec.served_model_name();
   elastic::engine_backend backend(eng, tok, name.empty() ? "model" : name, static_cast<uint64_t>(spec.seed()),
                                   &sched);
+  if (sv.metrics) backend.set_metrics(sv.metrics);
   elastic::http_options ho;
   ho.host = spec.server().host();
   ho.port = static_cast<int>(spec.server().port());
@@ -141,8 +152,8 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
                                                                       : w.config().max_position_embeddings - 1;
   elastic::http_server server(backend, ho);
   server.start();
-  const int P = group ? group->size() : 1;
-  fmt::print("troupe serve: {} ({}, {} parameters) on http://{}:{} — {} rank(s){}, {} KV blocks of {} tokens, {} "
+  const int P = sv.ranks;
+  fmt::print("troupe serve: {} ({}, {} parameters) on http://{}:{} — {} rank(s){}, {} KV blocks of {} tokens{}, {} "
              "batching{}\n",
              name, runtime::model_family_name(w.config().family), total_parameters(w.config()), ho.host,
              server.port(), P,
@@ -150,8 +161,8 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
                                                         parallel::ep::ep_mode_name(
                                                             parallel::ep::ep_options_from(spec.expert()).mode))
                                           : std::string(),
-             eng.num_blocks(), eng.options().block_size, eo.static_batching ? "static" : "continuous",
-             ho.api_key.empty() ? "" : ", API key required");
+             eng.num_blocks(), eng.options().block_size, P > 1 ? fmt::format(" per rank, {}", sv.layout) : "",
+             eng.options().static_batching ? "static" : "continuous", ho.api_key.empty() ? "" : ", API key required");
   std::fflush(stdout);
   std::string why;
   for (;;) {
@@ -163,23 +174,25 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
       why = "the group ended";
       break;
     }
-    if (gx && gx->broken()) {  // a rank left mid-step: every later step would fail (executor.h invariant 5)
-      why = "the group broke: " + gx->broken_reason();
+    const std::string broke = sv.broken ? sv.broken() : std::string();
+    if (!broke.empty()) {  // a rank left mid-step: every later step would fail
+      why = "the group broke: " + broke;
       break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   runtime::log::info("serve: {}: stopping", why);
   server.stop();
-  sched.stop();  // the engine's shutdown: aborts what is left, tells the other ranks to stop
+  sched.stop();  // the driver's shutdown: aborts what is left, tells the other ranks to stop
   const auto st = eng.stats();
-  fmt::print("troupe serve: stopped; {} requests finished, {} aborted, {} tokens generated, prefix hit rate {:.3f}\n",
+  fmt::print("troupe serve: stopped; rank 0: {} requests finished, {} aborted, {} tokens generated, prefix hit rate "
+             "{:.3f}\n",
              st.finished, st.aborted, st.generated_tokens, st.kv.hit_rate());
   std::fflush(stdout);
   rep.add_lines(fmt::format("{} requests, {} tokens generated, {} iterations", st.finished, st.generated_tokens,
                             st.iterations));
   TROUPE_CHECK(why != "the group ended", errc::aborted, "rank 0: serving stopped: the group ended (a rank was lost)");
-  TROUPE_CHECK(!gx || !gx->broken(), errc::aborted, "rank 0: serving stopped: {}", why);
+  TROUPE_CHECK(why.rfind("the group broke", 0) != 0, errc::aborted, "rank 0: serving stopped: {}", why);
 }
 
 // One rank's part, on the worker's compute thread.
@@ -213,7 +226,9 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
       c.placement = parallel::ep::ep_placement::contiguous(w.config().n_experts, world);
       c.options = parallel::ep::ep_options_from(spec.expert());
       parallel::ep::ep_shard_weights(w, c.placement, rank);
-      moe = std::make_unique<parallel::ep::ep_serve_runner>(std::move(c));
+      moe = std::make_unique<parallel::ep::ep_serve_runner>(
+          std::move(c), spec.engine().attention() == "data_parallel" ? parallel::ep::ep_serve_layout::data_parallel
+                                                                     : parallel::ep::ep_serve_layout::replicated);
     } else {
       moe = std::make_unique<parallel::ep::ep_serve_runner>();
     }
@@ -264,13 +279,53 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
         }
     };
   }
+  const bool dp = world > 1 && spec.engine().attention() == "data_parallel";
+  if (dp) {
+    // Data-parallel attention: every rank its own engine and KV cache (the group's minimum of blocks,
+    // so a request rank 0 accepts fits any rank), rank 0 dispatching; the MoE layers exchange rows.
+    const int64_t agreed = elastic::agree_num_blocks(*epc, blocks);
+    TROUPE_CHECK(agreed >= 1, errc::invalid_argument,
+                 "rank {}: some rank's KV cache budget holds no block of {} tokens (the group's minimum is {}); "
+                 "raise engine.kv_cache_memory",
+                 rank, bs, agreed);
+    elastic::local_executor exec(dec, agreed, bs);
+    elastic::engine_options eo = engine_options_from(spec);
+    if (rank != 0) eo.max_waiting *= world;  // rank 0 bounds the group (dp_group.h invariant 3)
+    elastic::engine eng(exec, *tok, eo);
+    if (rank != 0) {
+      // A signal here waits for rank 0 (troupe-launch and mpirun signal every rank); a second exits.
+      const int64_t steps = elastic::dp_follow(eng, *epc, hooks);
+      const auto st = eng.stats();
+      rep.add_lines(fmt::format("rank {}: {} lockstep iterations, {} requests served, {} tokens generated", rank,
+                                steps, st.finished, st.generated_tokens));
+      return;
+    }
+    elastic::dp_leader leader(eng, *epc, elastic::make_dp_dispatch(spec.engine().dispatch(), world, bs), hooks);
+    lead(ctx, rep, spec, w, *tok,
+         {eng, leader, [&] { return leader.metrics_text(); },
+          [&] { return leader.broken() ? leader.broken_reason() : std::string(); }, world,
+          fmt::format("data-parallel attention, dispatch {}", leader.policy().name())});
+    return;
+  }
   if (rank != 0) {
     // A signal here waits for rank 0 (troupe-launch and mpirun signal every rank); a second exits.
     const int64_t steps = elastic::follow_group(dec, blocks, bs, *epc, hooks);
     rep.add_lines(fmt::format("rank {}: followed {} model steps", rank, steps));
     return;
   }
-  lead(ctx, rep, spec, w, dec, *tok, blocks, epc.get(), hooks);
+  std::unique_ptr<elastic::model_executor> exec;
+  elastic::group_executor* gx = nullptr;
+  if (epc) {
+    auto g = std::make_unique<elastic::group_executor>(dec, blocks, bs, *epc, hooks);
+    gx = g.get();
+    exec = std::move(g);
+  } else {
+    exec = std::make_unique<elastic::local_executor>(dec, blocks, bs);
+  }
+  elastic::engine eng(*exec, *tok, engine_options_from(spec));
+  lead(ctx, rep, spec, w, *tok,
+       {eng, eng, nullptr, [gx] { return gx && gx->broken() ? gx->broken_reason() : std::string(); }, world,
+        "attention replicated on every rank"});
 }
 
 int serve(const serve_options& o) {
@@ -278,14 +333,14 @@ int serve(const serve_options& o) {
   install_stop_handlers();
   if (r.world_size > 1) runtime::log::set_rank(r.rank);
   const serve::ServeSpec spec = runtime::load_serve_spec(o.spec, o.sets);
-  if (spec.engine().ranks() > 1) {  // what the ranks split: the experts, nothing else yet
+  if (spec.engine().ranks() > 1) {
     const runtime::model_config mc = runtime::load_hf_config(spec.model() + "/config.json");
-    TROUPE_CHECK(mc.is_moe(), errc::invalid_argument,
-                 "{}: engine.ranks = {}, but {} is a dense model: the ranks of a serving group split the MoE "
-                 "layers' experts only (no tensor parallelism yet), so they would only repeat each other's work; "
-                 "use engine.ranks: 1",
+    TROUPE_CHECK(mc.is_moe() || spec.engine().attention() == "data_parallel", errc::invalid_argument,
+                 "{}: engine.ranks = {} with engine.attention: replicated, but {} is a dense model: replicated "
+                 "ranks split the MoE layers' experts only, so they would only repeat each other's work; use "
+                 "engine.attention: data_parallel (each rank serves its own requests) or engine.ranks: 1",
                  o.spec, spec.engine().ranks(), spec.model());
-    TROUPE_CHECK(mc.n_experts % spec.engine().ranks() == 0, errc::invalid_argument,
+    TROUPE_CHECK(!mc.is_moe() || mc.n_experts % spec.engine().ranks() == 0, errc::invalid_argument,
                  "{}: engine.ranks = {} does not divide the model's {} experts; pick a divisor of {}", o.spec,
                  spec.engine().ranks(), mc.n_experts, mc.n_experts);
   }

@@ -21,6 +21,8 @@ std::unique_ptr<ucx_communicator> make_ucx_communicator(bootstrap&, const ucx_op
 
 #include <ucp/api/ucp.h>
 
+#include <poll.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -247,15 +249,21 @@ class ucx_comm final : public ucx_communicator {
                        where, options_.net_devices);
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_ESTIMATED_NUM_EPS;
-    params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA;
+    // WAKEUP: a wait with nothing to progress sleeps on the worker's event fd instead of spinning
+    // (an idle serving group's ranks wait here for rank 0); without it, the waits spin with yields.
+    params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
     params.estimated_num_eps = static_cast<size_t>(size_);
     ctx_ = std::make_shared<ucx_context>();
-    TROUPE_UCX_CHECK(ucp_init(&params, cfg, &ctx_->h), "{}", where);
+    if (ucp_init(&params, cfg, &ctx_->h) != UCS_OK) {
+      params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA;
+      TROUPE_UCX_CHECK(ucp_init(&params, cfg, &ctx_->h), "{}", where);
+    }
 
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
     wp.thread_mode = UCS_THREAD_MODE_SINGLE;
     TROUPE_UCX_CHECK(ucp_worker_create(ctx_->h, &wp, &worker_), "{}", where);
+    if ((params.features & UCP_FEATURE_WAKEUP) == 0 || ucp_worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;
 
     ucp_address_t* addr = nullptr;
     size_t addr_len = 0;
@@ -763,6 +771,7 @@ class ucx_comm final : public ucx_communicator {
   // (other than a receive's size) throws errc::io naming the peer.
   void wait(const char* op, std::vector<xfer>& xs, bool collective, const std::string& what) {
     const auto deadline = steady::now() + std::chrono::milliseconds(options_.timeout_ms);
+    int idle_polls = 0;
     while (!all_done(xs)) {
       if (aborted_.load(std::memory_order_acquire))
         fail(xs, errc::aborted, fmt::format("{}: rank {}: group aborted: {}", op, rank_, abort_reason()));
@@ -787,7 +796,18 @@ class ucx_comm final : public ucx_communicator {
             options_.timeout_ms, peers);
         if (!fail(xs, errc::io, msg, collective, /*may_recover=*/true)) break;
       }
-      if (ucp_worker_progress(worker_) == 0) std::this_thread::yield();
+      if (ucp_worker_progress(worker_) != 0) {
+        idle_polls = 0;
+      } else if (efd_ >= 0 && ++idle_polls > 256) {
+        // Nothing arrives: sleep until UCX has an event, waking every 5 ms for abort() and the deadline.
+        if (ucp_worker_arm(worker_) == UCS_OK) {
+          pollfd p{efd_, POLLIN, 0};
+          ::poll(&p, 1, 5);
+        }
+        idle_polls = 0;
+      } else {
+        std::this_thread::yield();
+      }
     }
     release(xs);
     for (const xfer& x : xs)
@@ -864,6 +884,7 @@ class ucx_comm final : public ucx_communicator {
   const ucx_options options_;
   std::shared_ptr<ucx_context> ctx_;
   ucp_worker_h worker_ = nullptr;
+  int efd_ = -1;  // the worker's event fd (UCP_FEATURE_WAKEUP), -1 when it has none
   std::vector<peer_slot> slots_;  // never resized: endpoint error handlers point into it
   std::vector<void*> closing_;
   std::vector<std::vector<xfer>> orphans_;  // transfers that outlived their op (see fail)

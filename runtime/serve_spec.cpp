@@ -28,6 +28,8 @@ serve::ServeSpec serve_spec_defaults() {
   e->set_prefix_caching(true);
   e->set_batching("continuous");
   e->set_max_waiting(1024);
+  e->set_attention("data_parallel");
+  e->set_dispatch("least_kv_prefix");
   expert_parallel_defaults(*s.mutable_expert());  // as parallel.expert of a job
   s.set_seed(0);
   return s;
@@ -62,6 +64,10 @@ void validate_serve(serve::ServeSpec& s, const spec_fail& fail) {
     if (value < 1) fail(key, fmt::format("= {} must be >= 1", value));
   if (e.batching() != "continuous" && e.batching() != "static")
     fail("engine.batching", fmt::format("'{}' is not one of continuous, static", e.batching()));
+  if (e.attention() != "data_parallel" && e.attention() != "replicated")
+    fail("engine.attention", fmt::format("'{}' is not one of data_parallel, replicated", e.attention()));
+  if (e.dispatch() != "least_kv_prefix" && e.dispatch() != "round_robin")
+    fail("engine.dispatch", fmt::format("'{}' is not one of least_kv_prefix, round_robin", e.dispatch()));
   if (!e.kv_cache_memory().empty()) {
     try {
       parse_byte_size(e.kv_cache_memory(), "engine.kv_cache_memory");

@@ -136,7 +136,7 @@ engine::engine(model_executor& exec, const parallel::text_tokenizer& tok, engine
 
 engine::~engine() { stop(); }
 
-void engine::submit(engine_request r) {
+void engine::check_request(const engine_request& r) const {
   TROUPE_CHECK(!r.prompt.empty(), errc::invalid_argument, "request {}: the prompt is empty", r.id);
   for (size_t i = 0; i < r.prompt.size(); ++i)
     TROUPE_CHECK(r.prompt[i] >= 0 && r.prompt[i] < vocab_, errc::invalid_argument,
@@ -153,6 +153,10 @@ void engine::submit(engine_request r) {
     TROUPE_CHECK(id < vocab_, errc::invalid_argument,
                  "request {}: logit_bias names token {}, outside the vocabulary [0, {})", r.id, id, vocab_);
   TROUPE_CHECK(r.n >= 1, errc::invalid_argument, "request {}: n = {} samples; at least 1", r.id, r.n);
+}
+
+void engine::submit(engine_request r) {
+  check_request(r);
   if (r.arrival == clk::time_point{}) r.arrival = clk::now();
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -311,6 +315,12 @@ void engine::emit_token(sequence& s, int32_t token, const token_logprob* lp) {
   if (c.stopped || eos || length || complete) finish(s, c.stopped || eos || complete ? "stop" : "length");
 }
 
+int64_t engine::waiting_tokens() const {
+  int64_t n = 0;
+  for (const auto& s : waiting_) n += static_cast<int64_t>(s->tokens.size());
+  return n;
+}
+
 bool engine::admissible(const sequence& s) const { return !s.group || s.index == 0 || s.group->prefilled; }
 
 const token_trie& engine::trie() {
@@ -368,6 +378,7 @@ bool engine::step() {
   if (running_.empty() && waiting_.empty()) {
     std::lock_guard<std::mutex> g(mu_);
     stats_.waiting = 0;
+    stats_.waiting_tokens = 0;
     stats_.running = 0;
     stats_.kv = kv_.stats();
     return false;
@@ -418,6 +429,7 @@ bool engine::step() {
   if (batch.empty()) {
     std::lock_guard<std::mutex> g(mu_);
     stats_.waiting = static_cast<int64_t>(waiting_.size());
+    stats_.waiting_tokens = waiting_tokens();
     stats_.running = static_cast<int64_t>(running_.size());
     stats_.kv = kv_.stats();
     return false;  // waiting for blocks that only finishing requests can free
@@ -522,9 +534,16 @@ bool engine::step() {
   std::lock_guard<std::mutex> g(mu_);
   ++stats_.iterations;
   stats_.waiting = static_cast<int64_t>(waiting_.size());
+  stats_.waiting_tokens = waiting_tokens();
   stats_.running = static_cast<int64_t>(running_.size());
   stats_.kv = kv_.stats();
   return true;
+}
+
+bool engine::step_or_idle() {
+  const bool ran = step();
+  if (!ran) exec_->idle_pass();
+  return ran;
 }
 
 void engine::start() {
@@ -587,6 +606,11 @@ void engine::stop() {
   loop_.join();
 }
 
+bool engine::has_work() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return !inbox_.empty() || !aborts_.empty() || !waiting_.empty() || !running_.empty();
+}
+
 bool engine::idle() const {
   std::lock_guard<std::mutex> g(mu_);
   return inbox_.empty() && stats_.waiting == 0 && stats_.running == 0;
@@ -622,6 +646,11 @@ std::string engine::metrics_text() const {
   out += fmt::format("# HELP troupe_engine_ranks Worker ranks running each model step.\n"
                      "# TYPE troupe_engine_ranks gauge\ntroupe_engine_ranks {}\n",
                      exec_->ranks());
+  return out + expert_metrics_text();
+}
+
+std::string engine::expert_metrics_text() const {
+  std::string out;
   const auto loads = exec_->expert_loads();
   if (!loads.empty()) {
     out += "# HELP troupe_expert_load_rows_total Token rows routed to each expert (top-k), by MoE layer.\n"

@@ -123,6 +123,7 @@ class engine_busy : public std::runtime_error {
 
 struct engine_stats {
   int64_t waiting = 0, running = 0;
+  int64_t waiting_tokens = 0;  // the tokens of the waiting sequences (the KV they will need)
   int64_t iterations = 0, preemptions = 0, finished = 0, aborted = 0;
   int64_t prompt_tokens = 0, computed_prompt_tokens = 0, generated_tokens = 0;
   int64_t model_tokens = 0;  // every token a model step ran: prefill chunks, decodes, recomputation
@@ -149,7 +150,19 @@ class request_sink {
   virtual void abort(const std::string& id) = 0;
 };
 
-class engine final : public request_sink {
+// What a scheduler steps (actors/serve_scheduler.h): one engine, or a data-parallel group's rank 0
+// (elastic/scale/dp_group.h) that steps every rank's engine in lockstep. All but submit/abort run on
+// the stepping thread.
+class step_driver : public request_sink {
+ public:
+  virtual bool step() = 0;                  // one iteration; false when there was nothing to do
+  virtual void keepalive() = 0;             // while idle, every keepalive_ms()
+  virtual void shutdown() = 0;              // every unfinished request ends with "abort"
+  virtual bool inbox_pending() const = 0;   // submits or aborts not taken by an iteration yet
+  virtual int64_t keepalive_ms() const = 0;
+};
+
+class engine final : public step_driver {
  public:
   // This rank alone: a local_executor over a store of o.num_blocks or o.kv_cache_bytes.
   engine(const parallel::decoder& dec, const parallel::text_tokenizer& tok, engine_options o);
@@ -164,24 +177,36 @@ class engine final : public request_sink {
   // max_waiting requests wait already; nothing is queued then.
   void submit(engine_request r) override;
   void abort(const std::string& id) override;  // thread-safe; unknown ids are ignored
+  // submit()'s checks of the input alone (not the queue's room): throws what submit would.
+  void check_request(const engine_request& r) const;
 
   // One iteration on the calling thread (tests, benchmarks); false when there was nothing to do.
-  bool step();
+  bool step() override;
+  // An iteration that always runs the model: step(), or — nothing scheduled — the executor's idle
+  // pass (a data-parallel group's rank joins the MoE layers' collectives with no tokens). Returns
+  // step()'s answer.
+  bool step_or_idle();
   // Every request not finished yet ends with "abort", then the executor ends (a group's other ranks
   // return). On the thread that runs step(); stop() calls it on the engine's own thread.
-  void shutdown();
+  void shutdown() override;
   // On the thread that runs step(), while idle, every keepalive_ms (executor.h keepalive).
-  void keepalive() { exec_->keepalive(); }
+  void keepalive() override { exec_->keepalive(); }
+  int64_t keepalive_ms() const override { return o_.keepalive_ms; }
   // Runs step() on a thread of its own until stop(); idle waits on the queue (a keepalive every keepalive_ms).
   void start();
   void stop();
   // True when submitted requests or aborts have not been taken by an iteration yet.
-  bool inbox_pending() const;
+  bool inbox_pending() const override;
   bool idle() const;
+  // Requests or aborts queued, or sequences waiting or running (the thread that runs step(), or
+  // any thread for a hint).
+  bool has_work() const;
 
   engine_stats stats() const;
   // Prometheus text: TTFT/TPOT histograms, queue, KV, prefix hits, per-expert load (MoE models)
   std::string metrics_text() const;
+  // The per-expert part of metrics_text (empty for a dense model).
+  std::string expert_metrics_text() const;
   const engine_options& options() const { return o_; }
   int64_t num_blocks() const { return kv_.num_blocks(); }
   int ranks() const { return exec_->ranks(); }
@@ -196,6 +221,7 @@ class engine final : public request_sink {
   bool preempt_one(const sequence* for_whom);
   void emit_token(sequence& s, int32_t token, const token_logprob* lp);
   bool admissible(const sequence& s) const;
+  int64_t waiting_tokens() const;  // the step thread's (waiting_)
   const token_trie& trie();
 
   std::unique_ptr<model_executor> own_exec_;

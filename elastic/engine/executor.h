@@ -72,6 +72,9 @@ class model_executor {
   // communicator's timeout never fires on a quiet server.
   virtual void keepalive() {}
   virtual void finish() {}
+  // A data-parallel group's iteration with nothing scheduled on this rank: the MoE layers'
+  // collectives with no tokens (parallel::forward_batch_idle). Nothing on one rank.
+  virtual void idle_pass() {}
 };
 
 class local_executor : public model_executor {
@@ -83,6 +86,7 @@ class local_executor : public model_executor {
   runtime::tensor execute(std::span<const parallel::forward_batch_seq> seqs) override;
   std::map<int64_t, std::vector<int64_t>> expert_loads() const override;
   double expert_balance() const override;
+  void idle_pass() override;
 
  protected:
   const parallel::decoder& dec_;

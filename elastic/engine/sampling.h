@@ -63,6 +63,7 @@ struct sampling_params {
   int64_t logprobs = -1;         // per generated token: its raw logprob and this many alternatives; -1 = none
   int64_t prompt_logprobs = -1;  // the same for the prompt's tokens (max_tokens may then be 0); -1 = none
   std::shared_ptr<const json_grammar> grammar;  // guided decoding (guided_json.h); null = free text
+  std::string grammar_source;  // what grammar was compiled from: "json_object" or "json_schema:<schema>"
 };
 
 // One token's logprobs: its own and the most likely alternatives (most likely first).

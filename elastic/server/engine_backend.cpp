@@ -105,6 +105,7 @@ void engine_backend::submit(generation_submission s) {
         it = grammars_.emplace(key, compile_format(r)).first;
       }
       p.grammar = it->second;
+      p.grammar_source = r.response_format == "json_object" ? "json_object" : "json_schema:" + r.json_schema;
     }
   } catch (...) {
     s.on_accepted(std::current_exception());

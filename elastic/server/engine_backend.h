@@ -20,6 +20,7 @@
 //   4. Submitting never waits on the engine's iteration: the sink's submit_async answers later.
 #pragma once
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -42,7 +43,9 @@ class engine_backend final : public generation_backend {
   std::string token_bytes(int32_t id) const override;
   void submit(generation_submission s) override;
   void abort(const std::string& id) override { sink_->abort(id); }
-  std::string metrics_text() override { return eng_.metrics_text(); }
+  std::string metrics_text() override { return metrics_ ? metrics_() : eng_.metrics_text(); }
+  // What /metrics shows instead of the engine's own (a data-parallel group's leader: every rank).
+  void set_metrics(std::function<std::string()> f) { metrics_ = std::move(f); }
 
  private:
   engine& eng_;
@@ -52,6 +55,7 @@ class engine_backend final : public generation_backend {
   std::string model_id_;
   uint64_t default_seed_;
   std::atomic<uint64_t> counter_{0};
+  std::function<std::string()> metrics_;
   std::mutex grammar_mu_;
   std::map<std::string, std::shared_ptr<const json_grammar>> grammars_;  // compiled schemas (the last 64)
 };

@@ -11,7 +11,7 @@ namespace troupe::parallel::ep {
 using runtime::errc;
 using runtime::tensor;
 
-ep_serve_runner::ep_serve_runner(ep_context group) : comm_(group.tokens) {
+ep_serve_runner::ep_serve_runner(ep_context group, ep_serve_layout layout) : comm_(group.tokens), layout_(layout) {
   TROUPE_CHECK(comm_ != nullptr, errc::invalid_argument, "serving MoE runner: a group without a token communicator");
   ep_ = std::make_unique<ep_moe_runner>(std::move(group));
 }
@@ -26,6 +26,14 @@ void ep_serve_runner::forward(int64_t layer, float* out, const float* x, const l
     moe_forward(out, local_, x, L, c, N);
     const int32_t* idx = local_.topk_idx.data<int32_t>();
     for (int64_t i = 0; i < N * K; ++i) ++add[static_cast<size_t>(idx[i])];
+  } else if (layout_ == ep_serve_layout::data_parallel) {
+    float dummy_out[1] = {0};
+    const float dummy_x[1] = {0};
+    ep_->forward(layer, N > 0 ? out : dummy_out, N > 0 ? x : dummy_x, L, c, N);  // every rank, even with N = 0
+    const auto& st = ep_->layer_stats(layer);
+    for (int64_t e = 0; e < E && e < static_cast<int64_t>(st.loads.size()); ++e)
+      add[static_cast<size_t>(e)] = st.loads[static_cast<size_t>(e)];
+    ep_->release();
   } else {
     const int64_t P = comm_->size(), r = comm_->rank();
     const int64_t S = (N + P - 1) / P;

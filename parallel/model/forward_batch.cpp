@@ -158,6 +158,17 @@ void batch_layer(float* x, layer_scratch& s, const layer_params& L, const model_
 
 }  // namespace
 
+void forward_batch_idle(const decoder& dec) {
+  moe_runner* runner = dec.expert_parallelism();
+  if (runner == nullptr) return;
+  const model_config& c = dec.config();
+  std::vector<float> out(static_cast<size_t>(c.hidden)), x(static_cast<size_t>(c.hidden));
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const layer_params& L = dec.weights().layers[static_cast<size_t>(l)];
+    if (L.is_moe) runner->forward(l, out.data(), x.data(), L, c, 0);
+  }
+}
+
 void check_forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, const paged_kv_store& kv) {
   (void)flatten(dec, seqs, kv);
 }

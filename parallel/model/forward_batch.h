@@ -56,6 +56,12 @@ struct forward_batch_options {
 runtime::tensor forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, paged_kv_store& kv,
                               const forward_batch_options& opt = {});
 
+// A group iteration without tokens on this rank (data-parallel attention, ep_serve_runner.h): every
+// MoE layer's runner is called in layer order with 0 rows, so the rank takes part in the layers'
+// collectives (it still computes the rows other ranks send to its experts). Nothing without an
+// expert-parallel runner.
+void forward_batch_idle(const decoder& dec);
+
 // The checks of invariant 5 alone (forward_batch runs them first): throws what it would throw for
 // this batch, touches nothing. An expert-parallel group checks on rank 0 before sending a step.
 void check_forward_batch(const decoder& dec, std::span<const forward_batch_seq> seqs, const paged_kv_store& kv);

@@ -13,10 +13,15 @@
 #    same parameters; n choices; echo with logprobs; best_of; an unknown model is 404
 #    model_not_found, an unknown parameter a 400 naming it, a GET on a POST route 405 and an
 #    unknown route 404, each a JSON error object.
-# F. two expert-parallel ranks under troupe-launch (engine.ranks: 2, each rank holding half the
-#    experts, LLEP): greedy over HTTP = troupe generate on one rank, streamed too; /metrics shows
-#    2 ranks and per-expert loads; SIGTERM to the launcher stops both ranks cleanly; engine.ranks
-#    different from the launched ranks, or > 1 for a dense model, is refused naming why.
+# F. two expert-parallel ranks under troupe-launch with attention replicated (engine.ranks: 2,
+#    each rank holding half the experts, LLEP): greedy over HTTP = troupe generate on one rank,
+#    streamed too; /metrics shows 2 ranks and per-expert loads; SIGTERM to the launcher stops both
+#    ranks cleanly; engine.ranks different from the launched ranks, or a dense model with replicated
+#    attention, is refused naming why.
+# J. two ranks with data-parallel attention (the default: each rank its own requests and KV cache,
+#    round-robin dispatch so both serve): concurrent greedy requests, streamed and not, = troupe
+#    generate whichever rank serves them; /metrics shows both ranks' dispatches; a dense model runs on
+#    two ranks as two replicas.
 # G. (with MPIRUN) the same two ranks under mpirun: greedy = troupe generate; SIGTERM stops them.
 # H. two ranks with the supervisor's expert rebalancing on (a hair trigger): the experts move
 #    between ranks while serving (the log says so) and greedy output still = troupe generate.
@@ -41,11 +46,11 @@ command -v curl >/dev/null || { echo "SKIP: no curl"; exit 77; }
 export TROUPE_NUM_THREADS=1
 
 launch="$(dirname "$troupe")/troupe-launch"
-write_yaml() {  # write_yaml MODEL_DIR [EXTRA_YAML] [RANKS] -> $tmp/serve.yaml
-  printf 'model: %s\nserver: {port: 0, api_key: "sk-test"}\nengine: {ranks: %s, block_size: 4, kv_cache_memory: 4MiB}\n%s\n' \
-    "$1" "${3:-1}" "${2:-}" >"$tmp/serve.yaml"
+write_yaml() {  # write_yaml MODEL_DIR [EXTRA_YAML] [RANKS] [ENGINE_EXTRA] -> $tmp/serve.yaml
+  printf 'model: %s\nserver: {port: 0, api_key: "sk-test"}\nengine: {ranks: %s, block_size: 4, kv_cache_memory: 4MiB%s}\n%s\n' \
+    "$1" "${3:-1}" "${4:-}" "${2:-}" >"$tmp/serve.yaml"
 }
-start() {  # start MODEL_DIR [EXTRA_YAML] [RANKS]: a server on a free port; sets $pid, $ranks and $url
+start() {  # start MODEL_DIR [EXTRA_YAML] [RANKS] [ENGINE_EXTRA]: a server on a free port; sets $pid, $ranks and $url
   write_yaml "$@"
   ranks="${3:-1}"
   if [ "$ranks" -gt 1 ] && [ -n "${use_mpirun:-}" ]; then
@@ -202,10 +207,10 @@ write_yaml "$fixtures/mixtral_moe" "" 2
 "$troupe" serve "$tmp/serve.yaml" >"$tmp/refused.log" 2>&1 && fail "F: engine.ranks 2 on one rank was accepted"
 grep -q "engine.ranks = 2, but troupe serve was launched on 1 rank" "$tmp/refused.log" \
   || fail "F: unclear refusal: $(cat "$tmp/refused.log")"
-write_yaml "$fixtures/llama_gqa" "" 2
-"$troupe" serve "$tmp/serve.yaml" >"$tmp/refused.log" 2>&1 && fail "F: a dense model on 2 ranks was accepted"
+write_yaml "$fixtures/llama_gqa" "" 2 ", attention: replicated"
+"$launch" -n 2 -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/refused.log" 2>&1 && fail "F: a dense model on 2 replicated ranks was accepted"
 grep -q "is a dense model" "$tmp/refused.log" || fail "F: unclear dense refusal: $(cat "$tmp/refused.log")"
-start "$fixtures/mixtral_moe" "" 2
+start "$fixtures/mixtral_moe" "" 2 ", attention: replicated"
 grep -q "2 rank(s) (experts 2 per rank, llep)" "$tmp/server.log" || fail "F: not 2 ranks with 2 experts each"
 prompt="3,17,99,4,4,60,1,2"
 want=$("$troupe" generate "$fixtures/mixtral_moe" --prompt-ids "$prompt" --max-new-tokens 12 2>/dev/null)
@@ -229,6 +234,36 @@ rows=$(sed -n 's/^troupe_expert_load_rows_total{layer="[0-9]*",expert="[0-9]*"} 
 echo "F: two ranks: greedy and streamed = troupe generate, $rows expert rows in /metrics"
 stop
 echo "F: SIGTERM stopped both ranks cleanly"
+
+# J. data-parallel attention
+for model in mixtral_moe llama_gqa; do
+  start "$fixtures/$model" "" 2 ", dispatch: round_robin"
+  grep -q "data-parallel attention, dispatch round_robin" "$tmp/server.log" || fail "J $model: not data-parallel"
+  prompts=("3,17,99,4,4,60,1,2" "5,6,7,8,9,10,11,12,13,14,15" "40,41,42" "3,17,99,4,4,60,1,2,7,7")
+  pids=()
+  for i in "${!prompts[@]}"; do
+    if [ $((i % 2)) = 0 ]; then
+      curl -s -H 'Authorization: Bearer sk-test' -d "{\"prompt\": [${prompts[$i]}], \"max_tokens\": 10, \"temperature\": 0}" \
+        "$url/v1/completions" >"$tmp/j$i.json" &
+    else
+      curl -sN -H 'Authorization: Bearer sk-test' \
+        -d "{\"prompt\": [${prompts[$i]}], \"max_tokens\": 10, \"temperature\": 0, \"stream\": true}" \
+        "$url/v1/completions" >"$tmp/j$i.sse" &
+    fi
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  for i in "${!prompts[@]}"; do
+    want_j=$("$troupe" generate "$fixtures/$model" --prompt-ids "${prompts[$i]}" --max-new-tokens 10 2>/dev/null)
+    if [ $((i % 2)) = 0 ]; then got=$(ids_of_text <"$tmp/j$i.json"); else cp "$tmp/j$i.sse" "$tmp/sse"; got=$(sse_ids); fi
+    [ "$got" = "$want_j" ] || fail "J $model: request $i over the data-parallel group $got != troupe generate $want_j"
+  done
+  curl -sf "$url/metrics" >"$tmp/metrics" || fail "J: /metrics"
+  grep -q '^troupe_dp_dispatched_total{rank="1"} 2$' "$tmp/metrics" || fail "J $model: rank 1 did not serve 2 requests"
+  grep -q '^troupe_engine_ranks 2$' "$tmp/metrics" || fail "J $model: /metrics does not say 2 ranks"
+  stop
+  echo "J: $model on 2 data-parallel ranks: 4 concurrent requests (2 streamed) = troupe generate, 2 served by rank 1"
+done
 
 # H. rebalancing while serving
 start "$fixtures/mixtral_moe" \
