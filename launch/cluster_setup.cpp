@@ -135,7 +135,8 @@ std::unique_ptr<runtime::communicator> make_group_comm(const std::string& backen
 
 std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& backend, actors::worker_context& ctx,
                                                           const std::vector<int>& members, int color,
-                                                          const std::string& name, int timeout_ms) {
+                                                          const std::string& name, int timeout_ms,
+                                                          bool sleep_when_idle) {
   runtime::communicator_options co;
   co.timeout_ms = timeout_ms;
   if (backend == "mpi") {
@@ -149,6 +150,7 @@ std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& bac
     auto boot = runtime::make_subgroup_bootstrap(*world, members);
     runtime::ucx_options uo;
     uo.timeout_ms = co.timeout_ms;
+    uo.sleep_when_idle = sleep_when_idle;
     return runtime::make_ucx_communicator(*boot, uo);
   }
   TROUPE_THROW(errc::unsupported, "sub-groups over '{}' are not supported (mpi, ucx)", backend);

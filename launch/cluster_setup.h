@@ -69,10 +69,12 @@ std::unique_ptr<runtime::communicator> make_group_comm(const std::string& backen
                                                        int timeout_ms = 30000);
 // A communicator among `members` (group ranks of ctx's group, in order): every rank of the
 // group calls it at once with ITS sub-group (e.g. the context-parallel groups). MPI splits
-// MPI_COMM_WORLD by `color`; UCX filters a supervisor exchange.
+// MPI_COMM_WORLD by `color`; UCX filters a supervisor exchange. sleep_when_idle: UCX waits sleep
+// after 2 ms without progress (ucx_options; for ranks that may wait long, an idle serving group).
 std::unique_ptr<runtime::communicator> make_subgroup_comm(const std::string& backend, actors::worker_context& ctx,
                                                           const std::vector<int>& members, int color,
-                                                          const std::string& name, int timeout_ms = 30000);
+                                                          const std::string& name, int timeout_ms = 30000,
+                                                          bool sleep_when_idle = false);
 
 // Starts the node (joins), runs `drive` on rank 0 (the supervisor's job driver), waits
 // for this rank's worker to be told to stop, and returns the process exit code: the

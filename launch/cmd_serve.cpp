@@ -189,8 +189,8 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
              "{:.3f}\n",
              st.finished, st.aborted, st.generated_tokens, st.kv.hit_rate());
   std::fflush(stdout);
-  rep.add_lines(fmt::format("{} requests, {} tokens generated, {} iterations", st.finished, st.generated_tokens,
-                            st.iterations));
+  rep.add_lines(fmt::format("rank 0: {} requests, {} tokens generated, {} iterations", st.finished,
+                            st.generated_tokens, st.iterations));
   TROUPE_CHECK(why != "the group ended", errc::aborted, "rank 0: serving stopped: the group ended (a rank was lost)");
   TROUPE_CHECK(why.rfind("the group broke", 0) != 0, errc::aborted, "rank 0: serving stopped: {}", why);
 }
@@ -212,7 +212,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   if (world > 1) {
     std::vector<int> all(static_cast<size_t>(world));
     for (int i = 0; i < world; ++i) all[static_cast<size_t>(i)] = i;
-    epc = make_subgroup_comm(backend, ctx, all, 0, "serve", 600000);
+    epc = make_subgroup_comm(backend, ctx, all, 0, "serve", 600000, /*sleep_when_idle=*/true);
     epw = make_subgroup_comm(backend, ctx, all, 0, "serve_weights", 600000);
   }
   active_guard guard(ctx, {epc.get(), epw.get()});
@@ -290,6 +290,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
                  rank, bs, agreed);
     elastic::local_executor exec(dec, agreed, bs);
     elastic::engine_options eo = engine_options_from(spec);
+    eo.group_member = true;
     if (rank != 0) eo.max_waiting *= world;  // rank 0 bounds the group (dp_group.h invariant 3)
     elastic::engine eng(exec, *tok, eo);
     if (rank != 0) {

@@ -249,15 +249,11 @@ class ucx_comm final : public ucx_communicator {
                        where, options_.net_devices);
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_ESTIMATED_NUM_EPS;
-    // WAKEUP: a wait with nothing to progress sleeps on the worker's event fd instead of spinning
-    // (an idle serving group's ranks wait here for rank 0); without it, the waits spin with yields.
-    params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+    // WAKEUP (options_.sleep_when_idle): a long wait sleeps on the worker's event fd instead of spinning.
+    params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA | (options_.sleep_when_idle ? UCP_FEATURE_WAKEUP : 0);
     params.estimated_num_eps = static_cast<size_t>(size_);
     ctx_ = std::make_shared<ucx_context>();
-    if (ucp_init(&params, cfg, &ctx_->h) != UCS_OK) {
-      params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA;
-      TROUPE_UCX_CHECK(ucp_init(&params, cfg, &ctx_->h), "{}", where);
-    }
+    TROUPE_UCX_CHECK(ucp_init(&params, cfg, &ctx_->h), "{}", where);
 
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
@@ -771,7 +767,7 @@ class ucx_comm final : public ucx_communicator {
   // (other than a receive's size) throws errc::io naming the peer.
   void wait(const char* op, std::vector<xfer>& xs, bool collective, const std::string& what) {
     const auto deadline = steady::now() + std::chrono::milliseconds(options_.timeout_ms);
-    int idle_polls = 0;
+    auto quiet_since = steady::now();  // the last time progress did something
     while (!all_done(xs)) {
       if (aborted_.load(std::memory_order_acquire))
         fail(xs, errc::aborted, fmt::format("{}: rank {}: group aborted: {}", op, rank_, abort_reason()));
@@ -797,14 +793,13 @@ class ucx_comm final : public ucx_communicator {
         if (!fail(xs, errc::io, msg, collective, /*may_recover=*/true)) break;
       }
       if (ucp_worker_progress(worker_) != 0) {
-        idle_polls = 0;
-      } else if (efd_ >= 0 && ++idle_polls > 256) {
-        // Nothing arrives: sleep until UCX has an event, waking every 5 ms for abort() and the deadline.
+        quiet_since = steady::now();
+      } else if (efd_ >= 0 && steady::now() - quiet_since > std::chrono::milliseconds(2)) {
+        // Nothing for 2 ms: sleep until UCX has an event, waking every 5 ms for abort() and the deadline.
         if (ucp_worker_arm(worker_) == UCS_OK) {
           pollfd p{efd_, POLLIN, 0};
           ::poll(&p, 1, 5);
         }
-        idle_polls = 0;
       } else {
         std::this_thread::yield();
       }

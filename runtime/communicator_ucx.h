@@ -52,6 +52,10 @@ namespace troupe::runtime {
 struct ucx_options : communicator_options {
   std::string transports;   // UCX_TLS, e.g. "tcp", "posix,cma,self"; "" keeps UCX's default
   std::string net_devices;  // UCX_NET_DEVICES, e.g. "lo" (tests); "" keeps UCX's default
+  // A wait with nothing to progress for 2 ms sleeps on the worker's event fd (UCP_FEATURE_WAKEUP)
+  // instead of spinning: for a communicator whose ranks may wait long (an idle serving group). UCX
+  // then uses only transports that can signal events (tcp, posix, sysv do).
+  bool sleep_when_idle = false;
 };
 
 // Local memory pinned for one-sided access (ucp_mem_map). Copies share the mapping,

@@ -53,11 +53,28 @@ std::string latency_histogram::prometheus(const std::string& name, const std::st
   return out;
 }
 
-namespace {
-std::vector<double> latency_bounds() {
+std::vector<double> serving_latency_bounds() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 }
-}  // namespace
+
+std::string serving_gauges_text(const serving_gauges& g) {
+  return fmt::format(
+      "# HELP troupe_requests_waiting Requests queued.\n# TYPE troupe_requests_waiting gauge\n"
+      "troupe_requests_waiting {}\n"
+      "# HELP troupe_requests_running Requests in a batch.\n# TYPE troupe_requests_running gauge\n"
+      "troupe_requests_running {}\n"
+      "# HELP troupe_kv_cache_usage Fraction of KV blocks in use.\n# TYPE troupe_kv_cache_usage gauge\n"
+      "troupe_kv_cache_usage {}\n"
+      "# HELP troupe_prefix_cache_hit_rate Prompt tokens served from cached blocks.\n"
+      "# TYPE troupe_prefix_cache_hit_rate gauge\ntroupe_prefix_cache_hit_rate {}\n"
+      "# HELP troupe_preemptions_total Sequences preempted for KV memory.\n# TYPE troupe_preemptions_total counter\n"
+      "troupe_preemptions_total {}\n"
+      "# HELP troupe_generation_tokens_total Generated tokens.\n# TYPE troupe_generation_tokens_total counter\n"
+      "troupe_generation_tokens_total {}\n"
+      "# HELP troupe_prompt_tokens_total Prompt tokens admitted.\n# TYPE troupe_prompt_tokens_total counter\n"
+      "troupe_prompt_tokens_total {}\n",
+      g.waiting, g.running, g.kv_usage, g.prefix_hit_rate, g.preemptions, g.generated_tokens, g.prompt_tokens);
+}
 
 // ---- sequences ------------------------------------------------------------------------------
 
@@ -122,7 +139,7 @@ engine::engine(std::unique_ptr<model_executor> own, const parallel::text_tokeniz
 engine::engine(model_executor& exec, const parallel::text_tokenizer& tok, engine_options o)
     : exec_(&exec), tok_(tok), o_(o),
       kv_(std::max<int64_t>(exec.num_blocks(), 1), exec.block_size(), block_hash(o.prefix_caching)),
-      ttft_(latency_bounds()), tpot_(latency_bounds()) {
+      ttft_(serving_latency_bounds()), tpot_(serving_latency_bounds()) {
   o_.block_size = exec.block_size();
   o_.num_blocks = exec.num_blocks();
   TROUPE_CHECK(exec.num_blocks() >= 1, errc::invalid_argument, "engine: the executor's KV store has no block");
@@ -451,11 +468,21 @@ bool engine::step() {
     std::lock_guard<std::mutex> g(mu_);
     for (const auto& q : seqs) stats_.model_tokens += static_cast<int64_t>(q.tokens.size());
   }
+  if (o_.group_member) {  // refused before any collective: the rank's idle pass still pairs them
+    try {
+      exec_->check(seqs);
+    } catch (const std::exception& e) {
+      log::error("engine: the model refused the batch: {}", e.what());
+      for (sequence* s : batch) finish(*s, "error", e.what());
+      return false;
+    }
+  }
   try {
     logits = exec_->execute(seqs);
   } catch (const std::exception& e) {
     log::error("engine: the model step failed: {}", e.what());
     for (sequence* s : batch) finish(*s, "error", e.what());
+    if (o_.group_member) throw;  // mid-step: the group's collectives are out of step
     return true;
   }
 
@@ -626,27 +653,29 @@ std::string engine::metrics_text() const {
   std::string out;
   out += ttft_.prometheus("troupe_time_to_first_token_seconds", "Time from arrival to the first token.");
   out += tpot_.prometheus("troupe_time_per_output_token_seconds", "Time between consecutive output tokens.");
-  out += fmt::format(
-      "# HELP troupe_requests_waiting Requests queued.\n# TYPE troupe_requests_waiting gauge\n"
-      "troupe_requests_waiting {}\n"
-      "# HELP troupe_requests_running Requests in the batch.\n# TYPE troupe_requests_running gauge\n"
-      "troupe_requests_running {}\n"
-      "# HELP troupe_kv_cache_usage Fraction of KV blocks in use.\n# TYPE troupe_kv_cache_usage gauge\n"
-      "troupe_kv_cache_usage {}\n"
-      "# HELP troupe_prefix_cache_hit_rate Prompt tokens served from cached blocks.\n"
-      "# TYPE troupe_prefix_cache_hit_rate gauge\ntroupe_prefix_cache_hit_rate {}\n"
-      "# HELP troupe_preemptions_total Sequences preempted for KV memory.\n# TYPE troupe_preemptions_total counter\n"
-      "troupe_preemptions_total {}\n"
-      "# HELP troupe_generation_tokens_total Generated tokens.\n# TYPE troupe_generation_tokens_total counter\n"
-      "troupe_generation_tokens_total {}\n"
-      "# HELP troupe_prompt_tokens_total Prompt tokens admitted.\n# TYPE troupe_prompt_tokens_total counter\n"
-      "troupe_prompt_tokens_total {}\n",
-      stats_.waiting + static_cast<int64_t>(inbox_.size()), stats_.running, stats_.kv.usage(), stats_.kv.hit_rate(),
-      stats_.preemptions, stats_.generated_tokens, stats_.prompt_tokens);
+  serving_gauges sg;
+  sg.waiting = stats_.waiting + static_cast<int64_t>(inbox_.size());
+  sg.running = stats_.running;
+  sg.kv_usage = stats_.kv.usage();
+  sg.prefix_hit_rate = stats_.kv.hit_rate();
+  sg.preemptions = stats_.preemptions;
+  sg.generated_tokens = stats_.generated_tokens;
+  sg.prompt_tokens = stats_.prompt_tokens;
+  out += serving_gauges_text(sg);
   out += fmt::format("# HELP troupe_engine_ranks Worker ranks running each model step.\n"
                      "# TYPE troupe_engine_ranks gauge\ntroupe_engine_ranks {}\n",
                      exec_->ranks());
   return out + expert_metrics_text();
+}
+
+latency_histogram engine::ttft_histogram() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return ttft_;
+}
+
+latency_histogram engine::tpot_histogram() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return tpot_;
 }
 
 std::string engine::expert_metrics_text() const {

@@ -77,6 +77,11 @@ struct engine_options {
   bool prefix_caching = true;
   bool static_batching = false;              // the baseline of invariant 1
   int64_t keepalive_ms = 5000;               // idle: executor keepalive this often (executor.h)
+  // A rank of a data-parallel group (elastic/scale/dp_group.h): a batch the model would refuse is
+  // checked before the step and ends with "error" without running (the rank's idle pass still pairs
+  // the group's collectives); a failure inside the model step is rethrown, not absorbed (the group
+  // is out of step).
+  bool group_member = false;
 };
 
 struct engine_event {
@@ -114,6 +119,17 @@ struct latency_histogram {
   double quantile(double q) const;  // upper bound of the bucket holding the q-th value
   std::string prometheus(const std::string& name, const std::string& help) const;
 };
+
+// The buckets (seconds) of the serving latency histograms.
+std::vector<double> serving_latency_bounds();
+
+// The queue, KV and token figures every serving /metrics shows: one engine's, or a group's summed.
+struct serving_gauges {
+  int64_t waiting = 0, running = 0;
+  double kv_usage = 0, prefix_hit_rate = 0;
+  int64_t preemptions = 0, generated_tokens = 0, prompt_tokens = 0;
+};
+std::string serving_gauges_text(const serving_gauges& g);
 
 // submit() when the queue is full (HTTP 503).
 class engine_busy : public std::runtime_error {
@@ -207,6 +223,8 @@ class engine final : public step_driver {
   std::string metrics_text() const;
   // The per-expert part of metrics_text (empty for a dense model).
   std::string expert_metrics_text() const;
+  latency_histogram ttft_histogram() const;  // copies, thread-safe
+  latency_histogram tpot_histogram() const;
   const engine_options& options() const { return o_; }
   int64_t num_blocks() const { return kv_.num_blocks(); }
   int ranks() const { return exec_->ranks(); }

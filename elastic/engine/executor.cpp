@@ -73,6 +73,10 @@ tensor local_executor::execute(std::span<const parallel::forward_batch_seq> seqs
 
 void local_executor::idle_pass() { parallel::forward_batch_idle(dec_); }
 
+void local_executor::check(std::span<const parallel::forward_batch_seq> seqs) const {
+  parallel::check_forward_batch(dec_, seqs, store_);
+}
+
 std::map<int64_t, std::vector<int64_t>> local_executor::expert_loads() const {
   const auto* r = serve_runner(dec_);
   return r ? r->expert_loads() : std::map<int64_t, std::vector<int64_t>>{};

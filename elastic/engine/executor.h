@@ -65,6 +65,9 @@ class model_executor {
   virtual int64_t block_size() const = 0;
   virtual int ranks() const { return 1; }
   virtual runtime::tensor execute(std::span<const parallel::forward_batch_seq> seqs) = 0;
+  // Throws what execute() would throw for this batch's input, running nothing (forward_batch.h
+  // invariant 5); nothing by default.
+  virtual void check(std::span<const parallel::forward_batch_seq>) const {}
   virtual std::map<int64_t, std::vector<int64_t>> expert_loads() const { return {}; }
   // Max/mean rows per rank of the last step's expert-parallel plans (1 on one rank).
   virtual double expert_balance() const { return 1.0; }
@@ -87,6 +90,7 @@ class local_executor : public model_executor {
   std::map<int64_t, std::vector<int64_t>> expert_loads() const override;
   double expert_balance() const override;
   void idle_pass() override;
+  void check(std::span<const parallel::forward_batch_seq> seqs) const override;
 
  protected:
   const parallel::decoder& dec_;

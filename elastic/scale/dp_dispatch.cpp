@@ -1,6 +1,7 @@
 // elastic/scale/dp_dispatch.cpp — see dp_dispatch.h.
 #include "elastic/scale/dp_dispatch.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "elastic/engine/kv_blocks.h"
@@ -12,7 +13,7 @@ using runtime::errc;
 
 dp_least_kv_prefix::dp_least_kv_prefix(int ranks, int64_t block_size, int64_t slack_blocks, size_t max_blocks)
     : block_size_(block_size), slack_(slack_blocks), max_blocks_(max_blocks), ranks_(static_cast<size_t>(ranks)) {
-  TROUPE_CHECK(ranks >= 1 && block_size >= 1 && slack_blocks >= 0 && max_blocks >= 1, errc::invalid_argument,
+  TROUPE_CHECK(ranks >= 1 && block_size >= 1 && max_blocks >= 1, errc::invalid_argument,
                "least_kv_prefix dispatch: ranks {} and block size {} must be >= 1", ranks, block_size);
 }
 
@@ -45,11 +46,12 @@ int dp_least_kv_prefix::pick(std::span<const int32_t> prompt, std::span<const dp
   for (int r = 1; r < P; ++r)
     if (loads[static_cast<size_t>(r)].load() < loads[static_cast<size_t>(least)].load()) least = r;
   const int64_t floor = loads[static_cast<size_t>(least)].load();
+  const int64_t slack = slack_ >= 0 ? slack_ : std::max<int64_t>(1, loads[static_cast<size_t>(least)].num_blocks / 16);
   const auto hs = hashes(prompt);
   int best = -1;
   int64_t best_len = 0;
   for (int r = 0; r < P; ++r) {
-    if (loads[static_cast<size_t>(r)].load() > floor + slack_) continue;
+    if (loads[static_cast<size_t>(r)].load() > floor + slack) continue;
     const rank_memory& m = ranks_[static_cast<size_t>(r)];
     int64_t n = 0;
     while (n < static_cast<int64_t>(hs.size()) && m.where.count(hs[static_cast<size_t>(n)])) ++n;

@@ -9,8 +9,9 @@
 // Invariants:
 //   1. pick() returns a rank in [0, ranks); it depends only on the prompt, the loads and what
 //      dispatched() was told before (no clock, no randomness): the same history picks the same.
-//   2. least_kv_prefix: among the ranks whose load is at most `slack_blocks` above the least loaded
-//      one, the one holding the longest prefix of the prompt's full blocks (chained block hashes, as
+//   2. least_kv_prefix: among the ranks whose load is at most the slack above the least loaded one
+//      (slack_blocks, or by default a sixteenth of the least loaded rank's blocks, at least 1), the
+//      one holding the longest prefix of the prompt's full blocks (chained block hashes, as
 //      kv_blocks.h hashes them) wins when that prefix is at least one block; otherwise the least
 //      loaded rank. Load = KV blocks in use + blocks of requests dispatched but not yet reported.
 //      Ties go to the lowest rank.
@@ -45,7 +46,8 @@ class dp_dispatch_policy {
 
 class dp_least_kv_prefix final : public dp_dispatch_policy {
  public:
-  dp_least_kv_prefix(int ranks, int64_t block_size, int64_t slack_blocks = 64, size_t max_blocks = 1 << 16);
+  // slack_blocks < 0: a sixteenth of the least loaded rank's KV blocks
+  dp_least_kv_prefix(int ranks, int64_t block_size, int64_t slack_blocks = -1, size_t max_blocks = 1 << 16);
   int pick(std::span<const int32_t> prompt, std::span<const dp_rank_load> loads) override;
   void dispatched(int rank, std::span<const int32_t> prompt) override;
   std::string name() const override { return "least_kv_prefix"; }

@@ -23,10 +23,6 @@ namespace {
 constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3;
 constexpr int tag_report = 20101;  // rank r -> 0: its DpReport of an iteration
 
-std::vector<double> latency_bounds() {
-  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
-}
-
 // ---- the wire ------------------------------------------------------------------------------------
 
 void encode_params(const sampling_params& p, serve::DpSampling* d) {
@@ -162,6 +158,12 @@ void fill_load(const engine& eng, serve::DpReport& r) {
   r.set_preemptions(st.preemptions);
   r.set_prefix_lookup_tokens(st.kv.prefix_lookup_tokens);
   r.set_prefix_hit_tokens(st.kv.prefix_hit_tokens);
+  r.set_prompt_tokens(st.prompt_tokens);
+  const latency_histogram ttft = eng.ttft_histogram(), tpot = eng.tpot_histogram();
+  for (int64_t c : ttft.counts) r.add_ttft_counts(c);
+  r.set_ttft_sum(ttft.sum);
+  for (int64_t c : tpot.counts) r.add_tpot_counts(c);
+  r.set_tpot_sum(tpot.sum);
 }
 
 // A rank's load for the dispatcher: blocks in use plus those its waiting prompts will take.
@@ -174,6 +176,15 @@ dp_rank_load load_of(const serve::DpReport& r, int64_t block_size) {
   return l;
 }
 
+// a += a rank's reported histogram (the same buckets).
+void merge(latency_histogram& a, const google::protobuf::RepeatedField<int64_t>& counts, double sum) {
+  for (int i = 0; i < counts.size() && i < static_cast<int>(a.counts.size()); ++i) {
+    a.counts[static_cast<size_t>(i)] += counts[i];
+    a.n += counts[i];
+  }
+  a.sum += sum;
+}
+
 }  // namespace
 
 // ---- rank 0 ----------------------------------------------------------------------------------------
@@ -183,10 +194,12 @@ dp_leader::dp_leader(engine& local, runtime::communicator& comm, std::unique_ptr
     : eng_(local), comm_(comm), policy_(std::move(policy)), hooks_(std::move(hooks)),
       loads_(static_cast<size_t>(comm.size())), pending_blocks_(static_cast<size_t>(comm.size()), 0),
       in_step_blocks_(static_cast<size_t>(comm.size()), 0), dispatched_(static_cast<size_t>(comm.size()), 0),
-      reports_(static_cast<size_t>(comm.size())), ttft_(latency_bounds()), tpot_(latency_bounds()) {
+      reports_(static_cast<size_t>(comm.size())) {
   TROUPE_CHECK(comm.rank() == 0, errc::invalid_argument,
                "data-parallel serving group: rank 0 leads, not rank {} (the others run dp_follow)", comm.rank());
   TROUPE_CHECK(policy_ != nullptr, errc::invalid_argument, "data-parallel serving group: no dispatch policy");
+  TROUPE_CHECK(local.options().group_member, errc::invalid_argument,
+               "data-parallel serving group: rank 0's engine must be made with engine_options::group_member");
   for (auto& l : loads_) l.num_blocks = local.num_blocks();
 }
 
@@ -213,14 +226,16 @@ void dp_leader::submit(engine_request r) {
   if (r.arrival == clk::time_point{}) r.arrival = clk::now();
   const int64_t bs = eng_.options().block_size;
   const int P = comm_.size();
+  const int64_t prompt_blocks = blocks_of(static_cast<int64_t>(r.prompt.size()), bs);
   int rank = 0;
   {
     std::lock_guard<std::mutex> g(mu_);
     TROUPE_CHECK(broken_.empty(), errc::aborted, "serving group: broken: {}", broken_);
-    const auto cap = static_cast<size_t>(eng_.options().max_waiting) * static_cast<size_t>(P);
-    if (requests_.size() >= cap)
-      throw engine_busy(fmt::format("{} requests are in the group already ({} ranks x engine.max_waiting {})",
-                                    requests_.size(), P, eng_.options().max_waiting));
+    TROUPE_CHECK(!shut_, errc::aborted, "serving group: request {} after the group stopped", r.id);
+    const int64_t cap = eng_.options().max_waiting * P;
+    if (samples_ + r.n > cap)
+      throw engine_busy(fmt::format("{} sequences are in the group already ({} ranks x engine.max_waiting {})",
+                                    samples_, P, eng_.options().max_waiting));
     TROUPE_CHECK(!requests_.count(r.id), errc::invalid_argument, "serving group: request id {} is in use", r.id);
     const engine_stats st = eng_.stats();
     loads_[0].blocks_used = st.kv.blocks_used + blocks_of(st.waiting_tokens, bs);
@@ -228,19 +243,21 @@ void dp_leader::submit(engine_request r) {
     loads_[0].waiting = st.waiting;
     for (int k = 0; k < P; ++k) loads_[static_cast<size_t>(k)].pending_blocks = pending_blocks_[static_cast<size_t>(k)];
     rank = policy_->pick(r.prompt, loads_);
-    policy_->dispatched(rank, r.prompt);
-    ++dispatched_[static_cast<size_t>(rank)];
-    pending_blocks_[static_cast<size_t>(rank)] += blocks_of(static_cast<int64_t>(r.prompt.size()), bs);
+    if (rank == 0 && P > 1 && st.waiting + r.n > eng_.options().max_waiting) {
+      // rank 0's own queue is full: the least loaded of the others instead
+      rank = 1;
+      for (int k = 2; k < P; ++k)
+        if (loads_[static_cast<size_t>(k)].load() < loads_[static_cast<size_t>(rank)].load()) rank = k;
+    }
     request_state s;
     s.rank = rank;
     s.n = r.n;
     s.done.assign(static_cast<size_t>(r.n), false);
-    s.last.assign(static_cast<size_t>(r.n), r.arrival);
-    s.got_first.assign(static_cast<size_t>(r.n), false);
     s.on_event = std::move(r.on_event);
-    s.arrival = r.arrival;
     requests_.emplace(r.id, std::move(s));
+    samples_ += r.n;
     if (rank != 0) {
+      record_dispatch(rank, r.prompt, prompt_blocks);
       serve::DpRequest* q = next_.add_requests();
       q->set_rank(rank);
       q->set_id(r.id);
@@ -248,35 +265,33 @@ void dp_leader::submit(engine_request r) {
       encode_params(r.params, q->mutable_params());
       q->set_n(r.n);
       q->set_cumulative_logprob(r.cumulative_logprob);
+      arrivals_[r.id] = r.arrival;
       return;
     }
   }
-  // Rank 0's own: its engine, the events through the same bookkeeping (TTFT, finished samples).
+  // Rank 0's own: its engine, the events through the same bookkeeping (finished samples).
   const std::string id = r.id;
-  r.on_event = [this, id](const engine_event& e) {
-    std::function<void(const engine_event&)> cb;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      auto it = requests_.find(id);
-      if (it == requests_.end()) return;
-      observe(it->second, e);
-      cb = it->second.on_event;
-      if (e.finished) {
-        it->second.done[static_cast<size_t>(e.index)] = true;
-        bool all = true;
-        for (bool d : it->second.done) all &= d;
-        if (all) requests_.erase(it);
-      }
-    }
-    if (cb) cb(e);
-  };
+  const std::vector<int32_t> prompt = r.prompt;
+  r.on_event = [this, id](const engine_event& e) { deliver(id, e); };
   try {
     eng_.submit(std::move(r));
   } catch (...) {
     std::lock_guard<std::mutex> g(mu_);
-    requests_.erase(id);
+    auto it = requests_.find(id);
+    if (it != requests_.end()) {
+      samples_ -= it->second.n;
+      requests_.erase(it);
+    }
     throw;
   }
+  std::lock_guard<std::mutex> g(mu_);
+  record_dispatch(0, prompt, prompt_blocks);
+}
+
+void dp_leader::record_dispatch(int rank, const std::vector<int32_t>& prompt, int64_t blocks) {
+  policy_->dispatched(rank, prompt);
+  ++dispatched_[static_cast<size_t>(rank)];
+  pending_blocks_[static_cast<size_t>(rank)] += blocks;
 }
 
 void dp_leader::abort(const std::string& id) {
@@ -294,42 +309,25 @@ void dp_leader::abort(const std::string& id) {
 }
 
 bool dp_leader::inbox_pending() const {
-  if (eng_.inbox_pending()) return true;
   std::lock_guard<std::mutex> g(mu_);
-  return next_.requests_size() > 0 || next_.aborts_size() > 0;
+  if (!broken_.empty()) return false;  // nothing will be taken: no busy loop of failing steps
+  return eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0;
 }
 
-void dp_leader::observe(request_state& s, const engine_event& e) {
-  if (e.token_ids.empty() || e.index < 0 || e.index >= s.n) return;
-  const auto now = clk::now();
-  const auto i = static_cast<size_t>(e.index);
-  if (!s.got_first[i]) {
-    ttft_.add(std::chrono::duration<double>(now - s.arrival).count());
-    s.got_first[i] = true;
-    if (e.token_ids.size() > 1) {
-      // several tokens in the first event: the rest are spread evenly over nothing (they came at once)
-      for (size_t k = 1; k < e.token_ids.size(); ++k) tpot_.add(0.0);
-    }
-  } else {
-    const double gap = std::chrono::duration<double>(now - s.last[i]).count();
-    for (size_t k = 0; k < e.token_ids.size(); ++k) tpot_.add(gap / static_cast<double>(e.token_ids.size()));
-  }
-  s.last[i] = now;
-}
-
-void dp_leader::route(const serve::DpEvent& ev) {
-  const engine_event e = decode_event(ev);
+// A sample's event to its request's callback (outside the lock); the request is forgotten once every
+// sample finished.
+void dp_leader::deliver(const std::string& id, const engine_event& e) {
   std::function<void(const engine_event&)> cb;
   {
     std::lock_guard<std::mutex> g(mu_);
-    auto it = requests_.find(ev.id());
+    auto it = requests_.find(id);
     if (it == requests_.end()) return;
     request_state& s = it->second;
     if (e.index < 0 || e.index >= s.n || s.done[static_cast<size_t>(e.index)]) return;
-    observe(s, e);
     cb = s.on_event;
     if (e.finished) {
       s.done[static_cast<size_t>(e.index)] = true;
+      --samples_;
       bool all = true;
       for (bool d : s.done) all &= d;
       if (all) requests_.erase(it);
@@ -350,6 +348,7 @@ void dp_leader::fail_remote(const std::string& why, const std::string& reason) {
       }
       for (int64_t i = 0; i < it->second.n; ++i) {
         if (it->second.done[static_cast<size_t>(i)]) continue;
+        --samples_;
         engine_event e;
         e.index = i;
         e.finished = true;
@@ -357,6 +356,7 @@ void dp_leader::fail_remote(const std::string& why, const std::string& reason) {
         e.error = why;
         out.emplace_back(it->second.on_event, e);
       }
+      arrivals_.erase(it->first);
       it = requests_.erase(it);
     }
     next_.Clear();
@@ -366,7 +366,7 @@ void dp_leader::fail_remote(const std::string& why, const std::string& reason) {
 }
 
 void dp_leader::send_header(int64_t kind, int64_t bytes) {
-  tensor head = tensor::from_vector(std::vector<int64_t>{kind, bytes, steps_, 0}, {4});
+  tensor head = tensor::from_vector(std::vector<int64_t>{kind, bytes, steps_.load(), 0}, {4});
   comm_.broadcast(head, 0);
 }
 
@@ -386,9 +386,10 @@ bool dp_leader::step() {
     in_step_blocks_[0] = 0;
     const auto now = clk::now();
     for (auto& q : *step.mutable_requests()) {  // how long it has waited: its rank's TTFT starts at rank 0
-      auto it = requests_.find(q.id());
-      if (it != requests_.end())
-        q.set_waited_us(std::chrono::duration_cast<std::chrono::microseconds>(now - it->second.arrival).count());
+      auto it = arrivals_.find(q.id());
+      if (it == arrivals_.end()) continue;
+      q.set_waited_us(std::chrono::duration_cast<std::chrono::microseconds>(now - it->second).count());
+      arrivals_.erase(it);
     }
   }
   if (!remote_work && step.requests_size() == 0 && step.aborts_size() == 0 && !eng_.has_work()) return false;
@@ -413,7 +414,7 @@ bool dp_leader::step() {
                    "serving group: rank {} sent a report that does not parse", r);
     }
     for (int r = 1; r < comm_.size(); ++r)
-      for (const auto& ev : reports[static_cast<size_t>(r)].events()) route(ev);
+      for (const auto& ev : reports[static_cast<size_t>(r)].events()) deliver(ev.id(), decode_event(ev));
     {
       std::lock_guard<std::mutex> g(mu_);
       const int64_t bs = eng_.options().block_size;
@@ -437,6 +438,7 @@ bool dp_leader::step() {
       if (broken_.empty()) broken_ = e.what();
     }
     log::error("serving group: an iteration failed: {}", e.what());
+    comm_.abort(e.what());  // whoever still waits on this group fails now, not at its timeout
     fail_remote(e.what(), "error");
     throw;
   }
@@ -452,6 +454,7 @@ void dp_leader::keepalive() {
       std::lock_guard<std::mutex> g(mu_);
       if (broken_.empty()) broken_ = e.what();
     }
+    fail_remote(e.what(), "error");
     throw;
   }
 }
@@ -464,6 +467,10 @@ void dp_leader::finish() {
 }
 
 void dp_leader::shutdown() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    shut_ = true;  // submits from now on are refused
+  }
   eng_.shutdown();  // rank 0's requests end with "abort"
   fail_remote("", "abort");
   finish();
@@ -489,43 +496,45 @@ std::string dp_leader::metrics_text() const {
   const engine_stats st = eng_.stats();
   std::lock_guard<std::mutex> g(mu_);
   const int P = comm_.size();
-  int64_t waiting = st.waiting, running = st.running, used = st.kv.blocks_used, blocks = st.kv.num_blocks;
-  int64_t generated = st.generated_tokens, preempted = st.preemptions;
+  serving_gauges sg;
+  sg.waiting = st.waiting;
+  sg.running = st.running;
+  sg.generated_tokens = st.generated_tokens;
+  sg.preemptions = st.preemptions;
+  sg.prompt_tokens = st.prompt_tokens;
+  int64_t used = st.kv.blocks_used, blocks = st.kv.num_blocks;
   int64_t lookup = st.kv.prefix_lookup_tokens, hit = st.kv.prefix_hit_tokens;
   for (int r = 1; r < P; ++r) {
     const auto& rep = reports_[static_cast<size_t>(r)];
-    waiting += rep.waiting();
-    running += rep.running();
+    sg.waiting += rep.waiting();
+    sg.running += rep.running();
+    sg.generated_tokens += rep.generated_tokens();
+    sg.preemptions += rep.preemptions();
+    sg.prompt_tokens += rep.prompt_tokens();
     used += rep.blocks_used();
     blocks += rep.num_blocks();
-    generated += rep.generated_tokens();
-    preempted += rep.preemptions();
     lookup += rep.prefix_lookup_tokens();
     hit += rep.prefix_hit_tokens();
   }
+  sg.kv_usage = blocks ? double(used) / double(blocks) : 0.0;
+  sg.prefix_hit_rate = lookup ? double(hit) / double(lookup) : 0.0;
+  latency_histogram ttft = eng_.ttft_histogram(), tpot = eng_.tpot_histogram();
+  for (int r = 1; r < P; ++r) {
+    const auto& rep = reports_[static_cast<size_t>(r)];
+    merge(ttft, rep.ttft_counts(), rep.ttft_sum());
+    merge(tpot, rep.tpot_counts(), rep.tpot_sum());
+  }
   std::string out;
-  out += ttft_.prometheus("troupe_time_to_first_token_seconds",
-                          "Time from arrival to the first token (every rank's requests, measured on rank 0).");
-  out += tpot_.prometheus("troupe_time_per_output_token_seconds", "Time between consecutive output tokens.");
+  out += ttft.prometheus("troupe_time_to_first_token_seconds",
+                         "Time from arrival at rank 0 to the first token (every rank's requests).");
+  out += tpot.prometheus("troupe_time_per_output_token_seconds", "Time between consecutive output tokens.");
+  out += serving_gauges_text(sg);
   out += fmt::format(
-      "# HELP troupe_requests_waiting Requests queued (every rank).\n# TYPE troupe_requests_waiting gauge\n"
-      "troupe_requests_waiting {}\n"
-      "# HELP troupe_requests_running Requests in a batch (every rank).\n# TYPE troupe_requests_running gauge\n"
-      "troupe_requests_running {}\n"
-      "# HELP troupe_kv_cache_usage Fraction of the group's KV blocks in use.\n# TYPE troupe_kv_cache_usage gauge\n"
-      "troupe_kv_cache_usage {}\n"
-      "# HELP troupe_prefix_cache_hit_rate Prompt tokens served from cached blocks.\n"
-      "# TYPE troupe_prefix_cache_hit_rate gauge\ntroupe_prefix_cache_hit_rate {}\n"
-      "# HELP troupe_preemptions_total Sequences preempted for KV memory.\n# TYPE troupe_preemptions_total counter\n"
-      "troupe_preemptions_total {}\n"
-      "# HELP troupe_generation_tokens_total Generated tokens.\n# TYPE troupe_generation_tokens_total counter\n"
-      "troupe_generation_tokens_total {}\n"
       "# HELP troupe_engine_ranks Worker ranks of the serving group.\n# TYPE troupe_engine_ranks gauge\n"
       "troupe_engine_ranks {}\n"
       "# HELP troupe_dp_iterations_total Lockstep iterations of the data-parallel group.\n"
       "# TYPE troupe_dp_iterations_total counter\ntroupe_dp_iterations_total {}\n",
-      waiting, running, blocks ? double(used) / double(blocks) : 0.0, lookup ? double(hit) / double(lookup) : 0.0,
-      preempted, generated, P, steps_);
+      P, steps_.load());
   out += fmt::format("# HELP troupe_dp_dispatched_total Requests the dispatcher ({}) sent to each rank.\n"
                      "# TYPE troupe_dp_dispatched_total counter\n",
                      policy_->name());
@@ -543,8 +552,26 @@ std::string dp_leader::metrics_text() const {
 
 // ---- ranks 1..P-1 ----------------------------------------------------------------------------------
 
+namespace {
+int64_t follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks);
+}  // namespace
+
 int64_t dp_follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks) {
   TROUPE_CHECK(comm.rank() != 0, errc::invalid_argument, "data-parallel serving group: rank 0 leads; it does not follow");
+  TROUPE_CHECK(eng.options().group_member, errc::invalid_argument,
+               "data-parallel serving group: rank {}'s engine must be made with engine_options::group_member",
+               comm.rank());
+  try {
+    return follow(eng, comm, hooks);
+  } catch (const std::exception& e) {  // out of step: the others fail now, not at their timeout
+    comm.abort(fmt::format("rank {} left the serving group: {}", comm.rank(), e.what()));
+    throw;
+  }
+}
+
+namespace {
+
+int64_t follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks) {
   std::map<std::string, std::shared_ptr<const json_grammar>> grammars;
   serve::DpReport report;  // this iteration's events (the engine's callbacks run on this thread)
   int64_t steps = 0;
@@ -611,5 +638,7 @@ int64_t dp_follow(engine& eng, runtime::communicator& comm, const group_hooks& h
     ++steps;
   }
 }
+
+}  // namespace
 
 }  // namespace troupe::elastic

@@ -26,19 +26,24 @@
 //      hearing a keepalive every keepalive_ms: an idle group does not spin.
 //   3. submit() checks a request with rank 0's engine (every rank serves the same model with the same
 //      KV block count) and throws what engine::submit throws — engine_busy when the group holds
-//      max_waiting requests per rank already — then the dispatcher picks its rank. A remote request's
+//      max_waiting sequences per rank already — then the dispatcher picks its rank (another one
+//      when rank 0's own queue is full). A remote request's
 //      events reach its callback on rank 0's stepping thread, in order, after the iteration that
 //      made them; every sample gets exactly one finished event.
 //   4. Greedy output equals generate_greedy on the prompt whichever rank serves it: the MoE layer is
 //      the single-rank layer on the ranks' rows concatenated (ep_layer.h invariant 2), attention is
 //      the rank's own.
 //   5. shutdown() ends rank 0's requests and the remote ones with "abort" and the group with an end
-//      header (the others' dp_follow returns). A communicator failure breaks the group: the
-//      iteration throws, every remote request ends with "error", broken() is true and later steps
-//      throw at once (errc::aborted).
-//   6. TTFT / TPOT in metrics_text() are measured on rank 0 for every request of the group, from its
-//      submission to the events' arrival; queue and KV figures are the group's (summed) and per rank.
+//      header (the others' dp_follow returns); later submits are refused. The engines run with
+//      engine_options::group_member: a batch a rank's model refuses ends with "error" and the rank
+//      still joins the iteration's collectives; a failure inside a step, or of the communicator,
+//      breaks the group: the iteration throws, the communicator is aborted (the other ranks fail
+//      at once), every remote request ends with "error", broken() is true and later steps throw
+//      (errc::aborted).
+//   6. metrics_text(): TTFT / TPOT histograms of every rank's engine summed (a remote request's TTFT
+//      counts from its arrival at rank 0), queue and KV figures summed, and per rank.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -83,14 +88,11 @@ class dp_leader final : public step_driver {
   struct request_state {
     int rank = 0;
     int64_t n = 1;
-    std::vector<bool> done;                       // per sample
+    std::vector<bool> done;  // per sample
     std::function<void(const engine_event&)> on_event;
-    std::chrono::steady_clock::time_point arrival;
-    std::vector<std::chrono::steady_clock::time_point> last;  // per sample: its last token's arrival
-    std::vector<bool> got_first;
   };
-  void observe(request_state& s, const engine_event& e);  // TTFT / TPOT
-  void route(const serve::DpEvent& ev);
+  void deliver(const std::string& id, const engine_event& e);
+  void record_dispatch(int rank, const std::vector<int32_t>& prompt, int64_t blocks);
   void fail_remote(const std::string& why, const std::string& reason);
   void send_header(int64_t kind, int64_t bytes);
   void finish();
@@ -99,17 +101,19 @@ class dp_leader final : public step_driver {
   runtime::communicator& comm_;
   std::unique_ptr<dp_dispatch_policy> policy_;
   group_hooks hooks_;
-  int64_t steps_ = 0;
+  std::atomic<int64_t> steps_{0};
   bool finished_ = false;
 
   mutable std::mutex mu_;
   serve::DpStep next_;                             // what the next iteration delivers
   std::map<std::string, request_state> requests_;  // every request of the group not finished yet
+  std::map<std::string, std::chrono::steady_clock::time_point> arrivals_;  // remote, until sent
+  int64_t samples_ = 0;                            // their unfinished samples (the group's queue bound)
+  bool shut_ = false;
   std::vector<dp_rank_load> loads_;
   std::vector<int64_t> pending_blocks_, in_step_blocks_;  // dispatched to a rank, not yet in its report
   std::vector<int64_t> dispatched_;
   std::vector<serve::DpReport> reports_;           // the last report of each rank (their counters)
-  latency_histogram ttft_, tpot_;
   std::string broken_;
 };
 

@@ -261,6 +261,34 @@ TEST_P(CommunicatorUcxTransport, WrongSizesAreInvalidArguments) {
   });
 }
 
+// sleep_when_idle: a wait that sees nothing for 2 ms sleeps on the worker's event fd; a message sent
+// 50 ms later still arrives whole (the event wakes it), the conformance suite passes, and a
+// collective that had to sleep completes.
+TEST_P(CommunicatorUcxTransport, SleepingWhenIdleStillDeliversEverything) {
+  ucx_options o = options_for(GetParam(), 20000);
+  o.sleep_when_idle = true;
+  std::vector<int> failed(2, -1);
+  RUN_RANKS_OR_SKIP(2, o, [&](int rank, ucx_communicator& c) {
+    tensor x = tensor::zeros({1000});
+    if (rank == 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      for (int i = 0; i < 1000; ++i) x.data<float>()[i] = static_cast<float>(i);
+      c.send(x, 1, 7);
+    } else {
+      c.recv(x, 0, 7);
+      for (int i = 0; i < 1000; i += 111) EXPECT_EQ(x.data<float>()[i], static_cast<float>(i));
+    }
+    tensor b = tensor::from_vector(std::vector<int64_t>{rank == 0 ? 5 : 0}, {1});
+    if (rank == 1) std::this_thread::sleep_for(std::chrono::milliseconds(30));  // rank 0 waits, asleep
+    c.broadcast(b, 0);
+    EXPECT_EQ(b.data<int64_t>()[0], 5);
+    int bad = 0;
+    for (const auto& r : check_communicator(c)) bad += r.ok ? 0 : 1;
+    failed[static_cast<size_t>(rank)] = bad;
+  });
+  EXPECT_EQ(failed, (std::vector<int>{0, 0}));
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, CommunicatorUcxTransport, ::testing::Values(tcp, shm, sysv),
                          [](const auto& info) { return std::string(info.param.name); });
 

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -82,6 +83,7 @@ result run_group(const std::string& model, int P, std::function<std::unique_ptr<
     parallel::byte_text_tokenizer bt;
     engine_options o;
     o.max_batch_tokens = 16;  // chunked prefill
+    o.group_member = true;
     engine eng(exec, bt, o);
     if (r != 0) {
       dp_follow(eng, *tok[rr]);
@@ -247,6 +249,7 @@ TEST(DpGroup, AnIdleGroupDoesNotIterateAndServesAfterIdling) {
     parallel::byte_text_tokenizer bt;
     engine_options o;
     o.keepalive_ms = 100;
+    o.group_member = true;
     engine eng(exec, bt, o);
     group_hooks hooks;
     hooks.after_step = [&](int64_t) { ++follower_steps; };
@@ -305,7 +308,9 @@ TEST(DpGroup, ALostRankBreaksTheGroupAndItsRequestsEndWithError) {
     rank_model m("mixtral_moe", r, P, tok[rr].get(), wts[rr].get(), ep_serve_layout::data_parallel);
     local_executor exec(*m.dec, agree_num_blocks(*tok[rr], 32), 4);
     parallel::byte_text_tokenizer bt;
-    engine eng(exec, bt, {});
+    engine_options o;
+    o.group_member = true;
+    engine eng(exec, bt, o);
     if (r != 0) {
       // Serve two iterations, then die: the communicator aborts (what a killed process looks like).
       group_hooks hooks;
@@ -345,6 +350,123 @@ TEST(DpGroup, ALostRankBreaksTheGroupAndItsRequestsEndWithError) {
   EXPECT_EQ(reason, "error");
   EXPECT_FALSE(error.empty());
   EXPECT_NE(later.find("broken"), std::string::npos) << later;
+}
+
+// A rank's executor that refuses its n-th batch (check) or fails inside its n-th step (execute).
+class flaky_executor final : public local_executor {
+ public:
+  flaky_executor(const parallel::decoder& dec, int64_t blocks, int refuse_at, int fail_at)
+      : local_executor(dec, blocks, 4), refuse_at_(refuse_at), fail_at_(fail_at) {}
+  void check(std::span<const parallel::forward_batch_seq> seqs) const override {
+    if (++checks_ == refuse_at_) throw runtime::error(runtime::errc::invalid_argument, "a batch the model refuses");
+    local_executor::check(seqs);
+  }
+  runtime::tensor execute(std::span<const parallel::forward_batch_seq> seqs) override {
+    if (++runs_ == fail_at_) throw runtime::error(runtime::errc::io, "the step failed halfway");
+    return local_executor::execute(seqs);
+  }
+
+ private:
+  int refuse_at_, fail_at_;
+  mutable int checks_ = 0;
+  int runs_ = 0;
+};
+
+// Rank 1 serves "bad" (refused or failing per `refuse_at` / `fail_at` on its executor), rank 0 "good".
+struct flaky_outcome {
+  std::map<std::string, std::vector<int32_t>> ids;
+  std::map<std::string, std::string> reason;
+  std::vector<std::string> errors;
+  bool broken = false;
+};
+
+flaky_outcome run_flaky(int refuse_at, int fail_at) {
+  const int P = 2;
+  auto tok = runtime::make_inproc_group(P, 300000);
+  auto wts = runtime::make_inproc_group(P, 300000);
+  const auto V = parallel::model_weights::load(fixture("mixtral_moe")).config().vocab_size;
+  flaky_outcome out;
+  std::mutex mu;
+  class by_id final : public dp_dispatch_policy {  // "bad" to rank 1, the rest to rank 0
+   public:
+    int pick(std::span<const int32_t> prompt, std::span<const dp_rank_load>) override { return prompt[0] == 7 ? 1 : 0; }
+    void dispatched(int, std::span<const int32_t>) override {}
+    std::string name() const override { return "by_id"; }
+  };
+  out.errors = run_ranks(P, tok, &wts, [&](int r) {
+    const auto rr = static_cast<size_t>(r);
+    rank_model m("mixtral_moe", r, P, tok[rr].get(), wts[rr].get(), ep_serve_layout::data_parallel);
+    const int64_t blocks = agree_num_blocks(*tok[rr], 32);
+    std::unique_ptr<local_executor> exec = r == 1 ? std::make_unique<flaky_executor>(*m.dec, blocks, refuse_at, fail_at)
+                                                  : std::make_unique<local_executor>(*m.dec, blocks, 4);
+    parallel::byte_text_tokenizer bt;
+    engine_options o;
+    o.group_member = true;
+    engine eng(*exec, bt, o);
+    if (r != 0) {
+      dp_follow(eng, *tok[rr]);
+      return;
+    }
+    dp_leader lead(eng, *tok[rr], std::make_unique<by_id>());
+    int open = 0;
+    for (const auto& [id, first] : std::vector<std::pair<std::string, int32_t>>{{"good", 3}, {"bad", 7}}) {
+      engine_request e;
+      e.id = id;
+      e.prompt = ids(6, 2, V);
+      e.prompt[0] = first;
+      e.params.temperature = 0;
+      e.params.max_tokens = 8;
+      e.params.ignore_eos = true;
+      e.on_event = [&, id = id](const engine_event& ev) {
+        std::lock_guard<std::mutex> g(mu);
+        auto& v = out.ids[id];
+        v.insert(v.end(), ev.token_ids.begin(), ev.token_ids.end());
+        if (ev.finished) {
+          out.reason[id] = ev.finish_reason;
+          --open;
+        }
+      };
+      ++open;
+      lead.submit(std::move(e));
+    }
+    try {
+      for (int i = 0; i < 200; ++i) {
+        {
+          std::lock_guard<std::mutex> g(mu);
+          if (open == 0) break;
+        }
+        lead.step();
+      }
+    } catch (const std::exception&) {
+    }
+    out.broken = lead.broken();
+    lead.shutdown();
+  });
+  return out;
+}
+
+TEST(DpGroup, ABatchOneRankRefusesEndsAloneAndTheGroupGoesOn) {
+  const parallel::model_weights full = parallel::model_weights::load(fixture("mixtral_moe"));
+  parallel::decoder dec(full);
+  const flaky_outcome got = run_flaky(/*refuse_at=*/2, /*fail_at=*/-1);
+  EXPECT_EQ(got.errors, (std::vector<std::string>{"", ""}));
+  EXPECT_EQ(got.reason.at("bad"), "error");
+  EXPECT_EQ(got.reason.at("good"), "length");
+  auto prompt = ids(6, 2, full.config().vocab_size);
+  prompt[0] = 3;
+  EXPECT_EQ(got.ids.at("good"), greedy_tail(dec, prompt, 8));  // rank 1 still joined every MoE layer
+  EXPECT_FALSE(got.broken);
+}
+
+TEST(DpGroup, AFailureInsideAStepBreaksTheGroupAtOnce) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const flaky_outcome got = run_flaky(/*refuse_at=*/-1, /*fail_at=*/2);
+  EXPECT_NE(got.errors[1].find("the step failed halfway"), std::string::npos) << got.errors[1];
+  EXPECT_TRUE(got.broken);
+  EXPECT_EQ(got.reason.at("bad"), "error");
+  EXPECT_EQ(got.reason.at("good"), "error");  // rank 0's step was in the same collectives
+  // The communicator's timeout is 300 s: the group learnt of the failure from the abort, not from it.
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(60));
 }
 
 TEST(DpDispatch, LeastKvPrefixPrefersAffinityWithinTheSlackElseTheLeastLoaded) {
