@@ -3,7 +3,7 @@
 //   * greedy output of every request equals generate_greedy whichever rank serves it: Mixtral on 2
 //     and 4 ranks (round robin and least_kv_prefix dispatch), Qwen2-MoE on 2, a dense Llama on 2;
 //   * ranks with no requests take part in every MoE layer (all requests sent to one rank);
-//   * samples, logprobs and a stop string travel back from a remote rank intact;
+//   * samples and logprobs travel back from a remote rank intact (equal to the same request on rank 0);
 //   * an abort reaches the rank that serves the request and frees its blocks there;
 //   * an idle group does not iterate (driven by the scheduler actor), and a request after idling is
 //     served;
@@ -183,7 +183,7 @@ TEST(DpGroup, RanksWithoutRequestsStillJoinEveryMoeLayer) {
   for (const auto& q : reqs) EXPECT_EQ(got.ids.at(q.id), greedy_tail(dec, q.prompt, 5)) << q.id;
 }
 
-TEST(DpGroup, SamplesLogprobsAndStopsComeBackFromARemoteRank) {
+TEST(DpGroup, SamplesAndLogprobsComeBackFromARemoteRankIntact) {
   const auto V = parallel::model_weights::load(fixture("mixtral_moe")).config().vocab_size;
   request_spec s;
   s.id = "s";
