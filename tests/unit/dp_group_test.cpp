@@ -7,7 +7,10 @@
 //   * an abort reaches the rank that serves the request and frees its blocks there;
 //   * an idle group does not iterate (driven by the scheduler actor), and a request after idling is
 //     served;
-//   * a rank that dies breaks the group: its requests end with "error", later iterations throw;
+//   * a batch one rank's model refuses ends alone (the rank still joins the iteration's MoE layers,
+//     the other ranks' requests are unaffected); a failure inside a step breaks the group at once
+//     (the communicator is aborted, not timed out); a rank that dies breaks the group: its requests
+//     end with "error", later iterations throw;
 //   * the least_kv_prefix policy: prefix affinity within the slack, else the least loaded rank.
 #include <gtest/gtest.h>
 
