@@ -467,7 +467,9 @@ TEST(DpGroup, AFailureInsideAStepBreaksTheGroupAtOnce) {
   EXPECT_NE(got.errors[1].find("the step failed halfway"), std::string::npos) << got.errors[1];
   EXPECT_TRUE(got.broken);
   EXPECT_EQ(got.reason.at("bad"), "error");
-  EXPECT_EQ(got.reason.at("good"), "error");  // rank 0's step was in the same collectives
+  // rank 0's own request: "error" when its step was in the failed collectives, else "abort" when the
+  // group stops; either way it ends
+  EXPECT_TRUE(got.reason.at("good") == "error" || got.reason.at("good") == "abort") << got.reason.at("good");
   // The communicator's timeout is 300 s: the group learnt of the failure from the abort, not from it.
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(60));
 }
