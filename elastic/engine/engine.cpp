@@ -170,6 +170,21 @@ void engine::check_request(const engine_request& r) const {
     TROUPE_CHECK(id < vocab_, errc::invalid_argument,
                  "request {}: logit_bias names token {}, outside the vocabulary [0, {})", r.id, id, vocab_);
   TROUPE_CHECK(r.n >= 1, errc::invalid_argument, "request {}: n = {} samples; at least 1", r.id, r.n);
+  if (r.resume) {
+    TROUPE_CHECK(r.n == 1 && r.resume->index >= 0, errc::invalid_argument,
+                 "request {}: a resumed request is one sample with an index >= 0 (n = {}, index {})", r.id, r.n,
+                 r.resume->index);
+    const auto k = static_cast<int64_t>(r.resume->tokens.size());
+    TROUPE_CHECK(k < r.params.max_tokens, errc::invalid_argument,
+                 "request {}: resumed after {} tokens, but max_tokens is {}", r.id, k, r.params.max_tokens);
+    TROUPE_CHECK(static_cast<int64_t>(r.prompt.size()) + k < max_positions_ &&
+                     kv_.blocks_for(static_cast<int64_t>(r.prompt.size()) + k + 1) <= kv_.num_blocks(),
+                 errc::invalid_argument, "request {}: prompt + {} resumed tokens do not fit the context or the cache",
+                 r.id, k);
+    for (int32_t t : r.resume->tokens)
+      TROUPE_CHECK(t >= 0 && t < vocab_, errc::invalid_argument,
+                   "request {}: resumed token {} is outside the vocabulary [0, {})", r.id, t, vocab_);
+  }
 }
 
 void engine::submit(engine_request r) {
@@ -224,6 +239,7 @@ void engine::take_inbox() {
         s->arrival = r.arrival;
         s->kv_id = next_kv_id_++;
         if (group && i == 0) group->leader_kv = s->kv_id;
+        if (r.resume) replay(*s, *r.resume);
         samples.push_back(std::move(s));
       }
     } catch (const std::exception& e) {
@@ -247,6 +263,26 @@ void engine::take_inbox() {
     for (auto& s : waiting_)
       if (s->req.id == id && !s->done) finish(*s, "abort");
   }
+}
+
+// Invariant 10: the sent tokens pass through what emit_token feeds, with no event and no latency.
+void engine::replay(sequence& s, const engine_request::resumed& from) {
+  s.index = from.index;
+  s.req.params.seed = s.req.params.seed + static_cast<uint64_t>(from.index);
+  s.samp = std::make_unique<sampler>(s.req.params);
+  s.samp->set_prompt(s.req.prompt);
+  if (from.prompt_logprobs_sent || from.index > 0) s.collect_prompt_lps = false;
+  s.cumulative_logprob = from.cumulative_logprob;
+  for (int32_t t : from.tokens) {
+    s.tokens.push_back(t);
+    ++s.generated;
+    s.samp->accept(t);
+    s.stops->push(s.detok->push(t));
+    if (s.matcher && !s.matcher->advance(tok_.token_bytes(t)))
+      TROUPE_THROW(errc::invalid_argument, "request {}: resumed token {} does not fit its JSON grammar", s.req.id, t);
+  }
+  s.got_first = !from.tokens.empty();
+  s.last_token = clk::now();
 }
 
 void engine::finish(sequence& s, const std::string& reason, const std::string& error) {

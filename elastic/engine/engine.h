@@ -35,6 +35,12 @@
 //      prompt positions come back, and one event with the prompt's logprobs (the first token
 //      without one) precedes its first token. logprobs / cumulative_logprob come from the raw
 //      logits row each token was sampled from (sampling.h invariant 5).
+//  10. A resumed request (engine_request::resume) is one sample that another engine started: its
+//      sent tokens follow the prompt in the KV cache and are replayed without events through the
+//      penalties, the detokenizer, the stop strings and the grammar, so the next event continues the
+//      text exactly where the client's stream stopped; max_tokens, min_tokens and completion_tokens
+//      count them; its events carry the sample's index. Greedy output goes on as if never moved
+//      (invariant 5); a seeded random sample goes on with fresh draws of its seed.
 //   9. A guided request (sampling_params::grammar) samples only tokens its JSON matcher allows;
 //      it finishes with "stop" once the value is complete and nothing more may follow (eos is
 //      allowed as soon as it is complete). Text never ends inside a UTF-8 character: an
@@ -50,6 +56,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -106,6 +113,14 @@ struct engine_request {
   std::function<void(const engine_event&)> on_event;
   // When the request reached the server (TTFT counts from here); unset: when submit() takes it.
   std::chrono::steady_clock::time_point arrival{};
+  // A sample that goes on where another engine left it (invariant 10); n must be 1.
+  struct resumed {
+    int64_t index = 0;                 // the sample's index in the client's request
+    std::vector<int32_t> tokens;       // what it generated and the client has been sent
+    double cumulative_logprob = 0;     // of those tokens
+    bool prompt_logprobs_sent = false;
+  };
+  std::optional<resumed> resume;
 };
 
 // Latency histogram with Prometheus' cumulative buckets (seconds).
@@ -238,6 +253,7 @@ class engine final : public step_driver {
   void finish(sequence& s, const std::string& reason, const std::string& error = "");
   bool preempt_one(const sequence* for_whom);
   void emit_token(sequence& s, int32_t token, const token_logprob* lp);
+  void replay(sequence& s, const engine_request::resumed& from);
   bool admissible(const sequence& s) const;
   int64_t waiting_tokens() const;  // the step thread's (waiting_)
   const token_trie& trie();

@@ -1,8 +1,11 @@
 // The serving engine (elastic/engine/engine.h) on the fixture models: greedy output of requests
 // batched together equals parallel::generate_greedy per request, token for token, with chunked
 // prefill, prefix caching, preemption under a KV cache too small for everyone, and static
-// batching; seeded sampling does not depend on the batch; abort and bad input.
+// batching; seeded sampling does not depend on the batch; abort and bad input; a sample resumed on
+// another engine after any event goes on with exactly the text and tokens the first would have sent.
 #include <gtest/gtest.h>
+
+#include <optional>
 
 #include "engine_harness.h"
 #include "runtime/error.h"
@@ -153,6 +156,90 @@ TEST(Engine, BadRequestsAreRefusedBeforeQueueing) {
   h.out.erase("full");
   h.run();
   EXPECT_EQ(h.out["ok"].ids.size(), 2u);
+}
+
+// Every event of one request, in order, stepped until it finished.
+std::vector<engine_event> run_logged(harness& h, const std::string& id, const std::vector<int32_t>& prompt,
+                                     sampling_params p, std::optional<engine_request::resumed> resume = {}) {
+  std::vector<engine_event> events;
+  engine_request r;
+  r.id = id;
+  r.prompt = prompt;
+  r.params = p;
+  r.resume = resume;
+  r.on_event = [&](const engine_event& e) { events.push_back(e); };
+  h.eng->submit(std::move(r));
+  for (int i = 0; i < 1000 && (events.empty() || !events.back().finished); ++i) h.eng->step();
+  return events;
+}
+
+TEST(Engine, AResumedSampleContinuesTheStreamExactlyAfterAnyEvent) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  harness h("llama_gqa", o);
+  const int64_t V = h.dec->config().vocab_size;
+  const auto prompt = prompt_of(9, 5, V);
+  sampling_params p = greedy_params(24);
+  p.logprobs = 1;
+  const auto plain = run_logged(h, "plain", prompt, p);
+  std::string full;
+  for (const auto& e : plain) full += e.text;
+  ASSERT_GE(full.size(), 8u) << "the fixture's greedy text is long enough to hold a stop string";
+  // A stop string for which some event releases text while holding back a part that may start it
+  // (that event has more tokens than the text shown): a move right after it must keep holding it.
+  std::vector<engine_event> ref;
+  for (size_t at = 1; at + 3 <= full.size() && ref.empty(); ++at) {
+    p.stop = {full.substr(at, 3)};
+    auto events = run_logged(h, "ref" + std::to_string(at), prompt, p);
+    for (size_t j = 0; j + 1 < events.size(); ++j)
+      if (events[j].token_ids.size() >= 2 && !events[j].text.empty()) ref = events;
+  }
+  ASSERT_FALSE(ref.empty()) << "no stop string of the greedy text " << full << " holds text back";
+  ASSERT_EQ(ref.back().finish_reason, "stop");
+  std::string ref_text;
+  std::vector<int32_t> ref_ids;
+  for (const auto& e : ref) {
+    ref_text += e.text;
+    ref_ids.insert(ref_ids.end(), e.token_ids.begin(), e.token_ids.end());
+  }
+  int cuts = 0;
+  for (size_t j = 0; j + 1 < ref.size(); ++j) {  // the stream moves after event j
+    engine_request::resumed from;
+    from.index = 3;
+    std::string sent;
+    for (size_t k = 0; k <= j; ++k) {
+      sent += ref[k].text;
+      from.tokens.insert(from.tokens.end(), ref[k].token_ids.begin(), ref[k].token_ids.end());
+      for (const auto& lp : ref[k].logprobs) from.cumulative_logprob += lp.logprob;
+    }
+    if (from.tokens.empty()) continue;
+    const auto rest = run_logged(h, "moved" + std::to_string(j), prompt, p, from);
+    std::string text = sent;
+    std::vector<int32_t> ids = from.tokens;
+    for (const auto& e : rest) {
+      EXPECT_EQ(e.index, 3);
+      text += e.text;
+      ids.insert(ids.end(), e.token_ids.begin(), e.token_ids.end());
+    }
+    EXPECT_EQ(text, ref_text) << "moved after event " << j;
+    EXPECT_EQ(ids, ref_ids) << "moved after event " << j;
+    EXPECT_EQ(rest.back().finish_reason, "stop");
+    EXPECT_EQ(rest.back().completion_tokens, ref.back().completion_tokens);
+    EXPECT_EQ(rest.back().prompt_tokens, static_cast<int64_t>(prompt.size()));
+    ++cuts;
+  }
+  EXPECT_GE(cuts, 2);
+  EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
+  engine_request bad;  // more sent tokens than max_tokens allows; n > 1
+  bad.id = "bad";
+  bad.prompt = prompt;
+  bad.params = greedy_params(2);
+  bad.resume = engine_request::resumed{0, {1, 2}, 0, false};
+  EXPECT_THROW(h.eng->submit(bad), runtime::error);
+  bad.params = greedy_params(8);
+  bad.n = 2;
+  EXPECT_THROW(h.eng->submit(bad), runtime::error);
 }
 
 }  // namespace
