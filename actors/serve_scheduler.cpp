@@ -47,6 +47,7 @@ using sched_abort_atom = caf::atom_constant<caf::atom("s_abort")>;
 using sched_step_atom = caf::atom_constant<caf::atom("s_step")>;
 using sched_stop_atom = caf::atom_constant<caf::atom("s_stop")>;
 using sched_alive_atom = caf::atom_constant<caf::atom("s_alive")>;
+using sched_wake_atom = caf::atom_constant<caf::atom("s_wake")>;
 
 // How submit's answer travels: kind 0 accepted, 1 engine_busy, 2 runtime::error(code), 3 other.
 using submit_answer = std::tuple<int32_t, int32_t, std::string>;
@@ -96,6 +97,7 @@ caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::step_driver
         eng->abort(id);
         kick(self, *st);
       },
+      [=](sched_wake_atom) { kick(self, *st); },
       [=](sched_step_atom) {
         runtime::adopt_num_threads();  // cheap; the behaviour may be made before the thread runs it
         bool worked = false;
@@ -108,6 +110,7 @@ caf::behavior serve_scheduler(caf::event_based_actor* self, elastic::step_driver
         if (worked || eng->inbox_pending()) kick(self, *st);
       },
       [=](sched_alive_atom) {  // idle: the group hears from rank 0 (executor.h keepalive)
+        if (!st->stepping && eng->inbox_pending()) kick(self, *st);
         if (!st->stepping) {
           try {
             eng->keepalive();
@@ -172,6 +175,10 @@ void serve_scheduler_client::submit_async(elastic::engine_request r,
 
 void serve_scheduler_client::abort(const std::string& id) {
   if (!stopped_) caf::anon_send(actor_, sched_abort_atom::value, id);
+}
+
+void serve_scheduler_client::wake() {
+  if (!stopped_) caf::anon_send(actor_, sched_wake_atom::value);
 }
 
 void serve_scheduler_client::stop() {

@@ -55,6 +55,9 @@ class serve_scheduler_client final : public elastic::request_sink {
   // request or refused it (what engine::submit threw), or with errc::aborted when the actor is gone.
   void submit_async(elastic::engine_request r, std::function<void(std::exception_ptr)> accepted) override;
   void abort(const std::string& id) override;
+  // The driver has work the actor does not know of (a change of the group's size was asked for):
+  // an iteration runs soon, as after a submit. Never blocks.
+  void wake();
   void stop();
   caf::actor handle() const { return actor_; }
 

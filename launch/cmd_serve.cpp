@@ -14,6 +14,12 @@
 //   * replicated: every rank runs rank 0's batch on a replica of its KV cache
 //     (elastic/engine/executor.h); the MoE layers take a slice of the batch each.
 //
+// Elastic (more processes than engine.ranks, e.g. troupe-launch --min-ranks 1 --max-ranks 4): the
+// group starts on ranks [0, engine.ranks) and the other processes wait as standby; POST
+// /admin/scale (server.admin_key) or `troupe scale URL --ranks M` grows or shrinks it while it
+// serves (elastic/scale/dp_group.h invariant 7, dp_member.h): weights move peer-to-peer over UCX,
+// a rank that leaves is standby again. Every communicator is UCX then.
+//
 // Signals: rank 0 stops on SIGINT / SIGTERM (the HTTP server first, then the scheduler: requests
 // left end with "abort", the other ranks are told to stop and return). The other ranks wait for
 // that (troupe-launch and mpirun signal every rank). A second signal exits at once on any rank.
@@ -22,6 +28,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -35,12 +42,16 @@
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/expert_balancer.h"
 #include "actors/serve_scheduler.h"
 #include "elastic/engine/engine.h"
 #include "elastic/engine/executor.h"
 #include "elastic/server/engine_backend.h"
 #include "elastic/scale/dp_group.h"
+#include "elastic/scale/dp_member.h"
+#include "elastic/server/openai_api.h"
 #include "elastic/server/http_server.h"
 #include "launch/cluster_setup.h"
 #include "launch/commands.h"
@@ -53,6 +64,8 @@
 #include "runtime/io/hf_config.h"
 #include "runtime/log.h"
 #include "runtime/serve_spec.h"
+#include "runtime/bootstrap.h"
+#include "runtime/communicator_ucx.h"
 #include "runtime/threads.h"
 
 namespace troupe::launch {
@@ -69,6 +82,7 @@ struct serve_options {
   std::string backend = "auto";
   int join_timeout_ms = 60000;
   int heartbeat_timeout_ms = 10000;
+  int min_ranks = 1;  // an elastic group's least size (TROUPE_MIN_RANKS from troupe-launch)
 };
 
 // A quarter of MemAvailable (/proc/meminfo), at most 4 GiB, shared by the ranks on this host: the
@@ -126,11 +140,48 @@ struct serving {
   std::function<std::string()> broken;
   int ranks = 1;
   std::string layout;
+  elastic::dp_leader* elastic = nullptr;  // an elastic group's leader: /admin/scale
+};
+
+// /admin/scale over the data-parallel group's leader.
+class group_scale_admin final : public elastic::scale_admin {
+ public:
+  group_scale_admin(elastic::dp_leader& l, actors::serve_scheduler_client& sched) : leader_(l), sched_(sched) {}
+  std::string request_scale(int64_t ranks) override {
+    try {
+      leader_.request_scale(static_cast<int>(std::clamp<int64_t>(ranks, -1, 1 << 20)));
+    } catch (const elastic::dp_scale_refused& e) {
+      throw elastic::api_error(e.status(), e.status() == 409 ? "conflict_error" : "invalid_request_error", e.what(),
+                               "ranks");
+    }
+    sched_.wake();  // the change starts at the next iteration boundary, idle or not
+    return scale_status();
+  }
+  std::string scale_status() override {
+    const elastic::dp_scale_status s = leader_.scale_status();
+    nlohmann::json j = {{"ranks", s.ranks},
+                        {"target", s.target},
+                        {"state", s.state},
+                        {"layout", s.epoch},
+                        {"pool_ranks", s.pool_ranks},
+                        {"scale_ups", s.scale_ups},
+                        {"scale_downs", s.scale_downs},
+                        {"moved_samples", s.moved_samples},
+                        {"last_seconds",
+                         {{"wait", s.last_wait_seconds}, {"regroup", s.last_regroup_seconds}, {"total", s.last_total_seconds}}}};
+    if (!s.error.empty()) j["error"] = s.error;
+    return j.dump();
+  }
+
+ private:
+  elastic::dp_leader& leader_;
+  actors::serve_scheduler_client& sched_;
 };
 
 // Rank 0: the scheduler actor and the HTTP server, until a signal or the group's end.
 void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
           const parallel::model_weights& w, const parallel::text_tokenizer& tok, const serving& sv) {
+  // (w: rank 0's weights; an elastic group's rank 0 keeps its dense weights through every change)
   elastic::engine& eng = sv.eng;
   actors::serve_scheduler_client sched(ctx.system(), sv.driver);
   const std::string name = spec.served_model_name().empty()
@@ -150,6 +201,10 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   ho.limits.max_tokens = spec.server().max_tokens();
   ho.limits.max_prompt_tokens = spec.server().max_prompt_tokens() > 0 ? spec.server().max_prompt_tokens()
                                                                       : w.config().max_position_embeddings - 1;
+  ho.admin_key = runtime::serve_admin_key(spec);
+  std::unique_ptr<group_scale_admin> admin;
+  if (sv.elastic) admin = std::make_unique<group_scale_admin>(*sv.elastic, sched);
+  ho.admin = admin.get();
   elastic::http_server server(backend, ho);
   server.start();
   const int P = sv.ranks;
@@ -161,7 +216,7 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
                                                         parallel::ep::ep_mode_name(
                                                             parallel::ep::ep_options_from(spec.expert()).mode))
                                           : std::string(),
-             eng.num_blocks(), eng.options().block_size, P > 1 ? fmt::format(" per rank, {}", sv.layout) : "",
+             eng.num_blocks(), eng.options().block_size, P > 1 || sv.elastic ? fmt::format(" per rank, {}", sv.layout) : "",
              eng.options().static_batching ? "static" : "continuous", ho.api_key.empty() ? "" : ", API key required");
   std::fflush(stdout);
   std::string why;
@@ -195,6 +250,86 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   TROUPE_CHECK(why.rfind("the group broke", 0) != 0, errc::aborted, "rank 0: serving stopped: {}", why);
 }
 
+constexpr int tag_group_boot = 20113;  // a new layout's communicator addresses, over the pool
+
+// An elastic group (more processes than engine.ranks): the pool of every process over UCX, each
+// rank's dp_member, standby ranks waiting to be taken in (dp_member.h).
+void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
+                       const rank_info& r, const parallel::text_tokenizer& tok, int min_ranks) {
+  const int rank = ctx.group_rank(), pool_n = ctx.group_size();
+  const int first = static_cast<int>(spec.engine().ranks());
+  std::vector<int> all(static_cast<size_t>(pool_n));
+  for (int i = 0; i < pool_n; ++i) all[static_cast<size_t>(i)] = i;
+  // The pool waits as long as the service lives (a standby rank may wait days); a lost process is
+  // found by the supervisor's heartbeats, which abort it.
+  std::unique_ptr<runtime::communicator> pool =
+      make_subgroup_comm("ucx", ctx, all, 0, "pool", std::numeric_limits<int>::max(), /*sleep_when_idle=*/true);
+  elastic::dp_comm_factory factory = [&pool](const std::vector<int>& members, const std::string& name) {
+    auto boot = runtime::make_comm_bootstrap(*pool, members, tag_group_boot);
+    runtime::ucx_options uo;
+    uo.timeout_ms = 600000;
+    uo.sleep_when_idle = name.rfind("serve.", 0) == 0;  // the serving group waits long when idle
+    return std::unique_ptr<runtime::communicator>(runtime::make_ucx_communicator(*boot, uo));
+  };
+  elastic::dp_member m(*pool, factory, parallel::ep::ep_options_from(spec.expert()));
+  struct active_set {  // the worker aborts these when the cluster's group ends
+    actors::worker_context& ctx;
+    ~active_set() { ctx.set_active(nullptr); }
+  } guard{ctx};
+  auto register_active = [&] {
+    std::vector<runtime::communicator*> cs{pool.get()};
+    if (m.active()) cs.push_back(&m.comm());
+    ctx.set_active(cs);
+  };
+  register_active();
+  const runtime::model_config mc = runtime::load_hf_config(spec.model() + "/config.json");
+  const int64_t kv = runtime::serve_kv_cache_bytes(spec);
+  const size_t kv_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes(r.local_world_size);
+  const int64_t bs = spec.engine().block_size();
+  // Every process of the pool may serve: the group's KV cache is the pool's minimum.
+  const int64_t blocks = elastic::agree_num_blocks(*pool, parallel::paged_kv_store::blocks_for_budget(mc, bs, kv_bytes));
+  TROUPE_CHECK(blocks >= 1, errc::invalid_argument,
+               "rank {}: some rank's KV cache budget holds no block of {} tokens; raise engine.kv_cache_memory", rank,
+               bs);
+  elastic::engine_options eo = engine_options_from(spec);
+  eo.group_member = true;
+  eo.block_size = bs;
+  elastic::dp_elastic el = m.elastic();
+  const auto check = el.check;
+  el.check = [check, min_ranks](int ranks) {
+    TROUPE_CHECK(ranks >= min_ranks, errc::invalid_argument, "{} ranks is below the group's minimum of {} (--min-ranks)",
+                 ranks, min_ranks);
+    check(ranks);
+  };
+  const auto regroup = el.regroup;
+  el.regroup = [regroup, &register_active](const serve::DpScale& p) {
+    runtime::communicator* c = regroup(p);
+    register_active();
+    return c;
+  };
+  if (rank >= first) m.start_standby(mc);
+  else m.load(spec.model(), first);
+  register_active();
+  if (rank != 0) {
+    const auto sum = elastic::dp_serve_follower(m, tok, eo, blocks, el);
+    rep.add_lines(fmt::format("rank {}: {} lockstep iterations, taken in {} time(s) from standby", rank, sum.steps,
+                              sum.joins));
+    return;
+  }
+  elastic::local_executor exec(m.decoder(), blocks, bs);
+  elastic::engine eng(exec, tok, eo);
+  elastic::dp_leader leader(eng, m.comm(), elastic::make_dp_dispatch(spec.engine().dispatch(), first, bs), {}, el);
+  lead(ctx, rep, spec, m.weights(), tok,
+       {eng, leader, [&] { return leader.metrics_text(); },
+        [&] { return leader.broken() ? leader.broken_reason() : std::string(); }, first,
+        fmt::format("data-parallel attention, dispatch {}, elastic: {} processes, at least {} serving",
+                    leader.policy().name(), pool_n, min_ranks),
+        &leader});
+  const auto st = leader.scale_status();
+  rep.add_lines(fmt::format("rank 0: {} scale-ups, {} scale-downs, {} samples moved", st.scale_ups, st.scale_downs,
+                            st.moved_samples));
+}
+
 // One rank's part, on the worker's compute thread.
 void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
                const serve_options& o, const rank_info& r) {
@@ -205,6 +340,10 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   // the tokenizer (rank 0 needs it; every rank loads it so a bad file fails everywhere at once).
   std::unique_ptr<parallel::text_tokenizer> tok =
       parallel::load_tokenizer(spec.tokenizer().empty() ? spec.model() : spec.tokenizer());
+  if (world > spec.engine().ranks()) {
+    run_serve_elastic(ctx, rep, spec, r, *tok, o.min_ranks);
+    return;
+  }
   // The MoE layers' tokens (and the steps from rank 0) on one communicator, borrowed expert weights
   // on a second one beside it (ep_layer.h). A 10-minute timeout per operation: a quiet server's
   // group hears a keepalive every 5 s, a dead rank is found by the supervisor's heartbeats.
@@ -295,7 +434,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
     elastic::engine eng(exec, *tok, eo);
     if (rank != 0) {
       // A signal here waits for rank 0 (troupe-launch and mpirun signal every rank); a second exits.
-      const int64_t steps = elastic::dp_follow(eng, *epc, hooks);
+      const int64_t steps = elastic::dp_follow(eng, *epc, hooks).steps;
       const auto st = eng.stats();
       rep.add_lines(fmt::format("rank {}: {} lockstep iterations, {} requests served, {} tokens generated", rank,
                                 steps, st.finished, st.generated_tokens));
@@ -345,11 +484,26 @@ int serve(const serve_options& o) {
                  "{}: engine.ranks = {} does not divide the model's {} experts; pick a divisor of {}", o.spec,
                  spec.engine().ranks(), mc.n_experts, mc.n_experts);
   }
-  TROUPE_CHECK(spec.engine().ranks() == r.world_size, errc::invalid_argument,
+  TROUPE_CHECK(spec.engine().ranks() <= r.world_size, errc::invalid_argument,
                "{}: engine.ranks = {}, but troupe serve was launched on {} rank(s) (use troupe-launch -n {} or "
                "mpirun -np {}, or --set engine.ranks={})",
                o.spec, spec.engine().ranks(), r.world_size, spec.engine().ranks(), spec.engine().ranks(),
                r.world_size);
+  serve_options opts = o;
+  if (const char* m = std::getenv("TROUPE_MIN_RANKS"); m != nullptr && *m != '\0') opts.min_ranks = std::atoi(m);
+  if (spec.engine().ranks() < r.world_size) {  // elastic: the other processes wait as standby
+    TROUPE_CHECK(spec.engine().attention() == "data_parallel", errc::invalid_argument,
+                 "{}: {} processes for engine.ranks = {}: the group can grow into the others only with "
+                 "engine.attention: data_parallel",
+                 o.spec, r.world_size, spec.engine().ranks());
+    TROUPE_CHECK(!spec.expert().rebalance().enabled(), errc::invalid_argument,
+                 "{}: expert.rebalance with a group that changes size is not supported: turn one off", o.spec);
+    TROUPE_CHECK(opts.min_ranks >= 1 && spec.engine().ranks() >= opts.min_ranks, errc::invalid_argument,
+                 "{}: engine.ranks = {} is below --min-ranks {}: the group starts with engine.ranks ranks", o.spec,
+                 spec.engine().ranks(), opts.min_ranks);
+    TROUPE_CHECK(o.backend == "auto" || o.backend == "ucx", errc::invalid_argument,
+                 "--backend {}: a group that changes size runs over UCX", o.backend);
+  }
   if (o.threads > 0) runtime::set_num_threads(o.threads);
   else if (std::getenv("TROUPE_NUM_THREADS") == nullptr)
     runtime::set_num_threads(std::max(1, runtime::hardware_threads() / std::max(1, r.local_world_size)));
@@ -362,7 +516,7 @@ int serve(const serve_options& o) {
   g.args["spec"] = o.spec;
   g.timeout_ms = std::numeric_limits<int>::max();  // until rank 0 stops serving (~24 days at most)
   g.run = [&](const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
-    run_serve(ctx, rep, spec, o, r);
+    run_serve(ctx, rep, spec, opts, r);
   };
   return run_group_command(r, so, [&](actors::cluster_options& co) {
     co.rebalance_experts = spec.engine().ranks() > 1 && spec.expert().rebalance().enabled();

@@ -15,6 +15,7 @@ void register_commands(CLI::App& app) {
   register_membench(app);
   register_train(app);
   register_serve(app);
+  register_scale(app);
 }
 
 int64_t total_parameters(const runtime::model_config& c) {

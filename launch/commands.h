@@ -25,6 +25,7 @@ void register_report(CLI::App& app);    // cmd_report.cpp
 void register_plan(CLI::App& app);      // cmd_plan.cpp
 void register_membench(CLI::App& app);  // cmd_membench.cpp
 void register_serve(CLI::App& app);     // cmd_serve.cpp
+void register_scale(CLI::App& app);     // cmd_scale.cpp
 
 // The model's parameters, every rank's (a rank holding only its experts counts them all).
 int64_t total_parameters(const runtime::model_config& c);

@@ -109,6 +109,10 @@ pid_t spawn(const launch_options& o, int rank, const std::string& supervisor, co
   ::setenv("TROUPE_LOCAL_WORLD_SIZE", n.c_str(), 1);
   ::setenv("TROUPE_SUPERVISOR", supervisor.c_str(), 1);
   ::setenv("TROUPE_CLUSTER_TOKEN", token.c_str(), 1);
+  if (o.max_ranks > 0) {
+    ::setenv("TROUPE_MIN_RANKS", std::to_string(o.min_ranks).c_str(), 1);
+    ::setenv("TROUPE_MAX_RANKS", std::to_string(o.max_ranks).c_str(), 1);
+  }
   std::vector<char*> argv;
   for (const auto& a : o.command) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
@@ -182,6 +186,13 @@ std::vector<std::string> mpirun_command(const launch_options& o, const std::vect
   std::vector<std::string> argv = {"mpirun", "-H", host_list, "-np", std::to_string(o.nprocs),
                                    "--tag-output", "-x", "TROUPE_CLUSTER_TOKEN=" + token,
                                    "-x", "TROUPE_SUPERVISOR=" + sup};
+  if (o.max_ranks > 0) {
+    for (const std::string& kv : {"TROUPE_MIN_RANKS=" + std::to_string(o.min_ranks),
+                                 "TROUPE_MAX_RANKS=" + std::to_string(o.max_ranks)}) {
+      argv.push_back("-x");
+      argv.push_back(kv);
+    }
+  }
   argv.insert(argv.end(), o.command.begin(), o.command.end());
   return argv;
 }

@@ -9,7 +9,8 @@
 // Invariants:
 //   1. Rank i gets TROUPE_RANK=i, TROUPE_WORLD_SIZE=N, TROUPE_LOCAL_RANK=i,
 //      TROUPE_LOCAL_WORLD_SIZE=N, TROUPE_SUPERVISOR=127.0.0.1:<port> (a free port unless
-//      given) and TROUPE_CLUSTER_TOKEN (random unless given), on top of the caller's env.
+//      given) and TROUPE_CLUSTER_TOKEN (random unless given), on top of the caller's env; with
+//      max_ranks, TROUPE_MIN_RANKS and TROUPE_MAX_RANKS too.
 //   2. Every line a rank writes to stdout/stderr is forwarded to the same stream as
 //      "[rank i] line" (whole lines, never interleaved mid-line).
 //   3. Each rank runs in its own process group. The first rank that exits non-zero or
@@ -33,6 +34,10 @@ struct launch_options {
   int settle_ms = 5000;               // first failure -> SIGTERM to the others
   int grace_ms = 5000;                // SIGTERM -> SIGKILL delay at teardown
   bool prefix_output = true;
+  // Elastic serving: nprocs = max_ranks processes, of which the command serves with at least
+  // min_ranks (TROUPE_MIN_RANKS / TROUPE_MAX_RANKS in every rank's environment; 0 = not elastic).
+  int min_ranks = 0;
+  int max_ranks = 0;
 };
 
 struct rank_exit {

@@ -2,6 +2,8 @@
 //
 //   troupe-launch -n 4 -- troupe info
 //   troupe-launch -n 8 --hosts a,b -- troupe train job.yaml     # wraps mpirun
+//   troupe-launch --min-ranks 1 --max-ranks 4 -- troupe serve serve.yaml   # 4 processes: the serving
+//                                                # group and standby ranks it grows into (troupe scale)
 //
 // Exits 0 when every rank exits 0; otherwise with the first failing rank's exit code
 // (128 + signal when it was killed), after printing which rank failed and why.
@@ -19,7 +21,15 @@ int main(int argc, char** argv) {
   launch_options o;
   std::string hosts;
   bool dry_run = false;
-  app.add_option("-n,--nprocs", o.nprocs, "number of ranks")->required()->check(CLI::Range(1, 4096));
+  auto* n_opt = app.add_option("-n,--nprocs", o.nprocs, "number of ranks")->check(CLI::Range(1, 4096));
+  auto* max_opt = app.add_option("--max-ranks", o.max_ranks,
+                                 "elastic serving: start this many processes; the group grows into the ones it does "
+                                 "not use (troupe scale)")
+                      ->check(CLI::Range(1, 4096));
+  app.add_option("--min-ranks", o.min_ranks, "elastic serving: the group never shrinks below this (default 1)")
+      ->check(CLI::Range(1, 4096))
+      ->needs(max_opt);
+  n_opt->excludes(max_opt);
   app.add_option("--hosts", hosts, "comma-separated hosts: run through mpirun -H instead of local processes");
   app.add_option("--supervisor", o.supervisor, "host:port of the supervisor (default 127.0.0.1:<free port>)");
   app.add_option("--settle-ms", o.settle_ms,
@@ -33,6 +43,17 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  }
+  if (o.max_ranks > 0) {
+    if (o.min_ranks == 0) o.min_ranks = 1;
+    if (o.min_ranks > o.max_ranks) {
+      troupe::runtime::log::error("troupe-launch: --min-ranks {} exceeds --max-ranks {}", o.min_ranks, o.max_ranks);
+      return 2;
+    }
+    o.nprocs = o.max_ranks;
+  } else if (n_opt->count() == 0) {
+    troupe::runtime::log::error("troupe-launch: give -n N, or --max-ranks M for an elastic serving group");
+    return 2;
   }
   try {
     if (!hosts.empty()) {

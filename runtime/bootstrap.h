@@ -27,6 +27,12 @@ class bootstrap {
 // blobs, the others an empty vector. rank() is the position in `members` (-1 when not in it).
 std::unique_ptr<bootstrap> make_subgroup_bootstrap(bootstrap& world, std::vector<int> members);
 
+// A bootstrap among `members` (ranks of `comm`, group order) over comm's point-to-point messages with
+// user tag `tag`: only the members call all_gather (members[0] gathers and sends every blob back), so a
+// group can form while the rest of comm's ranks do other work. rank() is the position in `members`.
+class communicator;
+std::unique_ptr<bootstrap> make_comm_bootstrap(communicator& comm, std::vector<int> members, int tag);
+
 // `size` bootstraps over shared memory; each must be used by its own thread.
 std::vector<std::unique_ptr<bootstrap>> make_inproc_bootstraps(int size, int timeout_ms = 60000);
 

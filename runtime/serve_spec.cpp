@@ -111,13 +111,20 @@ int64_t serve_kv_cache_bytes(const serve::ServeSpec& spec) {
                                                                    "engine.kv_cache_memory");
 }
 
-std::string serve_api_key(const serve::ServeSpec& spec) {
-  const std::string& k = spec.server().api_key();
+namespace {
+std::string key_value(const std::string& k, const char* where) {
   if (k.rfind("env:", 0) != 0) return k;
   const char* v = std::getenv(k.substr(4).c_str());
-  TROUPE_CHECK(v != nullptr && *v != '\0', errc::not_found,
-               "server.api_key = {}: environment variable {} is not set", k, k.substr(4));
+  TROUPE_CHECK(v != nullptr && *v != '\0', errc::not_found, "{} = {}: environment variable {} is not set", where, k,
+               k.substr(4));
   return v;
+}
+}  // namespace
+
+std::string serve_api_key(const serve::ServeSpec& spec) { return key_value(spec.server().api_key(), "server.api_key"); }
+
+std::string serve_admin_key(const serve::ServeSpec& spec) {
+  return key_value(spec.server().admin_key(), "server.admin_key");
 }
 
 }  // namespace troupe::runtime

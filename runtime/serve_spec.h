@@ -30,5 +30,7 @@ std::string describe(const serve::ServeSpec& spec);
 int64_t serve_max_body_bytes(const serve::ServeSpec& spec);
 int64_t serve_kv_cache_bytes(const serve::ServeSpec& spec);
 std::string serve_api_key(const serve::ServeSpec& spec);
+// server.admin_key, resolved as serve_api_key ("" = the admin API is off).
+std::string serve_admin_key(const serve::ServeSpec& spec);
 
 }  // namespace troupe::runtime

@@ -192,7 +192,8 @@ void engine::submit(engine_request r) {
   if (r.arrival == clk::time_point{}) r.arrival = clk::now();
   {
     std::lock_guard<std::mutex> g(mu_);
-    if (static_cast<int64_t>(inbox_.size() + waiting_.size()) >= o_.max_waiting)
+    // A resumed sample was admitted by its group already: refusing it would fail its request.
+    if (!r.resume && static_cast<int64_t>(inbox_.size() + waiting_.size()) >= o_.max_waiting)
       throw engine_busy(fmt::format("{} requests are waiting already (engine.max_waiting)", o_.max_waiting));
     inbox_.push_back(std::move(r));
   }

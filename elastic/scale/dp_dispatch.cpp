@@ -77,6 +77,11 @@ void dp_least_kv_prefix::dispatched(int rank, std::span<const int32_t> prompt) {
   }
 }
 
+void dp_least_kv_prefix::resize(int ranks) {
+  TROUPE_CHECK(ranks >= 1, errc::invalid_argument, "least_kv_prefix dispatch: {} ranks", ranks);
+  ranks_.resize(static_cast<size_t>(ranks));
+}
+
 std::unique_ptr<dp_dispatch_policy> make_dp_dispatch(const std::string& name, int ranks, int64_t block_size) {
   if (name.empty() || name == "least_kv_prefix") return std::make_unique<dp_least_kv_prefix>(ranks, block_size);
   if (name == "round_robin") return std::make_unique<dp_round_robin>(ranks);

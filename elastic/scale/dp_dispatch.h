@@ -42,6 +42,9 @@ class dp_dispatch_policy {
   virtual int pick(std::span<const int32_t> prompt, std::span<const dp_rank_load> loads) = 0;
   virtual void dispatched(int rank, std::span<const int32_t> prompt) = 0;
   virtual std::string name() const = 0;
+  // The group now has `ranks` ranks (it grew or shrank; ranks that stay keep their numbers and
+  // what the policy remembers of them, new ranks start empty).
+  virtual void resize(int ranks) = 0;
 };
 
 class dp_least_kv_prefix final : public dp_dispatch_policy {
@@ -51,6 +54,7 @@ class dp_least_kv_prefix final : public dp_dispatch_policy {
   int pick(std::span<const int32_t> prompt, std::span<const dp_rank_load> loads) override;
   void dispatched(int rank, std::span<const int32_t> prompt) override;
   std::string name() const override { return "least_kv_prefix"; }
+  void resize(int ranks) override;
   // Full blocks of the prompt's prefix that `rank` was sent before (invariant 2).
   int64_t prefix_blocks(int rank, std::span<const int32_t> prompt) const;
 
@@ -71,6 +75,10 @@ class dp_round_robin final : public dp_dispatch_policy {
   int pick(std::span<const int32_t>, std::span<const dp_rank_load>) override { return next_++ % ranks_; }
   void dispatched(int, std::span<const int32_t>) override {}
   std::string name() const override { return "round_robin"; }
+  void resize(int ranks) override {
+    ranks_ = ranks;
+    next_ = 0;
+  }
 
  private:
   int ranks_;

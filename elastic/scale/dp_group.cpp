@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -20,7 +21,7 @@ using runtime::tensor;
 
 namespace {
 
-constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3;
+constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3, kind_scale = 4;
 constexpr int tag_report = 20101;  // rank r -> 0: its DpReport of an iteration
 
 // ---- the wire ------------------------------------------------------------------------------------
@@ -119,6 +120,27 @@ void encode_event(const std::string& id, const engine_event& e, serve::DpEvent* 
   d->set_cumulative_logprob(e.cumulative_logprob);
 }
 
+// A DpRequest as this rank's engine request (its events go to on_event).
+engine_request request_of(const serve::DpRequest& q, std::map<std::string, std::shared_ptr<const json_grammar>>& grammars,
+                          clk::time_point now) {
+  engine_request r;
+  r.id = q.id();
+  r.prompt.assign(q.prompt().begin(), q.prompt().end());
+  r.params = decode_params(q.params(), grammars);
+  r.n = std::max<int64_t>(q.n(), 1);
+  r.cumulative_logprob = q.cumulative_logprob();
+  r.arrival = now - std::chrono::microseconds(q.waited_us());
+  if (q.resumed()) {
+    engine_request::resumed from;
+    from.index = q.resume_index();
+    from.tokens.assign(q.resume_tokens().begin(), q.resume_tokens().end());
+    from.cumulative_logprob = q.resume_cumulative_logprob();
+    from.prompt_logprobs_sent = q.resume_prompt_logprobs_sent();
+    r.resume = std::move(from);
+  }
+  return r;
+}
+
 engine_event decode_event(const serve::DpEvent& d) {
   engine_event e;
   e.index = d.index();
@@ -189,9 +211,15 @@ void merge(latency_histogram& a, const google::protobuf::RepeatedField<int64_t>&
 
 // ---- rank 0 ----------------------------------------------------------------------------------------
 
+bool dp_leader::request_state::remote_unfinished() const {
+  for (size_t i = 0; i < rank.size(); ++i)
+    if (!done[i] && rank[i] != 0) return true;
+  return false;
+}
+
 dp_leader::dp_leader(engine& local, runtime::communicator& comm, std::unique_ptr<dp_dispatch_policy> policy,
-                     group_hooks hooks)
-    : eng_(local), comm_(comm), policy_(std::move(policy)), hooks_(std::move(hooks)),
+                     group_hooks hooks, dp_elastic elastic)
+    : eng_(local), comm_(&comm), elastic_(std::move(elastic)), policy_(std::move(policy)), hooks_(std::move(hooks)),
       loads_(static_cast<size_t>(comm.size())), pending_blocks_(static_cast<size_t>(comm.size()), 0),
       in_step_blocks_(static_cast<size_t>(comm.size()), 0), dispatched_(static_cast<size_t>(comm.size()), 0),
       reports_(static_cast<size_t>(comm.size())) {
@@ -200,7 +228,12 @@ dp_leader::dp_leader(engine& local, runtime::communicator& comm, std::unique_ptr
   TROUPE_CHECK(policy_ != nullptr, errc::invalid_argument, "data-parallel serving group: no dispatch policy");
   TROUPE_CHECK(local.options().group_member, errc::invalid_argument,
                "data-parallel serving group: rank 0's engine must be made with engine_options::group_member");
+  TROUPE_CHECK(elastic_.pool_ranks == 0 || (elastic_.pool_ranks >= comm.size() && elastic_.regroup),
+               errc::invalid_argument, "data-parallel serving group: a pool of {} ranks for a group of {} (and a regroup)",
+               elastic_.pool_ranks, comm.size());
   for (auto& l : loads_) l.num_blocks = local.num_blocks();
+  scale_.ranks = scale_.target = comm.size();
+  scale_.pool_ranks = elastic_.pool_ranks;
 }
 
 dp_leader::~dp_leader() {
@@ -209,6 +242,11 @@ dp_leader::~dp_leader() {
   } catch (const std::exception& e) {
     log::warn("serving group: could not tell the other ranks to stop: {}", e.what());
   }
+}
+
+int dp_leader::ranks() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return scale_.ranks;
 }
 
 bool dp_leader::broken() const {
@@ -221,17 +259,52 @@ std::string dp_leader::broken_reason() const {
   return broken_;
 }
 
+void dp_leader::request_scale(int target) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (elastic_.pool_ranks <= 0)
+    throw dp_scale_refused(501, fmt::format("this server's group has a fixed size of {} rank(s): start it with more "
+                                            "processes than engine.ranks (troupe-launch --max-ranks) to scale it",
+                                            scale_.ranks));
+  if (!broken_.empty() || shut_) throw dp_scale_refused(409, "the serving group is stopping or broken");
+  if (scale_.state == "pending")
+    throw dp_scale_refused(409, fmt::format("a change to {} ranks is under way; wait for it (GET /admin/scale)",
+                                            scale_.target));
+  if (target < 1 || target > elastic_.pool_ranks)
+    throw dp_scale_refused(400, fmt::format("ranks: {} is outside [1, {}] (the processes this server was started with)",
+                                            target, elastic_.pool_ranks));
+  if (target == scale_.ranks)
+    throw dp_scale_refused(400, fmt::format("ranks: the group has {} ranks already", target));
+  if (elastic_.check) {
+    try {
+      elastic_.check(target);
+    } catch (const runtime::error& e) {
+      throw dp_scale_refused(400, e.message());
+    } catch (const std::exception& e) {
+      throw dp_scale_refused(400, e.what());
+    }
+  }
+  scale_.state = "pending";
+  scale_.target = target;
+  scale_.error.clear();
+  scale_requested_ = clk::now();
+}
+
+dp_scale_status dp_leader::scale_status() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return scale_;
+}
+
 void dp_leader::submit(engine_request r) {
   eng_.check_request(r);  // every rank serves the same model with the same blocks (invariant 3)
   if (r.arrival == clk::time_point{}) r.arrival = clk::now();
   const int64_t bs = eng_.options().block_size;
-  const int P = comm_.size();
   const int64_t prompt_blocks = blocks_of(static_cast<int64_t>(r.prompt.size()), bs);
   int rank = 0;
   {
     std::lock_guard<std::mutex> g(mu_);
     TROUPE_CHECK(broken_.empty(), errc::aborted, "serving group: broken: {}", broken_);
     TROUPE_CHECK(!shut_, errc::aborted, "serving group: request {} after the group stopped", r.id);
+    const int P = scale_.ranks;
     const int64_t cap = eng_.options().max_waiting * P;
     if (samples_ + r.n > cap)
       throw engine_busy(fmt::format("{} sequences are in the group already ({} ranks x engine.max_waiting {})",
@@ -242,20 +315,21 @@ void dp_leader::submit(engine_request r) {
     loads_[0].running = st.running;
     loads_[0].waiting = st.waiting;
     for (int k = 0; k < P; ++k) loads_[static_cast<size_t>(k)].pending_blocks = pending_blocks_[static_cast<size_t>(k)];
+    // A rank about to leave takes nothing new (invariant 7).
+    const int usable = scale_.state == "pending" ? std::min(P, scale_.target) : P;
     rank = policy_->pick(r.prompt, loads_);
-    if (rank == 0 && P > 1 && st.waiting + r.n > eng_.options().max_waiting) {
-      // rank 0's own queue is full: the least loaded of the others instead
-      rank = 1;
-      for (int k = 2; k < P; ++k)
-        if (loads_[static_cast<size_t>(k)].load() < loads_[static_cast<size_t>(rank)].load()) rank = k;
+    if (rank >= usable || (rank == 0 && P > 1 && st.waiting + r.n > eng_.options().max_waiting)) {
+      // rank 0's own queue is full, or the pick leaves: the least loaded of the others instead
+      int best = usable > 1 ? 1 : 0;
+      for (int k = 2; k < usable; ++k)
+        if (loads_[static_cast<size_t>(k)].load() < loads_[static_cast<size_t>(best)].load()) best = k;
+      rank = best;
     }
     request_state s;
-    s.rank = rank;
+    s.rank.assign(static_cast<size_t>(r.n), rank);
     s.n = r.n;
     s.done.assign(static_cast<size_t>(r.n), false);
     s.on_event = std::move(r.on_event);
-    requests_.emplace(r.id, std::move(s));
-    samples_ += r.n;
     if (rank != 0) {
       record_dispatch(rank, r.prompt, prompt_blocks);
       serve::DpRequest* q = next_.add_requests();
@@ -265,9 +339,16 @@ void dp_leader::submit(engine_request r) {
       encode_params(r.params, q->mutable_params());
       q->set_n(r.n);
       q->set_cumulative_logprob(r.cumulative_logprob);
+      s.spec = *q;
+      s.sent.resize(static_cast<size_t>(r.n));
+      s.cumulative.assign(static_cast<size_t>(r.n), 0.0);
       arrivals_[r.id] = r.arrival;
+      requests_.emplace(r.id, std::move(s));
+      samples_ += r.n;
       return;
     }
+    requests_.emplace(r.id, std::move(s));
+    samples_ += r.n;
   }
   // Rank 0's own: its engine, the events through the same bookkeeping (finished samples).
   const std::string id = r.id;
@@ -295,27 +376,37 @@ void dp_leader::record_dispatch(int rank, const std::vector<int32_t>& prompt, in
 }
 
 void dp_leader::abort(const std::string& id) {
+  bool local = true;
   {
     std::lock_guard<std::mutex> g(mu_);
     auto it = requests_.find(id);
-    if (it != requests_.end() && it->second.rank != 0) {
-      serve::DpAbort* a = next_.add_aborts();
-      a->set_rank(it->second.rank);
-      a->set_id(id);
-      return;
+    if (it != requests_.end()) {
+      local = false;
+      std::vector<int> told;
+      for (size_t i = 0; i < it->second.rank.size(); ++i) {
+        const int k = it->second.rank[i];
+        if (it->second.done[i]) continue;
+        if (k == 0) local = true;
+        else if (std::find(told.begin(), told.end(), k) == told.end()) {
+          told.push_back(k);
+          serve::DpAbort* a = next_.add_aborts();
+          a->set_rank(k);
+          a->set_id(id);
+        }
+      }
     }
   }
-  eng_.abort(id);
+  if (local) eng_.abort(id);
 }
 
 bool dp_leader::inbox_pending() const {
   std::lock_guard<std::mutex> g(mu_);
   if (!broken_.empty()) return false;  // nothing will be taken: no busy loop of failing steps
-  return eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0;
+  return eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0 || scale_.state == "pending";
 }
 
 // A sample's event to its request's callback (outside the lock); the request is forgotten once every
-// sample finished.
+// sample finished. A remote sample's delivered tokens are kept (to move it, invariant 7).
 void dp_leader::deliver(const std::string& id, const engine_event& e) {
   std::function<void(const engine_event&)> cb;
   {
@@ -323,10 +414,17 @@ void dp_leader::deliver(const std::string& id, const engine_event& e) {
     auto it = requests_.find(id);
     if (it == requests_.end()) return;
     request_state& s = it->second;
-    if (e.index < 0 || e.index >= s.n || s.done[static_cast<size_t>(e.index)]) return;
+    const auto i = static_cast<size_t>(e.index);
+    if (e.index < 0 || e.index >= s.n || s.done[i]) return;
     cb = s.on_event;
+    if (!s.sent.empty() && s.rank[i] != 0) {
+      s.sent[i].insert(s.sent[i].end(), e.token_ids.begin(), e.token_ids.end());
+      s.cumulative[i] = e.cumulative_logprob;
+      s.prompt_logprobs_sent |= !e.prompt_logprobs.empty();
+    }
     if (e.finished) {
-      s.done[static_cast<size_t>(e.index)] = true;
+      s.done[i] = true;
+      if (!s.sent.empty()) std::vector<int32_t>().swap(s.sent[i]);
       --samples_;
       bool all = true;
       for (bool d : s.done) all &= d;
@@ -336,28 +434,34 @@ void dp_leader::deliver(const std::string& id, const engine_event& e) {
   if (cb) cb(e);
 }
 
-// Every remote request's unfinished samples end with `reason` (rank 0's own end through its engine).
+// Every remote sample not finished ends with `reason` (rank 0's own end through its engine).
 void dp_leader::fail_remote(const std::string& why, const std::string& reason) {
   std::vector<std::pair<std::function<void(const engine_event&)>, engine_event>> out;
   {
     std::lock_guard<std::mutex> g(mu_);
     for (auto it = requests_.begin(); it != requests_.end();) {
-      if (it->second.rank == 0) {
+      request_state& s = it->second;
+      bool all = true;
+      for (int64_t i = 0; i < s.n; ++i) {
+        const auto k = static_cast<size_t>(i);
+        if (!s.done[k] && s.rank[k] != 0) {
+          s.done[k] = true;
+          --samples_;
+          engine_event e;
+          e.index = i;
+          e.finished = true;
+          e.finish_reason = reason;
+          e.error = why;
+          out.emplace_back(s.on_event, e);
+        }
+        all &= s.done[k];
+      }
+      if (all) {
+        arrivals_.erase(it->first);
+        it = requests_.erase(it);
+      } else {
         ++it;
-        continue;
       }
-      for (int64_t i = 0; i < it->second.n; ++i) {
-        if (it->second.done[static_cast<size_t>(i)]) continue;
-        --samples_;
-        engine_event e;
-        e.index = i;
-        e.finished = true;
-        e.finish_reason = reason;
-        e.error = why;
-        out.emplace_back(it->second.on_event, e);
-      }
-      arrivals_.erase(it->first);
-      it = requests_.erase(it);
     }
     next_.Clear();
   }
@@ -367,7 +471,155 @@ void dp_leader::fail_remote(const std::string& why, const std::string& reason) {
 
 void dp_leader::send_header(int64_t kind, int64_t bytes) {
   tensor head = tensor::from_vector(std::vector<int64_t>{kind, bytes, steps_.load(), 0}, {4});
-  comm_.broadcast(head, 0);
+  comm_->broadcast(head, 0);
+}
+
+void dp_leader::fail_group(const std::exception& e) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (broken_.empty()) broken_ = e.what();
+    if (scale_.state == "pending") {
+      scale_.state = "failed";
+      scale_.error = e.what();
+    }
+  }
+  log::error("serving group: an iteration failed: {}", e.what());
+  comm_->abort(e.what());  // whoever still waits on this group fails now, not at its timeout
+  fail_remote(e.what(), "error");
+}
+
+// Samples of `s` (indices, unfinished, on ranks that left) go to ranks the policy picks among the group's
+// now. q is the request as sent: it goes again whole when none of its samples has sent anything yet;
+// else each sample resumes on its own from the tokens its client has (engine.h invariant 10). Under mu_.
+void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> samples) {
+  const int64_t bs = eng_.options().block_size;
+  bool whole = static_cast<int64_t>(samples.size()) == std::max<int64_t>(q.n(), 1) && !s.prompt_logprobs_sent;
+  for (int i : samples) whole = whole && s.sent[static_cast<size_t>(i)].empty();
+  auto send = [&](serve::DpRequest one) {
+    std::vector<int32_t> tokens(one.prompt().begin(), one.prompt().end());
+    tokens.insert(tokens.end(), one.resume_tokens().begin(), one.resume_tokens().end());
+    for (size_t r = 0; r < loads_.size(); ++r) loads_[r].pending_blocks = pending_blocks_[r];
+    const int rank = policy_->pick(tokens, loads_);
+    record_dispatch(rank, tokens, blocks_of(static_cast<int64_t>(tokens.size()), bs));
+    if (rank != 0) {
+      one.set_rank(rank);
+      *next_.add_requests() = std::move(one);
+    } else {
+      engine_request r = request_of(one, grammars_, clk::now());
+      const std::string id = r.id;
+      r.on_event = [this, id](const engine_event& e) { deliver(id, e); };
+      eng_.submit(std::move(r));  // a moved sample is never refused for a full queue (engine.h)
+    }
+    return rank;
+  };
+  if (whole) {
+    const int rank = send(q);
+    for (int i : samples) s.rank[static_cast<size_t>(i)] = rank;
+    scale_.moved_samples += static_cast<int64_t>(samples.size());
+    return;
+  }
+  for (int i : samples) {
+    const auto k = static_cast<size_t>(i);
+    serve::DpRequest one = q;
+    one.set_n(1);
+    one.set_resumed(true);
+    one.set_resume_index(i);
+    one.clear_resume_tokens();
+    for (int32_t t : s.sent[k]) one.add_resume_tokens(t);
+    one.set_resume_cumulative_logprob(s.cumulative[k]);
+    one.set_resume_prompt_logprobs_sent(s.prompt_logprobs_sent);
+    s.rank[k] = send(std::move(one));
+    ++scale_.moved_samples;
+  }
+}
+
+// Invariant 7, on the stepping thread at an iteration boundary.
+void dp_leader::scale(int target) {
+  const auto t_start = clk::now();
+  const int from = comm_->size();
+  serve::DpScale plan;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    plan.set_epoch(scale_.epoch + 1);
+    scale_.last_wait_seconds = std::chrono::duration<double>(t_start - scale_requested_).count();
+  }
+  plan.set_from_ranks(from);
+  plan.set_to_ranks(target);
+  plan.set_num_blocks(eng_.num_blocks());
+  plan.set_pool_ranks(elastic_.pool_ranks);
+  log::info("serving group: {} from {} to {} ranks (layout {})", target > from ? "growing" : "shrinking", from, target,
+            plan.epoch());
+  const std::string body = plan.SerializeAsString();
+  send_header(kind_scale, static_cast<int64_t>(body.size()));
+  tensor b = bytes_tensor(body);
+  comm_->broadcast(b, 0);
+  if (target > from && elastic_.announce) elastic_.announce(plan);
+  runtime::communicator* next = elastic_.regroup(plan);
+  TROUPE_CHECK(next != nullptr && next->size() == target && next->rank() == 0, errc::internal,
+               "serving group: the regroup to {} ranks gave rank 0 a communicator of {} ranks", target,
+               next ? next->size() : 0);
+  const auto t_regrouped = clk::now();
+  std::vector<std::pair<std::string, engine_event>> aborted;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    comm_ = next;
+    const auto M = static_cast<size_t>(target);
+    loads_.resize(M);
+    for (size_t k = static_cast<size_t>(from); k < M; ++k) loads_[k] = dp_rank_load{0, eng_.num_blocks(), 0, 0, 0};
+    pending_blocks_.resize(M, 0);
+    in_step_blocks_.resize(M, 0);
+    dispatched_.resize(M, 0);
+    reports_.resize(M);
+    policy_->resize(target);
+    if (target < from) {
+      // Aborts for the leaving ranks end their samples here; queued requests and started samples
+      // are placed again.
+      std::vector<std::string> abort_ids;
+      serve::DpStep old;
+      old.Swap(&next_);
+      for (const auto& a : old.aborts()) {
+        if (a.rank() < target) *next_.add_aborts() = a;
+        else abort_ids.push_back(a.id());
+      }
+      std::vector<serve::DpRequest> queued;
+      for (auto& q : *old.mutable_requests()) {
+        if (q.rank() < target) *next_.add_requests() = std::move(q);
+        else queued.push_back(std::move(q));
+      }
+      for (auto& [id, s] : requests_) {
+        std::vector<int> moving;
+        for (int64_t i = 0; i < s.n; ++i)
+          if (!s.done[static_cast<size_t>(i)] && s.rank[static_cast<size_t>(i)] >= target)
+            moving.push_back(static_cast<int>(i));
+        if (moving.empty()) continue;
+        if (std::find(abort_ids.begin(), abort_ids.end(), id) != abort_ids.end()) {
+          for (int i : moving) {
+            engine_event e;
+            e.index = i;
+            e.finished = true;
+            e.finish_reason = "abort";
+            aborted.emplace_back(id, e);
+          }
+          continue;
+        }
+        bool was_queued = false;
+        for (auto& q : queued)
+          if (q.id() == id) {
+            was_queued = true;
+            q.set_rank(-1);
+            place(q, s, moving);
+          }
+        if (!was_queued) place(s.spec, s, moving);
+      }
+    }
+    scale_.epoch = plan.epoch();
+    scale_.ranks = target;
+    scale_.state = "done";
+    if (target > from) ++scale_.scale_ups;
+    else ++scale_.scale_downs;
+    scale_.last_regroup_seconds = std::chrono::duration<double>(t_regrouped - t_start).count();
+  }
+  for (const auto& [id, e] : aborted) deliver(id, e);
 }
 
 bool dp_leader::step() {
@@ -376,12 +628,25 @@ bool dp_leader::step() {
     TROUPE_CHECK(broken_.empty(), errc::aborted, "serving group: broken since an earlier iteration: {}", broken_);
     TROUPE_CHECK(!finished_, errc::invalid_argument, "serving group: an iteration after the group ended");
   }
+  int target = 0;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (scale_.state == "pending") target = scale_.target;
+  }
+  if (target > 0) {
+    try {
+      scale(target);
+    } catch (const std::exception& e) {
+      fail_group(e);
+      throw;
+    }
+  }
   serve::DpStep step;
   bool remote_work = false;
   {
     std::lock_guard<std::mutex> g(mu_);
     step.Swap(&next_);
-    for (const auto& [id, s] : requests_) remote_work |= s.rank != 0;
+    for (const auto& [id, s] : requests_) remote_work |= s.remote_unfinished();
     in_step_blocks_ = pending_blocks_;
     in_step_blocks_[0] = 0;
     const auto now = clk::now();
@@ -392,33 +657,40 @@ bool dp_leader::step() {
       arrivals_.erase(it);
     }
   }
-  if (!remote_work && step.requests_size() == 0 && step.aborts_size() == 0 && !eng_.has_work()) return false;
+  if (!remote_work && step.requests_size() == 0 && step.aborts_size() == 0 && !eng_.has_work()) {
+    if (target > 0) {
+      std::lock_guard<std::mutex> g(mu_);
+      scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
+    }
+    return target > 0;
+  }
   try {
+    const int P = comm_->size();
     const std::string body = step.SerializeAsString();
     send_header(kind_step, static_cast<int64_t>(body.size()));
     if (!body.empty()) {
       tensor b = bytes_tensor(body);
-      comm_.broadcast(b, 0);
+      comm_->broadcast(b, 0);
     }
     eng_.step_or_idle();
     if (hooks_.after_step) hooks_.after_step(steps_);
-    std::vector<serve::DpReport> reports(static_cast<size_t>(comm_.size()));
-    for (int r = 1; r < comm_.size(); ++r) {
+    std::vector<serve::DpReport> reports(static_cast<size_t>(P));
+    for (int r = 1; r < P; ++r) {
       tensor len = tensor::zeros({1}, runtime::dtype::i64);
-      comm_.recv(len, r, tag_report);
+      comm_->recv(len, r, tag_report);
       const int64_t n = len.data<int64_t>()[0];
       TROUPE_CHECK(n >= 0 && n < (int64_t{1} << 31), errc::internal, "serving group: rank {} reported {} bytes", r, n);
       tensor b = tensor::empty({std::max<int64_t>(n, 1)}, runtime::dtype::u8);
-      if (n > 0) comm_.recv(b, r, tag_report);
+      if (n > 0) comm_->recv(b, r, tag_report);
       TROUPE_CHECK(reports[static_cast<size_t>(r)].ParseFromString(tensor_bytes(b, n)), errc::internal,
                    "serving group: rank {} sent a report that does not parse", r);
     }
-    for (int r = 1; r < comm_.size(); ++r)
+    for (int r = 1; r < P; ++r)
       for (const auto& ev : reports[static_cast<size_t>(r)].events()) deliver(ev.id(), decode_event(ev));
     {
       std::lock_guard<std::mutex> g(mu_);
       const int64_t bs = eng_.options().block_size;
-      for (int r = 1; r < comm_.size(); ++r) {
+      for (int r = 1; r < P; ++r) {
         auto& rep = reports[static_cast<size_t>(r)];
         rep.clear_events();
         loads_[static_cast<size_t>(r)] = load_of(rep, bs);
@@ -426,6 +698,8 @@ bool dp_leader::step() {
         reports_[static_cast<size_t>(r)] = std::move(rep);
       }
       pending_blocks_[0] = 0;
+      if (target > 0)
+        scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
     }
     ++steps_;
     if (hooks_.want_sync && hooks_.want_sync()) {
@@ -433,13 +707,7 @@ bool dp_leader::step() {
       if (hooks_.sync) hooks_.sync();
     }
   } catch (const std::exception& e) {  // the group is out of step: nothing more can pair
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (broken_.empty()) broken_ = e.what();
-    }
-    log::error("serving group: an iteration failed: {}", e.what());
-    comm_.abort(e.what());  // whoever still waits on this group fails now, not at its timeout
-    fail_remote(e.what(), "error");
+    fail_group(e);
     throw;
   }
   return true;
@@ -462,6 +730,13 @@ void dp_leader::keepalive() {
 void dp_leader::finish() {
   if (finished_) return;
   finished_ = true;
+  if (elastic_.end) {
+    try {
+      elastic_.end();
+    } catch (const std::exception& e) {
+      log::warn("serving group: could not tell the standby ranks to stop: {}", e.what());
+    }
+  }
   if (broken()) return;  // the others leave on their communicator's error
   send_header(kind_end, 0);
 }
@@ -495,7 +770,7 @@ std::vector<int64_t> dp_leader::dispatched() const {
 std::string dp_leader::metrics_text() const {
   const engine_stats st = eng_.stats();
   std::lock_guard<std::mutex> g(mu_);
-  const int P = comm_.size();
+  const int P = scale_.ranks;
   serving_gauges sg;
   sg.waiting = st.waiting;
   sg.running = st.running;
@@ -547,95 +822,131 @@ std::string dp_leader::metrics_text() const {
   out += "# HELP troupe_dp_rank_running Requests in each rank's batch.\n# TYPE troupe_dp_rank_running gauge\n";
   for (int r = 0; r < P; ++r)
     out += fmt::format("troupe_dp_rank_running{{rank=\"{}\"}} {}\n", r, r == 0 ? st.running : reports_[size_t(r)].running());
+  if (elastic_.pool_ranks > 0) {
+    const dp_scale_status& s = scale_;
+    out += fmt::format(
+        "# HELP troupe_scale_pool_ranks Processes able to serve (the group and its standby ranks).\n"
+        "# TYPE troupe_scale_pool_ranks gauge\ntroupe_scale_pool_ranks {}\n"
+        "# HELP troupe_scale_layout The group's layout count (1 at the start, + 1 per change of size).\n"
+        "# TYPE troupe_scale_layout gauge\ntroupe_scale_layout {}\n"
+        "# HELP troupe_scale_events_total Changes of the group's size.\n# TYPE troupe_scale_events_total counter\n"
+        "troupe_scale_events_total{{direction=\"up\"}} {}\ntroupe_scale_events_total{{direction=\"down\"}} {}\n"
+        "# HELP troupe_scale_moved_samples_total Samples resumed on another rank when theirs left.\n"
+        "# TYPE troupe_scale_moved_samples_total counter\ntroupe_scale_moved_samples_total {}\n"
+        "# HELP troupe_scale_last_seconds The last change's phases: wait (request to the iteration boundary), "
+        "regroup (weights and communicators, iterations paused), total (request to the first iteration on the new "
+        "layout).\n# TYPE troupe_scale_last_seconds gauge\n"
+        "troupe_scale_last_seconds{{phase=\"wait\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"regroup\"}} {:.6f}\n"
+        "troupe_scale_last_seconds{{phase=\"total\"}} {:.6f}\n",
+        s.pool_ranks, s.epoch, s.scale_ups, s.scale_downs, s.moved_samples, s.last_wait_seconds,
+        s.last_regroup_seconds, s.last_total_seconds);
+  }
   return out + eng_.expert_metrics_text();
 }
 
 // ---- ranks 1..P-1 ----------------------------------------------------------------------------------
 
 namespace {
-int64_t follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks);
+dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_hooks& hooks, const dp_elastic& el);
 }  // namespace
 
-int64_t dp_follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks) {
+dp_follow_result dp_follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks, const dp_elastic& el) {
   TROUPE_CHECK(comm.rank() != 0, errc::invalid_argument, "data-parallel serving group: rank 0 leads; it does not follow");
   TROUPE_CHECK(eng.options().group_member, errc::invalid_argument,
                "data-parallel serving group: rank {}'s engine must be made with engine_options::group_member",
                comm.rank());
+  runtime::communicator* cur = &comm;
   try {
-    return follow(eng, comm, hooks);
+    return follow(eng, cur, hooks, el);
   } catch (const std::exception& e) {  // out of step: the others fail now, not at their timeout
-    comm.abort(fmt::format("rank {} left the serving group: {}", comm.rank(), e.what()));
+    cur->abort(fmt::format("rank {} left the serving group: {}", cur->rank(), e.what()));
     throw;
   }
 }
 
 namespace {
 
-int64_t follow(engine& eng, runtime::communicator& comm, const group_hooks& hooks) {
+dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_hooks& hooks, const dp_elastic& el) {
   std::map<std::string, std::shared_ptr<const json_grammar>> grammars;
   serve::DpReport report;  // this iteration's events (the engine's callbacks run on this thread)
-  int64_t steps = 0;
+  dp_follow_result res;
   for (;;) {
     tensor head = tensor::zeros({4}, runtime::dtype::i64);
-    comm.broadcast(head, 0);
+    comm->broadcast(head, 0);
     const int64_t* h = head.data<int64_t>();
     if (h[0] == kind_end) {
       eng.shutdown();
-      return steps;
+      return res;
     }
     if (h[0] == kind_idle) continue;
     if (h[0] == kind_sync) {
       if (hooks.sync) hooks.sync();
       continue;
     }
-    TROUPE_CHECK(h[0] == kind_step && h[1] >= 0 && h[1] < (int64_t{1} << 31), errc::internal,
-                 "serving group: rank {}: a malformed iteration header from rank 0 ({}, {})", comm.rank(), h[0], h[1]);
-    serve::DpStep step;
-    if (h[1] > 0) {
-      tensor b = tensor::empty({h[1]}, runtime::dtype::u8);
-      comm.broadcast(b, 0);
-      TROUPE_CHECK(step.ParseFromString(tensor_bytes(b, h[1])), errc::internal,
-                   "serving group: rank {}: an iteration from rank 0 that does not parse", comm.rank());
+    TROUPE_CHECK((h[0] == kind_step || h[0] == kind_scale) && h[1] >= 0 && h[1] < (int64_t{1} << 31), errc::internal,
+                 "serving group: rank {}: a malformed iteration header from rank 0 ({}, {})", comm->rank(), h[0], h[1]);
+    tensor b = tensor::empty({std::max<int64_t>(h[1], 1)}, runtime::dtype::u8);
+    if (h[1] > 0) comm->broadcast(b, 0);
+    if (h[0] == kind_scale) {  // invariant 7
+      serve::DpScale plan;
+      TROUPE_CHECK(plan.ParseFromString(tensor_bytes(b, h[1])) && plan.to_ranks() >= 1, errc::internal,
+                   "serving group: rank {}: a change of size from rank 0 that does not parse", comm->rank());
+      TROUPE_CHECK(static_cast<bool>(el.regroup), errc::internal,
+                   "serving group: rank {}: rank 0 changes the group's size, but this rank cannot (no dp_elastic)",
+                   comm->rank());
+      const int me = comm->rank();  // the old communicator goes in the regroup
+      const bool stays = me < plan.to_ranks();
+      if (!stays) {  // rank 0 moves this rank's samples: nothing more is reported
+        eng.shutdown();
+        report.Clear();
+      }
+      runtime::communicator* next = el.regroup(plan);
+      if (!stays) {
+        res.left = true;
+        return res;
+      }
+      TROUPE_CHECK(next != nullptr && next->size() == plan.to_ranks() && next->rank() == me, errc::internal,
+                   "serving group: rank {}: the regroup to {} ranks gave a communicator of {} ranks", me,
+                   plan.to_ranks(), next ? next->size() : 0);
+      comm = next;
+      continue;
     }
+    serve::DpStep step;
+    TROUPE_CHECK(step.ParseFromString(tensor_bytes(b, h[1])), errc::internal,
+                 "serving group: rank {}: an iteration from rank 0 that does not parse", comm->rank());
     const auto now = clk::now();
     for (const auto& q : step.requests()) {
-      if (q.rank() != comm.rank()) continue;
+      if (q.rank() != comm->rank()) continue;
       const std::string id = q.id();
-      const int64_t n = std::max<int64_t>(q.n(), 1);
       try {
-        engine_request r;
-        r.id = id;
-        r.prompt.assign(q.prompt().begin(), q.prompt().end());
-        r.params = decode_params(q.params(), grammars);
-        r.n = n;
-        r.cumulative_logprob = q.cumulative_logprob();
-        r.arrival = now - std::chrono::microseconds(q.waited_us());
+        engine_request r = request_of(q, grammars, now);
         r.on_event = [&report, id](const engine_event& e) { encode_event(id, e, report.add_events()); };
         eng.submit(std::move(r));
       } catch (const std::exception& e) {  // rank 0 checked it; this rank refuses it anyway: it ends here
-        log::error("serving group: rank {}: request {} refused: {}", comm.rank(), id, e.what());
+        log::error("serving group: rank {}: request {} refused: {}", comm->rank(), id, e.what());
+        const int64_t n = std::max<int64_t>(q.n(), 1);
         for (int64_t i = 0; i < n; ++i) {
           engine_event ev;
-          ev.index = i;
+          ev.index = q.resumed() ? q.resume_index() : i;
           ev.finished = true;
           ev.finish_reason = "error";
-          ev.error = fmt::format("rank {} refused the request: {}", comm.rank(), e.what());
+          ev.error = fmt::format("rank {} refused the request: {}", comm->rank(), e.what());
           ev.prompt_tokens = q.prompt_size();
           encode_event(id, ev, report.add_events());
         }
       }
     }
     for (const auto& a : step.aborts())
-      if (a.rank() == comm.rank()) eng.abort(a.id());
+      if (a.rank() == comm->rank()) eng.abort(a.id());
     eng.step_or_idle();
-    if (hooks.after_step) hooks.after_step(steps);
+    if (hooks.after_step) hooks.after_step(res.steps);
     fill_load(eng, report);
     const std::string body = report.SerializeAsString();
     tensor len = tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(body.size())}, {1});
-    comm.send(len, 0, tag_report);
-    if (!body.empty()) comm.send(bytes_tensor(body), 0, tag_report);
+    comm->send(len, 0, tag_report);
+    if (!body.empty()) comm->send(bytes_tensor(body), 0, tag_report);
     report.Clear();
-    ++steps;
+    ++res.steps;
   }
 }
 

@@ -14,6 +14,8 @@
 //   serve_scheduler_client sched(system, lead);                     // steps lead; HTTP submits to it
 //   // ranks 1..P-1
 //   dp_follow(eng, comm);                                            // until rank 0 ends the group
+//   // growing and shrinking while serving (invariant 7): a dp_elastic on every rank, then
+//   lead.request_scale(4);                                           // from the admin endpoint
 //
 // Invariants:
 //   1. One group iteration: rank 0 broadcasts a step (serve.proto DpStep: the requests and aborts it
@@ -41,15 +43,29 @@
 //      at once), every remote request ends with "error", broken() is true and later steps throw
 //      (errc::aborted).
 //   6. metrics_text(): TTFT / TPOT histograms of every rank's engine summed (a remote request's TTFT
-//      counts from its arrival at rank 0), queue and KV figures summed, and per rank.
+//      counts from its arrival at rank 0), queue and KV figures summed, and per rank; the scale
+//      events and their phases.
+//   7. Scaling (with a dp_elastic whose pool_ranks > 0): request_scale(M) is checked at once (a clear
+//      dp_scale_refused and nothing changes: M outside [1, pool_ranks], equal to the size, a change
+//      already pending, a model the check refuses) and carried out by rank 0's stepping thread at the
+//      next iteration boundary: rank 0 broadcasts a DpScale to the group and announces it to the
+//      joining ranks, then every rank of the change calls dp_elastic::regroup (weights moved, the new
+//      group's communicator built) and the group goes on with ranks [0, M); a rank keeps its number.
+//      A rank that leaves returns from dp_follow (left = true) once its regroup is done. Its
+//      unfinished samples go on elsewhere from the tokens their clients were sent (DpRequest
+//      resumed, engine.h invariant 10): no event is lost or repeated, greedy output is unchanged.
+//      Requests queued for it and not yet sent are dispatched again. A failure inside a change
+//      breaks the group as invariant 5 says.
 #pragma once
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <stdexcept>
 #include <vector>
 
 #include "elastic/engine/engine.h"
@@ -60,10 +76,49 @@
 
 namespace troupe::elastic {
 
+// The side of a change of size (invariant 7) that belongs to whoever owns the ranks' models and
+// communicators (elastic/scale/dp_member.h in a server, threads in the tests).
+struct dp_elastic {
+  int pool_ranks = 0;  // ranks able to serve: scale targets lie in [1, pool_ranks]; 0 = a fixed group
+  // Every rank of the change, old and new: moves the weights, builds the new group's communicator and
+  // returns it (null on a rank that leaves). Rank 0 calls it after telling the others.
+  std::function<runtime::communicator*(const serve::DpScale&)> regroup;
+  // Rank 0: tells the joining ranks, which wait outside the group.
+  std::function<void(const serve::DpScale&)> announce;
+  // Rank 0: throws errc::invalid_argument when the model cannot run on that many ranks.
+  std::function<void(int)> check;
+  // Rank 0, once the group ended: tells the ranks outside it.
+  std::function<void()> end;
+};
+
+// request_scale's refusal; status() is the HTTP status that says why (400, 409, 501).
+class dp_scale_refused : public std::runtime_error {
+ public:
+  dp_scale_refused(int status, const std::string& what) : std::runtime_error(what), status_(status) {}
+  int status() const { return status_; }
+
+ private:
+  int status_;
+};
+
+struct dp_scale_status {
+  std::string state = "idle";  // idle | pending | done | failed
+  int64_t epoch = 1;           // layouts so far
+  int ranks = 1;               // serving now
+  int target = 1;              // of the change pending or last done
+  int pool_ranks = 0;
+  int64_t scale_ups = 0, scale_downs = 0;
+  int64_t moved_samples = 0;   // samples resumed on another rank, all changes
+  double last_total_seconds = 0;   // request -> the first iteration on the new layout
+  double last_wait_seconds = 0;    // request -> the iteration boundary that starts it
+  double last_regroup_seconds = 0; // weights moved and communicators built (iterations paused)
+  std::string error;
+};
+
 class dp_leader final : public step_driver {
  public:
   dp_leader(engine& local, runtime::communicator& comm, std::unique_ptr<dp_dispatch_policy> policy,
-            group_hooks hooks = {});
+            group_hooks hooks = {}, dp_elastic elastic = {});
   ~dp_leader() override;
   dp_leader(const dp_leader&) = delete;
   dp_leader& operator=(const dp_leader&) = delete;
@@ -76,7 +131,10 @@ class dp_leader final : public step_driver {
   bool inbox_pending() const override;
   int64_t keepalive_ms() const override { return eng_.keepalive_ms(); }
 
-  int ranks() const { return comm_.size(); }
+  int ranks() const;  // thread-safe
+  // Invariant 7; thread-safe. Throws dp_scale_refused.
+  void request_scale(int ranks);
+  dp_scale_status scale_status() const;  // thread-safe
   bool broken() const;  // thread-safe
   std::string broken_reason() const;
   std::vector<dp_rank_load> loads() const;       // as last reported (rank 0: now)
@@ -86,19 +144,29 @@ class dp_leader final : public step_driver {
 
  private:
   struct request_state {
-    int rank = 0;
+    std::vector<int> rank;   // per sample: the rank serving it
     int64_t n = 1;
     std::vector<bool> done;  // per sample
     std::function<void(const engine_event&)> on_event;
+    serve::DpRequest spec;   // a remote request as sent (to move its samples)
+    std::vector<std::vector<int32_t>> sent;  // per sample: the token ids delivered so far
+    std::vector<double> cumulative;          // per sample: the last cumulative logprob delivered
+    bool prompt_logprobs_sent = false;
+    bool remote_unfinished() const;
   };
   void deliver(const std::string& id, const engine_event& e);
+  void scale(int target);
+  void place(serve::DpRequest q, request_state& s, std::vector<int> samples);
+  void fail_group(const std::exception& e);
   void record_dispatch(int rank, const std::vector<int32_t>& prompt, int64_t blocks);
   void fail_remote(const std::string& why, const std::string& reason);
   void send_header(int64_t kind, int64_t bytes);
   void finish();
 
   engine& eng_;
-  runtime::communicator& comm_;
+  runtime::communicator* comm_;
+  dp_elastic elastic_;
+  std::map<std::string, std::shared_ptr<const json_grammar>> grammars_;  // of moved samples for rank 0
   std::unique_ptr<dp_dispatch_policy> policy_;
   group_hooks hooks_;
   std::atomic<int64_t> steps_{0};
@@ -115,10 +183,18 @@ class dp_leader final : public step_driver {
   std::vector<int64_t> dispatched_;
   std::vector<serve::DpReport> reports_;           // the last report of each rank (their counters)
   std::string broken_;
+  dp_scale_status scale_;
+  std::chrono::steady_clock::time_point scale_requested_;
 };
 
-// Ranks 1..P-1 of the group: run every iteration rank 0 starts (invariant 1) until it ends the group;
-// returns the iterations run. Requests that this rank's engine refuses end with "error".
-int64_t dp_follow(engine& local, runtime::communicator& comm, const group_hooks& hooks = {});
+// Ranks 1..P-1 of the group: run every iteration rank 0 starts (invariant 1) until it ends the group
+// or this rank leaves it (invariant 7: `comm` is replaced by each regroup's). Requests that this
+// rank's engine refuses end with "error".
+struct dp_follow_result {
+  int64_t steps = 0;  // iterations run
+  bool left = false;  // the group shrank without this rank (else it ended)
+};
+dp_follow_result dp_follow(engine& local, runtime::communicator& comm, const group_hooks& hooks = {},
+                           const dp_elastic& elastic = {});
 
 }  // namespace troupe::elastic

@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "runtime/error.h"
@@ -298,6 +299,55 @@ http_server::http_server(generation_backend& backend, http_options options)
       text += backend_.metrics_text();
       ex->respond(200, "text/plain; version=0.0.4", std::move(text));
       st_->count(200);
+    });
+  });
+
+  // Invariant 7.
+  auto admin_allowed = [this](http_exchange& ex) {
+    if (o_.admin_key.empty() || o_.admin == nullptr) {
+      st_->send_error(ex, api_error(403, "permission_error",
+                                    o_.admin == nullptr ? "this server has no admin API"
+                                                        : "the admin API is off: set server.admin_key",
+                                    "", "admin_disabled"));
+      return false;
+    }
+    if (ex.request().header("Authorization") == "Bearer " + o_.admin_key) return true;
+    st_->send_error(ex, api_error(401, "authentication_error",
+                                  "missing or wrong admin key: send `Authorization: Bearer <server.admin_key>`", "",
+                                  "invalid_admin_key"));
+    return false;
+  };
+  front_->route("GET", "/admin/scale", [this, admin_allowed](std::shared_ptr<http_exchange> ex) {
+    if (!admin_allowed(*ex)) return;
+    front_->post_work([this, ex] {
+      ex->respond(200, "application/json", o_.admin->scale_status());
+      st_->count(200);
+    });
+  });
+  front_->route("POST", "/admin/scale", [this, admin_allowed](std::shared_ptr<http_exchange> ex) {
+    if (!admin_allowed(*ex)) return;
+    front_->post_work([this, ex] {
+      try {
+        nlohmann::json body;
+        try {
+          body = nlohmann::json::parse(ex->request().body);
+        } catch (const std::exception& e) {
+          throw api_error(400, "invalid_request_error", fmt::format("the body is not JSON: {}", e.what()));
+        }
+        if (!body.is_object()) throw api_error(400, "invalid_request_error", "the body must be a JSON object");
+        for (const auto& [k, v] : body.items())
+          if (k != "ranks")
+            throw api_error(400, "invalid_request_error", fmt::format("unknown field '{}' (only ranks)", k), k);
+        if (!body.contains("ranks") || !body["ranks"].is_number_integer())
+          throw api_error(400, "invalid_request_error", "ranks: an integer is required", "ranks");
+        std::string out = o_.admin->request_scale(body["ranks"].get<int64_t>());
+        ex->respond(202, "application/json", std::move(out));
+        st_->count(202);
+      } catch (const api_error& e) {
+        st_->send_error(*ex, e);
+      } catch (const std::exception& e) {
+        st_->send_error(*ex, api_error(500, "server_error", e.what()));
+      }
     });
   });
 

@@ -24,6 +24,10 @@
 //      the request is aborted in the backend at once (their KV blocks and batch slots freed).
 //   6. No HTTP thread ever waits on the backend: parsing, tokenizing and submitting run on the
 //      front's work pool, the backend's events are written as they come.
+//   7. /admin/scale (GET: the group's size and its last change; POST {"ranks": M}: change it) needs
+//      `Authorization: Bearer <admin_key>`, a key of its own (the API key does not open it); without
+//      an admin_key or a scale_admin it is 403. A refused change is its 4xx and changes nothing; an
+//      accepted one is 202 and runs beside serving.
 #pragma once
 #include <exception>
 #include <functional>
@@ -83,6 +87,15 @@ class generation_backend {
   virtual std::string metrics_text() = 0;
 };
 
+// The serving group's size behind /admin/scale (invariant 7). Both return a JSON object.
+class scale_admin {
+ public:
+  virtual ~scale_admin() = default;
+  // Starts a change to `ranks` ranks (thread-safe); throws api_error with its 4xx when refused.
+  virtual std::string request_scale(int64_t ranks) = 0;
+  virtual std::string scale_status() = 0;
+};
+
 struct http_options {
   std::string host = "127.0.0.1";
   int port = 8000;                // 0 = any free port
@@ -92,6 +105,8 @@ struct http_options {
   int work_threads = 2;           // parsing, tokenizing, submitting
   int max_connections = 16384;
   int idle_timeout_ms = 75000;    // keep-alive connections without a request
+  std::string admin_key;          // /admin/*: "" = off (invariant 7)
+  scale_admin* admin = nullptr;
 };
 
 class http_server {

@@ -144,6 +144,15 @@ model_weights model_weights::allocate(const model_config& c) {
   return w;
 }
 
+model_weights model_weights::allocate(const model_config& c, const std::function<bool(const std::string&)>& keep) {
+  model_weights w;
+  w.init_layout(c);
+  w.visit([&](const std::string& name, tensor& t, const shape_t& shape) {
+    if (keep(name)) t = tensor::zeros(shape);
+  });
+  return w;
+}
+
 void model_weights::set_rope(const runtime::rope_config& rope, int64_t max_position_embeddings) {
   TROUPE_CHECK(max_position_embeddings > 0, runtime::errc::invalid_argument,
                "set_rope: max_position_embeddings {} must be > 0", max_position_embeddings);

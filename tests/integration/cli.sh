@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `troupe` command line as a user meets it:
 #   tests/integration/cli.sh TROUPE_BIN
-# A. an unknown subcommand (or a bad option) is an error naming it, exit 2; --version exits 0.
+# A. an unknown subcommand (or a bad option) is an error naming it, exit 2; --version exits 0;
+#    troupe scale with no server there exits 3 naming the address.
 # B. troupe inspect: exit 0 on a whole checkpoint; non-zero, naming the first missing tensor, on a
 #    checkpoint that does not match its config.json.
 # C. troupe generate: greedy by default; --temperature/--top-p/--seed sample, the same seed gives
@@ -12,9 +13,12 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 
-"$troupe" scale http://127.0.0.1:8000 --ranks 2 >"$tmp/out" 2>&1; rc=$?
+"$troupe" rescale http://127.0.0.1:8000 --ranks 2 >"$tmp/out" 2>&1; rc=$?
 [ "$rc" = 2 ] || fail "A: an unknown subcommand exited $rc"
-grep -q "'scale' is not a troupe command" "$tmp/out" || fail "A: unclear: $(cat "$tmp/out")"
+grep -q "'rescale' is not a troupe command" "$tmp/out" || fail "A: unclear: $(cat "$tmp/out")"
+"$troupe" scale http://127.0.0.1:1 --ranks 2 >"$tmp/out" 2>&1; rc=$?
+[ "$rc" = 3 ] || fail "A: troupe scale with no server exited $rc"
+grep -q "no answer from http://127.0.0.1:1" "$tmp/out" || fail "A: troupe scale: unclear: $(cat "$tmp/out")"
 "$troupe" info --no-such-flag >"$tmp/out" 2>&1; rc=$?
 [ "$rc" = 2 ] || fail "A: an unknown option exited $rc"
 "$troupe" --version >/dev/null || fail "A: --version failed"

@@ -41,6 +41,7 @@ class to_rank final : public dp_dispatch_policy {
   int pick(std::span<const int32_t>, std::span<const dp_rank_load>) override { return r_; }
   void dispatched(int, std::span<const int32_t>) override {}
   std::string name() const override { return "to_rank"; }
+  void resize(int) override {}
 
  private:
   int r_;
@@ -395,6 +396,7 @@ flaky_outcome run_flaky(int refuse_at, int fail_at) {
     int pick(std::span<const int32_t> prompt, std::span<const dp_rank_load>) override { return prompt[0] == 7 ? 1 : 0; }
     void dispatched(int, std::span<const int32_t>) override {}
     std::string name() const override { return "by_id"; }
+    void resize(int) override {}
   };
   out.errors = run_ranks(P, tok, &wts, [&](int r) {
     const auto rr = static_cast<size_t>(r);

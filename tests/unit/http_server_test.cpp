@@ -156,13 +156,27 @@ class scripted_backend final : public generation_backend {
   std::thread ticker_;
 };
 
+// /admin/scale's other side: records the sizes asked for, refuses 3 with a 400.
+struct recording_admin final : scale_admin {
+  std::vector<int64_t> asked;
+  std::string request_scale(int64_t ranks) override {
+    if (ranks == 3) throw api_error(400, "invalid_request_error", "3 ranks do not divide the experts", "ranks");
+    asked.push_back(ranks);
+    return R"({"state": "pending"})";
+  }
+  std::string scale_status() override { return R"({"state": "idle", "ranks": 1})"; }
+};
+
 struct server_fixture {
   scripted_backend backend;
   std::unique_ptr<http_server> server;
-  explicit server_fixture(const std::string& key = "", int64_t max_prompt = 1000) {
+  explicit server_fixture(const std::string& key = "", int64_t max_prompt = 1000, scale_admin* admin = nullptr,
+                          const std::string& admin_key = "") {
     http_options o;
     o.port = 0;
     o.api_key = key;
+    o.admin = admin;
+    o.admin_key = admin_key;
     o.limits.max_prompt_tokens = max_prompt;
     server = std::make_unique<http_server>(backend, o);
     server->start();
@@ -222,6 +236,35 @@ TEST(HttpServer, ApiKeyIsRequiredOnV1Only) {
   auto yes = f.post("/v1/completions", R"({"prompt": "x"})", "Authorization: Bearer sk-secret\r\n");
   EXPECT_EQ(yes.status, 200) << yes.body;
   EXPECT_EQ(f.backend.submitted(), 1u);
+}
+
+TEST(HttpServer, AdminScaleNeedsItsOwnKeyAndRefusesBadBodies) {
+  recording_admin admin;
+  {
+    server_fixture off("sk-secret", 1000, &admin, "");  // no admin key: the admin API is off
+    EXPECT_EQ(off.post("/admin/scale", R"({"ranks": 2})", "Authorization: Bearer sk-secret\r\n").status, 403);
+  }
+  server_fixture f("sk-secret", 1000, &admin, "adm");
+  const std::string key = "Authorization: Bearer adm\r\n";
+  EXPECT_EQ(f.post("/admin/scale", R"({"ranks": 2})").status, 401);
+  EXPECT_EQ(f.post("/admin/scale", R"({"ranks": 2})", "Authorization: Bearer sk-secret\r\n").status, 401)
+      << "the API key does not open the admin API";
+  EXPECT_EQ(f.get("/admin/scale").status, 401);
+  EXPECT_EQ(f.post("/admin/scale", "{oops", key).status, 400);
+  EXPECT_EQ(f.post("/admin/scale", R"({"ranks": "2"})", key).status, 400);
+  auto unknown = f.post("/admin/scale", R"({"ranks": 2, "now": 1})", key);
+  EXPECT_EQ(unknown.status, 400);
+  EXPECT_EQ(json::parse(unknown.body)["error"]["param"], "now");
+  auto refused = f.post("/admin/scale", R"({"ranks": 3})", key);
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_NE(json::parse(refused.body)["error"]["message"].get<std::string>().find("divide"), std::string::npos);
+  EXPECT_TRUE(admin.asked.empty()) << "nothing refused reached the group";
+  auto ok = f.post("/admin/scale", R"({"ranks": 4})", key);
+  EXPECT_EQ(ok.status, 202) << ok.body;
+  EXPECT_EQ(admin.asked, std::vector<int64_t>{4});
+  auto st = f.get("/admin/scale", key);
+  EXPECT_EQ(st.status, 200);
+  EXPECT_EQ(json::parse(st.body)["ranks"], 1);
 }
 
 TEST(HttpServer, BadRequestsGet4xxErrorObjectsAndNeverReachTheBackend) {

@@ -1,0 +1,128 @@
+// elastic/scale/dp_member.h — one process's share of an elastic data-parallel serving group
+// (dp_group.h invariant 7): its model (dense weights and its experts) behind the MoE layers'
+// expert-parallel runner, the group's communicators, and its part in a change of size — weights
+// peer-to-peer over the pool's communicator, each with a checksum, and the new group's
+// communicators built among its ranks. A process outside the group waits as standby.
+//
+//   dp_member m(pool, make_comm, ep_options);       // pool: every process able to serve, rank = pool rank
+//   m.load("model_dir", 2);                         // ranks 0, 1: from disk, each its experts
+//   m.start_standby(config);                        // ranks 2, 3: nothing loaded
+//   dp_elastic el = m.elastic();                    // for dp_leader / dp_follow
+//   auto plan = m.wait_standby();                   // a standby rank: the change that takes it in, or
+//   if (plan) m.regroup(*plan);                     //   nothing once the service ended
+//   dp_serve_follower(m, tok, opts, blocks, el);    // ranks 1..: all of that, until the service ends
+//
+// Invariants:
+//   1. The group is pool ranks [0, ranks()); pool rank r is group rank r.
+//   2. Experts are placed contiguously: expert e of E on rank e / (E / P). E must be a multiple of
+//      every group size (check_ranks says so otherwise).
+//   3. regroup from P to M ranks is collective over pool ranks [0, max(P, M)). Transfers run in one
+//      global order — every dense tensor to each joining rank j from rank (j - P) % P, then every
+//      expert whose owner changes, from its old owner — each a blocking pair, so no two ranks wait on
+//      each other. Each tensor is followed by its CRC-32; a mismatch is errc::io naming the tensor and
+//      both ranks. Nothing is read from disk.
+//   4. Ranks that stay keep their dense weights and KV caches in place; of their experts, those they
+//      lose are released and those they gain are allocated one by one (never all expert buffers
+//      again). A leaving rank releases its weights and is standby again.
+//   5. The group's communicators (tokens and borrowed expert weights) are made by `make_comm` among
+//      the new group's ranks, once per layout; a group of one rank needs none (its MoE layers run
+//      alone, its serving communicator is a one-rank group).
+//   6. pool is used by one thread at a time: the rank's stepping thread (or its standby wait).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "elastic/engine/engine.h"
+#include "elastic/scale/dp_group.h"
+#include "parallel/ep/ep_serve_runner.h"
+#include "parallel/model/decoder.h"
+#include "parallel/model/model_weights.h"
+#include "runtime/communicator.h"
+#include "runtime/proto/serve.pb.h"
+
+namespace troupe::elastic {
+
+// A communicator among `members` (pool ranks, group order), made collectively by the members; `name`
+// tells the layouts' groups apart ("serve.2").
+using dp_comm_factory =
+    std::function<std::unique_ptr<runtime::communicator>(const std::vector<int>& members, const std::string& name)>;
+
+struct dp_transfer_stats {
+  size_t bytes_sent = 0, bytes_received = 0;
+  int64_t tensors_received = 0;  // each checked against its sender's CRC-32
+  double seconds = 0;            // the weights' part of the last regroup
+};
+
+class dp_member {
+ public:
+  dp_member(runtime::communicator& pool, dp_comm_factory make_comm, parallel::ep::ep_options ep);
+  ~dp_member();
+  dp_member(const dp_member&) = delete;
+  dp_member& operator=(const dp_member&) = delete;
+
+  // A rank of the first group of `ranks` ranks: the model from disk, this rank's experts.
+  void load(const std::string& dir, int ranks);
+  // The same from weights already in memory (tests): this rank's shard is taken from `full`.
+  void load(parallel::model_weights full, int ranks);
+  // A standby rank: the model's config only.
+  void start_standby(const runtime::model_config& config);
+
+  // Throws errc::invalid_argument when the model cannot run on `ranks` ranks (invariant 2).
+  void check_ranks(int ranks) const;
+  // Invariant 3; returns the new group's serving communicator (null when this rank left).
+  runtime::communicator* regroup(const serve::DpScale& plan);
+
+  // Rank 0: tells the ranks [from, to) of a growing group about it (they wait in wait_standby).
+  void announce(const serve::DpScale& plan);
+  // Rank 0: tells every rank outside the group that the service ended.
+  void end_standby();
+  // A standby rank: the next change that takes it into the group, or nothing when the service ended.
+  std::optional<serve::DpScale> wait_standby();
+
+  // The dp_elastic of this member for dp_leader / dp_follow (pool_ranks = the pool's size).
+  dp_elastic elastic();
+
+  bool active() const { return ranks_ > 0 && pool_.rank() < ranks_; }
+  int ranks() const { return ranks_; }
+  runtime::communicator& comm();               // the group's serving communicator (active ranks)
+  parallel::decoder& decoder();                // active ranks
+  const parallel::model_weights& weights() const { return w_; }
+  const runtime::model_config& config() const { return config_; }
+  parallel::ep::ep_serve_runner* moe() { return moe_.get(); }
+  const dp_transfer_stats& last_transfer() const { return stats_; }
+  const dp_transfer_stats& total_transfer() const { return total_; }  // every regroup of this rank
+  int64_t layout() const { return layout_; }
+
+ private:
+  void build_group(int ranks, int64_t layout);
+  void move_weights(int from, int to);
+
+  runtime::communicator& pool_;
+  dp_comm_factory make_comm_;
+  parallel::ep::ep_options ep_;
+  runtime::model_config config_;
+  parallel::model_weights w_;
+  std::unique_ptr<parallel::ep::ep_serve_runner> moe_;
+  std::unique_ptr<parallel::decoder> dec_;
+  std::unique_ptr<runtime::communicator> tokens_, borrowed_;
+  int ranks_ = 0;
+  int64_t layout_ = 0;
+  dp_transfer_stats stats_, total_;
+};
+
+// A pool rank other than 0, for the whole service: follows the group while in it (dp_follow), waits as
+// standby while not, and is taken in again, until rank 0 ends the service. `opts` are the engine's
+// options (group_member is set here; max_waiting is multiplied by the pool's size: rank 0 bounds the
+// group); `blocks` the KV blocks of a rank of the first group. el: m.elastic(), or a wrapper of it.
+struct dp_follower_summary {
+  int64_t steps = 0;  // group iterations run
+  int64_t joins = 0;  // times taken in from standby
+};
+dp_follower_summary dp_serve_follower(dp_member& m, const parallel::text_tokenizer& tok, engine_options opts,
+                                      int64_t blocks, const dp_elastic& el);
+
+}  // namespace troupe::elastic

@@ -1,0 +1,254 @@
+// An elastic data-parallel serving group (elastic/scale/dp_group.h invariant 7, dp_member.h) on
+// threads: a pool of 4 ranks serves the Mixtral fixture while the group goes 1 -> 2 -> 4 -> 2 -> 1
+// ranks under a stream of greedy requests; every request ends once, with the tokens of
+// generate_greedy, although samples move off the ranks that leave. Bad scale requests are refused
+// with their status and change nothing; a weight that arrives corrupted fails the change by name.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "elastic/scale/dp_member.h"
+#include "parallel/data/bpe_tokenizer.h"
+#include "runtime/error.h"
+#include "serve_group_util.h"
+
+namespace {
+
+using namespace troupe;
+using namespace troupe::elastic;
+using namespace troupe_test;
+
+// Communicators made collectively by the members of a group: the first caller makes the group.
+struct inproc_factory {
+  int timeout_ms = 30000;
+  std::mutex mu;
+  std::map<std::string, std::vector<std::unique_ptr<runtime::communicator>>> made;
+  std::map<std::string, int> taken;
+  dp_comm_factory bind(int pool_rank) {
+    return [this, pool_rank](const std::vector<int>& members, const std::string& name) {
+      std::lock_guard<std::mutex> g(mu);
+      auto& v = made[name];
+      if (v.empty()) v = runtime::make_inproc_group(static_cast<int>(members.size()), timeout_ms);
+      ++taken[name];
+      const auto at = std::find(members.begin(), members.end(), pool_rank) - members.begin();
+      return std::move(v[static_cast<size_t>(at)]);
+    };
+  }
+};
+
+struct outcome {
+  std::map<std::string, std::vector<int32_t>> ids;
+  std::map<std::string, int> finished;
+  std::map<std::string, std::string> reason, error;
+};
+
+sampling_params greedy(int64_t n) {
+  sampling_params p;
+  p.temperature = 0;
+  p.max_tokens = n;
+  p.ignore_eos = true;
+  return p;
+}
+
+parallel::ep::ep_options llep() {
+  parallel::ep::ep_options o;
+  o.mode = parallel::ep::ep_mode::llep;
+  o.llep.lambda = 1.0;
+  return o;
+}
+
+TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
+  const int W = 4;
+  auto pool = runtime::make_inproc_group(W, 30000);
+  inproc_factory factory;
+  const parallel::model_weights ref_w = parallel::model_weights::load(fixture("mixtral_moe"));
+  const parallel::decoder ref(ref_w);
+  const int64_t V = ref_w.config().vocab_size;
+  outcome out;
+  std::mutex mu;
+  std::vector<dp_scale_status> after;  // the status after each change
+  int64_t bytes_received_by_joiners = 0;
+  std::vector<std::pair<std::string, std::vector<int32_t>>> sent;
+  const auto errors = run_ranks(W, pool, nullptr, [&](int r) {
+    dp_member m(*pool[static_cast<size_t>(r)], factory.bind(r), llep());
+    parallel::byte_text_tokenizer bt;
+    engine_options o;
+    o.block_size = 4;
+    o.max_batch_tokens = 16;  // chunked prefill: moves happen mid-prefill too
+    const int64_t blocks = 48;
+    if (r != 0) {
+      m.start_standby(ref_w.config());
+      const auto sum = dp_serve_follower(m, bt, o, blocks, m.elastic());
+      std::lock_guard<std::mutex> g(mu);
+      bytes_received_by_joiners += static_cast<int64_t>(m.total_transfer().bytes_received);
+      EXPECT_GE(sum.joins, 1) << "rank " << r;
+      return;
+    }
+    m.load(parallel::model_weights::load(fixture("mixtral_moe")), 1);
+    o.group_member = true;
+    local_executor exec(m.decoder(), blocks, o.block_size);
+    engine eng(exec, bt, o);
+    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", 1, o.block_size), {}, m.elastic());
+    int next = 0;
+    auto submit = [&](int count) {
+      for (int k = 0; k < count; ++k, ++next) {
+        engine_request e;
+        e.id = "q" + std::to_string(next);
+        e.prompt = ids(5 + next % 7, next + 1, V);
+        e.params = greedy(14 + next % 5);
+        e.n = next % 5 == 3 ? 2 : 1;
+        sent.emplace_back(e.id, e.prompt);
+        e.on_event = [&, id = e.id, n = e.n](const engine_event& ev) {
+          std::lock_guard<std::mutex> g(mu);
+          const std::string key = n == 1 ? id : id + "#" + std::to_string(ev.index);
+          out.ids[key].insert(out.ids[key].end(), ev.token_ids.begin(), ev.token_ids.end());
+          if (ev.finished) {
+            ++out.finished[key];
+            out.reason[key] = ev.finish_reason;
+            out.error[key] = ev.error;
+          }
+        };
+        lead.submit(std::move(e));
+      }
+    };
+    auto steps = [&](int k) {
+      for (int i = 0; i < k; ++i) lead.step();
+    };
+    auto change = [&](int ranks) {
+      lead.request_scale(ranks);
+      EXPECT_THROW(lead.request_scale(ranks == 1 ? 2 : 1), dp_scale_refused) << "a change is pending";
+      lead.step();
+      after.push_back(lead.scale_status());
+    };
+    submit(6);
+    steps(3);
+    change(2);
+    submit(6);
+    steps(4);
+    change(4);
+    submit(8);
+    steps(6);
+    change(2);  // ranks 2 and 3 leave mid-generation: their samples resume on 0 and 1
+    submit(4);
+    steps(3);
+    change(1);
+    for (int i = 0; i < 400 && eng.has_work(); ++i) lead.step();
+    for (int i = 0; i < 5; ++i) lead.step();
+    // Refusals: nothing changes.
+    for (int bad : {0, 5, 1}) {
+      try {
+        lead.request_scale(bad);
+        ADD_FAILURE() << "request_scale(" << bad << ") was accepted";
+      } catch (const dp_scale_refused& e) {
+        EXPECT_EQ(e.status(), 400) << bad << ": " << e.what();
+      }
+    }
+    EXPECT_EQ(lead.scale_status().ranks, 1);
+    EXPECT_EQ(lead.scale_status().state, "done");
+    lead.shutdown();
+  });
+  for (int r = 0; r < W; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  ASSERT_EQ(after.size(), 4u);
+  const int expect_ranks[] = {2, 4, 2, 1};
+  for (size_t i = 0; i < after.size(); ++i) {
+    EXPECT_EQ(after[i].ranks, expect_ranks[i]);
+    EXPECT_EQ(after[i].epoch, static_cast<int64_t>(i) + 2);
+  }
+  EXPECT_EQ(after.back().scale_ups, 2);
+  EXPECT_EQ(after.back().scale_downs, 2);
+  EXPECT_GT(after.back().moved_samples, 0) << "the ranks that left had samples running";
+  EXPECT_GT(bytes_received_by_joiners, 0);
+  for (const auto& [id, prompt] : sent) {
+    const int64_t n = std::stoi(id.substr(1));
+    const int64_t max_tokens = 14 + n % 5;
+    const auto want = greedy_tail(ref, prompt, max_tokens);
+    const std::vector<std::string> keys = n % 5 == 3 ? std::vector<std::string>{id + "#0", id + "#1"}
+                                                     : std::vector<std::string>{id};
+    for (const auto& k : keys) {
+      EXPECT_EQ(out.finished[k], 1) << k;
+      EXPECT_EQ(out.reason[k], "length") << k << ": " << out.error[k];
+      EXPECT_EQ(out.ids[k], want) << k;
+    }
+  }
+}
+
+// A pool communicator whose first weight message (dp_member's tag) arrives with one byte flipped.
+class corrupting_comm final : public runtime::communicator {
+ public:
+  explicit corrupting_comm(runtime::communicator& c) : c_(c) {}
+  int rank() const override { return c_.rank(); }
+  int size() const override { return c_.size(); }
+  std::string backend() const override { return c_.backend(); }
+  void all_reduce(runtime::tensor& t, runtime::reduce_op op) override { c_.all_reduce(t, op); }
+  void reduce_scatter(runtime::tensor& o, const runtime::tensor& i, runtime::reduce_op op) override {
+    c_.reduce_scatter(o, i, op);
+  }
+  void all_gather(runtime::tensor& o, const runtime::tensor& i) override { c_.all_gather(o, i); }
+  void all_to_all_v(runtime::tensor& r, const std::vector<int64_t>& rc, const runtime::tensor& s,
+                    const std::vector<int64_t>& sc) override {
+    c_.all_to_all_v(r, rc, s, sc);
+  }
+  void broadcast(runtime::tensor& t, int root) override { c_.broadcast(t, root); }
+  void send(const runtime::tensor& t, int peer, int tag) override {
+    if (tag == 20112 && !done_ && t.nbytes() > 8) {
+      done_ = true;
+      runtime::tensor bad = t.clone();
+      static_cast<uint8_t*>(bad.data_ptr())[5] ^= 0x10;
+      c_.send(bad, peer, tag);
+      return;
+    }
+    c_.send(t, peer, tag);
+  }
+  void recv(runtime::tensor& t, int peer, int tag) override { c_.recv(t, peer, tag); }
+  void barrier() override { c_.barrier(); }
+  void abort(const std::string& reason) override { c_.abort(reason); }
+
+ private:
+  runtime::communicator& c_;
+  bool done_ = false;
+};
+
+TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
+  auto pool = runtime::make_inproc_group(2, 3000);
+  inproc_factory factory;
+  factory.timeout_ms = 3000;
+  const parallel::model_weights w = parallel::model_weights::load(fixture("mixtral_moe"));
+  const auto errors = run_ranks(2, pool, nullptr, [&](int r) {
+    parallel::byte_text_tokenizer bt;
+    engine_options o;
+    o.block_size = 4;
+    if (r == 1) {
+      dp_member m(*pool[1], factory.bind(1), llep());
+      m.start_standby(w.config());
+      dp_serve_follower(m, bt, o, 16, m.elastic());
+      return;
+    }
+    corrupting_comm bad(*pool[0]);
+    dp_member m(bad, factory.bind(0), llep());
+    m.load(parallel::model_weights::load(fixture("mixtral_moe")), 1);
+    o.group_member = true;
+    local_executor exec(m.decoder(), 16, o.block_size);
+    engine eng(exec, bt, o);
+    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", 1, o.block_size), {}, m.elastic());
+    lead.request_scale(2);
+    engine_request e;  // work for the group, so that the next iterations need rank 1
+    e.id = "a";
+    e.prompt = ids(6, 1, w.config().vocab_size);
+    e.params = greedy(4);
+    lead.submit(std::move(e));
+    try {
+      lead.step();
+      lead.step();
+    } catch (const std::exception&) {
+    }
+    EXPECT_TRUE(lead.broken()) << "a failed change breaks the group (dp_group.h invariant 7)";
+  });
+  EXPECT_NE(errors[1].find("CRC-32"), std::string::npos) << errors[1];
+  EXPECT_NE(errors[1].find("model.embed_tokens.weight from rank 0 to rank 1"), std::string::npos) << errors[1];
+}
+
+}  // namespace
