@@ -93,9 +93,10 @@ int scale(const scale_options& o) {
   }
   const auto& last = st["last_seconds"];
   fmt::print("troupe scale: {} serves on {} ranks (layout {}); the change took {:.3f} s: {:.3f} s to the iteration "
-             "boundary, {:.3f} s moving weights and building the group; {} samples moved\n",
+             "boundary, {:.3f} s moving weights beside serving, {:.3f} s switching (iterations paused); {} samples "
+             "moved\n",
              o.url, st.value("ranks", 0), st.value("layout", 0), last.value("total", 0.0), last.value("wait", 0.0),
-             last.value("regroup", 0.0), st.value("moved_samples", 0));
+             last.value("move", 0.0), last.value("switch", 0.0), st.value("moved_samples", 0));
   return 0;
 }
 

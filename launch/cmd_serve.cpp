@@ -168,7 +168,10 @@ class group_scale_admin final : public elastic::scale_admin {
                         {"scale_downs", s.scale_downs},
                         {"moved_samples", s.moved_samples},
                         {"last_seconds",
-                         {{"wait", s.last_wait_seconds}, {"regroup", s.last_regroup_seconds}, {"total", s.last_total_seconds}}}};
+                         {{"wait", s.last_wait_seconds},
+                          {"move", s.last_move_seconds},
+                          {"switch", s.last_switch_seconds},
+                          {"total", s.last_total_seconds}}}};
     if (!s.error.empty()) j["error"] = s.error;
     return j.dump();
   }
@@ -264,20 +267,23 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
   // found by the supervisor's heartbeats, which abort it.
   std::unique_ptr<runtime::communicator> pool =
       make_subgroup_comm("ucx", ctx, all, 0, "pool", std::numeric_limits<int>::max(), /*sleep_when_idle=*/true);
-  elastic::dp_comm_factory factory = [&pool](const std::vector<int>& members, const std::string& name) {
-    auto boot = runtime::make_comm_bootstrap(*pool, members, tag_group_boot);
+  // The weights of a change move on a second one, on a thread of their own, while the rank serves.
+  std::unique_ptr<runtime::communicator> xfer =
+      make_subgroup_comm("ucx", ctx, all, 0, "pool_moves", 300000, /*sleep_when_idle=*/true);
+  elastic::dp_comm_factory factory = [&xfer](const std::vector<int>& members, const std::string& name) {
+    auto boot = runtime::make_comm_bootstrap(*xfer, members, tag_group_boot);
     runtime::ucx_options uo;
     uo.timeout_ms = 600000;
     uo.sleep_when_idle = name.rfind("serve.", 0) == 0;  // the serving group waits long when idle
     return std::unique_ptr<runtime::communicator>(runtime::make_ucx_communicator(*boot, uo));
   };
-  elastic::dp_member m(*pool, factory, parallel::ep::ep_options_from(spec.expert()));
+  elastic::dp_member m(*pool, *xfer, factory, parallel::ep::ep_options_from(spec.expert()));
   struct active_set {  // the worker aborts these when the cluster's group ends
     actors::worker_context& ctx;
     ~active_set() { ctx.set_active(nullptr); }
   } guard{ctx};
   auto register_active = [&] {
-    std::vector<runtime::communicator*> cs{pool.get()};
+    std::vector<runtime::communicator*> cs{pool.get(), xfer.get()};
     if (m.active()) cs.push_back(&m.comm());
     ctx.set_active(cs);
   };
@@ -301,9 +307,9 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
                  ranks, min_ranks);
     check(ranks);
   };
-  const auto regroup = el.regroup;
-  el.regroup = [regroup, &register_active](const serve::DpScale& p) {
-    runtime::communicator* c = regroup(p);
+  const auto commit = el.commit;
+  el.commit = [commit, &register_active](const serve::DpScale& p) {
+    runtime::communicator* c = commit(p);
     register_active();
     return c;
   };

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "elastic/engine/guided_json.h"
@@ -21,7 +22,7 @@ using runtime::tensor;
 
 namespace {
 
-constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3, kind_scale = 4;
+constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3, kind_prepare = 4, kind_commit = 5;
 constexpr int tag_report = 20101;  // rank r -> 0: its DpReport of an iteration
 
 // ---- the wire ------------------------------------------------------------------------------------
@@ -228,8 +229,10 @@ dp_leader::dp_leader(engine& local, runtime::communicator& comm, std::unique_ptr
   TROUPE_CHECK(policy_ != nullptr, errc::invalid_argument, "data-parallel serving group: no dispatch policy");
   TROUPE_CHECK(local.options().group_member, errc::invalid_argument,
                "data-parallel serving group: rank 0's engine must be made with engine_options::group_member");
-  TROUPE_CHECK(elastic_.pool_ranks == 0 || (elastic_.pool_ranks >= comm.size() && elastic_.regroup),
-               errc::invalid_argument, "data-parallel serving group: a pool of {} ranks for a group of {} (and a regroup)",
+  TROUPE_CHECK(elastic_.pool_ranks == 0 || (elastic_.pool_ranks >= comm.size() && elastic_.prepare &&
+                                              elastic_.commit && elastic_.ready),
+               errc::invalid_argument,
+               "data-parallel serving group: a pool of {} ranks for a group of {} (with prepare, ready and commit)",
                elastic_.pool_ranks, comm.size());
   for (auto& l : loads_) l.num_blocks = local.num_blocks();
   scale_.ranks = scale_.target = comm.size();
@@ -266,7 +269,7 @@ void dp_leader::request_scale(int target) {
                                             "processes than engine.ranks (troupe-launch --max-ranks) to scale it",
                                             scale_.ranks));
   if (!broken_.empty() || shut_) throw dp_scale_refused(409, "the serving group is stopping or broken");
-  if (scale_.state == "pending")
+  if (scale_.state == "pending" || scale_.state == "moving")
     throw dp_scale_refused(409, fmt::format("a change to {} ranks is under way; wait for it (GET /admin/scale)",
                                             scale_.target));
   if (target < 1 || target > elastic_.pool_ranks)
@@ -316,7 +319,8 @@ void dp_leader::submit(engine_request r) {
     loads_[0].waiting = st.waiting;
     for (int k = 0; k < P; ++k) loads_[static_cast<size_t>(k)].pending_blocks = pending_blocks_[static_cast<size_t>(k)];
     // A rank about to leave takes nothing new (invariant 7).
-    const int usable = scale_.state == "pending" ? std::min(P, scale_.target) : P;
+    const bool changing = scale_.state == "pending" || scale_.state == "moving";
+    const int usable = changing ? std::min(P, scale_.target) : P;
     rank = policy_->pick(r.prompt, loads_);
     if (rank >= usable || (rank == 0 && P > 1 && st.waiting + r.n > eng_.options().max_waiting)) {
       // rank 0's own queue is full, or the pick leaves: the least loaded of the others instead
@@ -402,7 +406,8 @@ void dp_leader::abort(const std::string& id) {
 bool dp_leader::inbox_pending() const {
   std::lock_guard<std::mutex> g(mu_);
   if (!broken_.empty()) return false;  // nothing will be taken: no busy loop of failing steps
-  return eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0 || scale_.state == "pending";
+  return eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0 || scale_.state == "pending" ||
+         scale_.state == "moving";
 }
 
 // A sample's event to its request's callback (outside the lock); the request is forgotten once every
@@ -478,7 +483,7 @@ void dp_leader::fail_group(const std::exception& e) {
   {
     std::lock_guard<std::mutex> g(mu_);
     if (broken_.empty()) broken_ = e.what();
-    if (scale_.state == "pending") {
+    if (scale_.state == "pending" || scale_.state == "moving") {
       scale_.state = "failed";
       scale_.error = e.what();
     }
@@ -533,8 +538,8 @@ void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> sam
   }
 }
 
-// Invariant 7, on the stepping thread at an iteration boundary.
-void dp_leader::scale(int target) {
+// Invariant 7, first boundary: the plan to the group and the joining ranks; the moves start.
+void dp_leader::begin_scale(int target) {
   const auto t_start = clk::now();
   const int from = comm_->size();
   serve::DpScale plan;
@@ -542,23 +547,36 @@ void dp_leader::scale(int target) {
     std::lock_guard<std::mutex> g(mu_);
     plan.set_epoch(scale_.epoch + 1);
     scale_.last_wait_seconds = std::chrono::duration<double>(t_start - scale_requested_).count();
+    scale_.state = "moving";
   }
   plan.set_from_ranks(from);
   plan.set_to_ranks(target);
   plan.set_num_blocks(eng_.num_blocks());
   plan.set_pool_ranks(elastic_.pool_ranks);
-  log::info("serving group: {} from {} to {} ranks (layout {})", target > from ? "growing" : "shrinking", from, target,
-            plan.epoch());
+  log::info("serving group: {} from {} to {} ranks (layout {}); the weights move while it serves",
+            target > from ? "growing" : "shrinking", from, target, plan.epoch());
   const std::string body = plan.SerializeAsString();
-  send_header(kind_scale, static_cast<int64_t>(body.size()));
+  send_header(kind_prepare, static_cast<int64_t>(body.size()));
   tensor b = bytes_tensor(body);
   comm_->broadcast(b, 0);
   if (target > from && elastic_.announce) elastic_.announce(plan);
-  runtime::communicator* next = elastic_.regroup(plan);
+  elastic_.prepare(plan);
+  plan_ = plan;
+}
+
+// Invariant 7, the boundary after rank 0's moves are ready: every rank switches.
+void dp_leader::commit_scale() {
+  const serve::DpScale plan = plan_;
+  const int from = plan.from_ranks(), target = plan.to_ranks();
+  const auto t_commit = clk::now();
+  const std::string body = plan.SerializeAsString();
+  send_header(kind_commit, static_cast<int64_t>(body.size()));
+  tensor b = bytes_tensor(body);
+  comm_->broadcast(b, 0);
+  runtime::communicator* next = elastic_.commit(plan);
   TROUPE_CHECK(next != nullptr && next->size() == target && next->rank() == 0, errc::internal,
-               "serving group: the regroup to {} ranks gave rank 0 a communicator of {} ranks", target,
+               "serving group: the change to {} ranks gave rank 0 a communicator of {} ranks", target,
                next ? next->size() : 0);
-  const auto t_regrouped = clk::now();
   std::vector<std::pair<std::string, engine_event>> aborted;
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -617,7 +635,9 @@ void dp_leader::scale(int target) {
     scale_.state = "done";
     if (target > from) ++scale_.scale_ups;
     else ++scale_.scale_downs;
-    scale_.last_regroup_seconds = std::chrono::duration<double>(t_regrouped - t_start).count();
+    scale_.last_move_seconds = std::chrono::duration<double>(t_commit - scale_requested_).count() -
+                               scale_.last_wait_seconds;
+    scale_.last_switch_seconds = std::chrono::duration<double>(clk::now() - t_commit).count();
   }
   for (const auto& [id, e] : aborted) deliver(id, e);
 }
@@ -629,17 +649,22 @@ bool dp_leader::step() {
     TROUPE_CHECK(!finished_, errc::invalid_argument, "serving group: an iteration after the group ended");
   }
   int target = 0;
+  bool moving = false;
   {
     std::lock_guard<std::mutex> g(mu_);
     if (scale_.state == "pending") target = scale_.target;
+    moving = scale_.state == "moving";
   }
-  if (target > 0) {
-    try {
-      scale(target);
-    } catch (const std::exception& e) {
-      fail_group(e);
-      throw;
+  bool committed = false;
+  try {
+    if (target > 0) begin_scale(target);
+    else if (moving && elastic_.ready()) {
+      commit_scale();
+      committed = true;
     }
+  } catch (const std::exception& e) {
+    fail_group(e);
+    throw;
   }
   serve::DpStep step;
   bool remote_work = false;
@@ -658,11 +683,13 @@ bool dp_leader::step() {
     }
   }
   if (!remote_work && step.requests_size() == 0 && step.aborts_size() == 0 && !eng_.has_work()) {
-    if (target > 0) {
+    if (committed) {
       std::lock_guard<std::mutex> g(mu_);
       scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
     }
-    return target > 0;
+    // Idle while the weights move: look again in a moment (the scheduler steps while a change is on).
+    if (moving && !committed) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return committed || target > 0;
   }
   try {
     const int P = comm_->size();
@@ -698,7 +725,7 @@ bool dp_leader::step() {
         reports_[static_cast<size_t>(r)] = std::move(rep);
       }
       pending_blocks_[0] = 0;
-      if (target > 0)
+      if (committed)
         scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
     }
     ++steps_;
@@ -834,12 +861,12 @@ std::string dp_leader::metrics_text() const {
         "# HELP troupe_scale_moved_samples_total Samples resumed on another rank when theirs left.\n"
         "# TYPE troupe_scale_moved_samples_total counter\ntroupe_scale_moved_samples_total {}\n"
         "# HELP troupe_scale_last_seconds The last change's phases: wait (request to the iteration boundary), "
-        "regroup (weights and communicators, iterations paused), total (request to the first iteration on the new "
-        "layout).\n# TYPE troupe_scale_last_seconds gauge\n"
-        "troupe_scale_last_seconds{{phase=\"wait\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"regroup\"}} {:.6f}\n"
-        "troupe_scale_last_seconds{{phase=\"total\"}} {:.6f}\n",
+        "move (weights and communicators, beside serving), switch (the commit, iterations paused), total (request "
+        "to the first iteration on the new layout).\n# TYPE troupe_scale_last_seconds gauge\n"
+        "troupe_scale_last_seconds{{phase=\"wait\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"move\"}} {:.6f}\n"
+        "troupe_scale_last_seconds{{phase=\"switch\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"total\"}} {:.6f}\n",
         s.pool_ranks, s.epoch, s.scale_ups, s.scale_downs, s.moved_samples, s.last_wait_seconds,
-        s.last_regroup_seconds, s.last_total_seconds);
+        s.last_move_seconds, s.last_switch_seconds, s.last_total_seconds);
   }
   return out + eng_.expert_metrics_text();
 }
@@ -883,30 +910,36 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
       if (hooks.sync) hooks.sync();
       continue;
     }
-    TROUPE_CHECK((h[0] == kind_step || h[0] == kind_scale) && h[1] >= 0 && h[1] < (int64_t{1} << 31), errc::internal,
+    TROUPE_CHECK((h[0] == kind_step || h[0] == kind_prepare || h[0] == kind_commit) && h[1] >= 0 &&
+                     h[1] < (int64_t{1} << 31),
+                 errc::internal,
                  "serving group: rank {}: a malformed iteration header from rank 0 ({}, {})", comm->rank(), h[0], h[1]);
     tensor b = tensor::empty({std::max<int64_t>(h[1], 1)}, runtime::dtype::u8);
     if (h[1] > 0) comm->broadcast(b, 0);
-    if (h[0] == kind_scale) {  // invariant 7
+    if (h[0] == kind_prepare || h[0] == kind_commit) {  // invariant 7
       serve::DpScale plan;
       TROUPE_CHECK(plan.ParseFromString(tensor_bytes(b, h[1])) && plan.to_ranks() >= 1, errc::internal,
                    "serving group: rank {}: a change of size from rank 0 that does not parse", comm->rank());
-      TROUPE_CHECK(static_cast<bool>(el.regroup), errc::internal,
+      TROUPE_CHECK(el.prepare && el.commit, errc::internal,
                    "serving group: rank {}: rank 0 changes the group's size, but this rank cannot (no dp_elastic)",
                    comm->rank());
-      const int me = comm->rank();  // the old communicator goes in the regroup
+      if (h[0] == kind_prepare) {  // the weights move while this rank goes on serving
+        el.prepare(plan);
+        continue;
+      }
+      const int me = comm->rank();  // the old communicator goes in the commit
       const bool stays = me < plan.to_ranks();
       if (!stays) {  // rank 0 moves this rank's samples: nothing more is reported
         eng.shutdown();
         report.Clear();
       }
-      runtime::communicator* next = el.regroup(plan);
+      runtime::communicator* next = el.commit(plan);
       if (!stays) {
         res.left = true;
         return res;
       }
       TROUPE_CHECK(next != nullptr && next->size() == plan.to_ranks() && next->rank() == me, errc::internal,
-                   "serving group: rank {}: the regroup to {} ranks gave a communicator of {} ranks", me,
+                   "serving group: rank {}: the change to {} ranks gave a communicator of {} ranks", me,
                    plan.to_ranks(), next ? next->size() : 0);
       comm = next;
       continue;

@@ -47,15 +47,17 @@
 //      events and their phases.
 //   7. Scaling (with a dp_elastic whose pool_ranks > 0): request_scale(M) is checked at once (a clear
 //      dp_scale_refused and nothing changes: M outside [1, pool_ranks], equal to the size, a change
-//      already pending, a model the check refuses) and carried out by rank 0's stepping thread at the
-//      next iteration boundary: rank 0 broadcasts a DpScale to the group and announces it to the
-//      joining ranks, then every rank of the change calls dp_elastic::regroup (weights moved, the new
-//      group's communicator built) and the group goes on with ranks [0, M); a rank keeps its number.
-//      A rank that leaves returns from dp_follow (left = true) once its regroup is done. Its
-//      unfinished samples go on elsewhere from the tokens their clients were sent (DpRequest
-//      resumed, engine.h invariant 10): no event is lost or repeated, greedy output is unchanged.
-//      Requests queued for it and not yet sent are dispatched again. A failure inside a change
-//      breaks the group as invariant 5 says.
+//      already under way, a model the check refuses) and carried out by rank 0's stepping thread in
+//      two iteration boundaries. At the first, rank 0 broadcasts a DpScale (prepare) to the group and
+//      announces it to the joining ranks; every rank of the change calls dp_elastic::prepare and the
+//      group goes on serving on the old layout while the weights move. At the first boundary after
+//      rank 0's moves are ready, rank 0 broadcasts the commit, every rank calls dp_elastic::commit,
+//      and the group goes on with ranks [0, M); a rank keeps its number. From the request on, ranks
+//      that will leave take no new requests. A rank that leaves returns from dp_follow (left = true)
+//      after its commit; its unfinished samples go on elsewhere from the tokens their clients were
+//      sent (DpRequest resumed, engine.h invariant 10): no event is lost or repeated, greedy output
+//      is unchanged. Requests queued for it and not yet sent are dispatched again. A failure inside a
+//      change breaks the group as invariant 5 says.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -80,9 +82,13 @@ namespace troupe::elastic {
 // communicators (elastic/scale/dp_member.h in a server, threads in the tests).
 struct dp_elastic {
   int pool_ranks = 0;  // ranks able to serve: scale targets lie in [1, pool_ranks]; 0 = a fixed group
-  // Every rank of the change, old and new: moves the weights, builds the new group's communicator and
-  // returns it (null on a rank that leaves). Rank 0 calls it after telling the others.
-  std::function<runtime::communicator*(const serve::DpScale&)> regroup;
+  // Every rank of the change, old and new: prepare starts moving the weights and making the new
+  // group's communicators beside serving; commit waits for that, switches and returns the new
+  // group's communicator (null on a rank that leaves). Rank 0 calls each after telling the others.
+  std::function<void(const serve::DpScale&)> prepare;
+  std::function<runtime::communicator*(const serve::DpScale&)> commit;
+  // Rank 0: its moves are done, and so every rank's (dp_member.h invariant 3).
+  std::function<bool()> ready;
   // Rank 0: tells the joining ranks, which wait outside the group.
   std::function<void(const serve::DpScale&)> announce;
   // Rank 0: throws errc::invalid_argument when the model cannot run on that many ranks.
@@ -102,7 +108,7 @@ class dp_scale_refused : public std::runtime_error {
 };
 
 struct dp_scale_status {
-  std::string state = "idle";  // idle | pending | done | failed
+  std::string state = "idle";  // idle | pending (asked) | moving (weights moving beside serving) | done | failed
   int64_t epoch = 1;           // layouts so far
   int ranks = 1;               // serving now
   int target = 1;              // of the change pending or last done
@@ -111,7 +117,8 @@ struct dp_scale_status {
   int64_t moved_samples = 0;   // samples resumed on another rank, all changes
   double last_total_seconds = 0;   // request -> the first iteration on the new layout
   double last_wait_seconds = 0;    // request -> the iteration boundary that starts it
-  double last_regroup_seconds = 0; // weights moved and communicators built (iterations paused)
+  double last_move_seconds = 0;    // weights moved and communicators made, beside serving
+  double last_switch_seconds = 0;  // the commit: the only time iterations pause
   std::string error;
 };
 
@@ -155,7 +162,8 @@ class dp_leader final : public step_driver {
     bool remote_unfinished() const;
   };
   void deliver(const std::string& id, const engine_event& e);
-  void scale(int target);
+  void begin_scale(int target);
+  void commit_scale();
   void place(serve::DpRequest q, request_state& s, std::vector<int> samples);
   void fail_group(const std::exception& e);
   void record_dispatch(int rank, const std::vector<int32_t>& prompt, int64_t blocks);
@@ -185,6 +193,7 @@ class dp_leader final : public step_driver {
   std::string broken_;
   dp_scale_status scale_;
   std::chrono::steady_clock::time_point scale_requested_;
+  serve::DpScale plan_;  // the change under way (state "moving"): stepping thread only
 };
 
 // Ranks 1..P-1 of the group: run every iteration rank 0 starts (invariant 1) until it ends the group

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <cstring>
 
 #include "parallel/ep/ep_shard.h"
@@ -42,10 +43,19 @@ int owner(int64_t e, int64_t E, int ranks) { return static_cast<int>(e / (E / ra
 
 }  // namespace
 
-dp_member::dp_member(runtime::communicator& pool, dp_comm_factory make_comm, ep::ep_options ep)
-    : pool_(pool), make_comm_(std::move(make_comm)), ep_(ep) {}
+dp_member::dp_member(runtime::communicator& pool, runtime::communicator& xfer, dp_comm_factory make_comm,
+                     ep::ep_options ep)
+    : pool_(pool), xfer_(xfer), make_comm_(std::move(make_comm)), ep_(ep) {
+  TROUPE_CHECK(pool.size() == xfer.size() && pool.rank() == xfer.rank(), errc::invalid_argument,
+               "dp_member: the pool ({} ranks) and its transfer communicator ({}) differ", pool.size(), xfer.size());
+}
 
 dp_member::~dp_member() {
+  if (moving_.joinable()) {
+    pool_.abort("the serving process is stopping");  // a move still waiting on a peer fails now
+    xfer_.abort("the serving process is stopping");
+    moving_.join();
+  }
   dec_.reset();
   moe_.reset();
   borrowed_.reset();
@@ -68,7 +78,8 @@ void dp_member::load(parallel::model_weights full, int ranks) {
                pool_.rank(), ranks);
   w_ = std::move(full);
   if (config_.is_moe() && ranks > 1) ep::ep_shard_weights(w_, ep::ep_placement::contiguous(config_.n_experts, ranks), pool_.rank());
-  build_group(ranks, 1);
+  make_comms(ranks, 1);
+  install(ranks, 1);
 }
 
 void dp_member::start_standby(const runtime::model_config& config) {
@@ -86,27 +97,30 @@ parallel::decoder& dp_member::decoder() {
   return *dec_;
 }
 
-// The MoE runner and communicators of the layout (invariant 5).
-void dp_member::build_group(int ranks, int64_t layout) {
+// The layout's communicators (invariant 5): made collectively by the new group's ranks.
+void dp_member::make_comms(int ranks, int64_t layout) {
   const int me = pool_.rank();
-  std::unique_ptr<runtime::communicator> tokens, borrowed;
   std::vector<int> members(static_cast<size_t>(ranks));
   for (int r = 0; r < ranks; ++r) members[static_cast<size_t>(r)] = r;
   if (ranks > 1) {
-    tokens = make_comm_(members, fmt::format("serve.{}", layout));
-    if (config_.is_moe()) borrowed = make_comm_(members, fmt::format("serve_weights.{}", layout));
+    next_tokens_ = make_comm_(members, fmt::format("serve.{}", layout));
+    if (config_.is_moe()) next_borrowed_ = make_comm_(members, fmt::format("serve_weights.{}", layout));
   } else {
-    tokens = std::move(runtime::make_inproc_group(1)[0]);
+    next_tokens_ = std::move(runtime::make_inproc_group(1)[0]);
   }
-  TROUPE_CHECK(tokens && tokens->size() == ranks && tokens->rank() == me, errc::internal,
+  TROUPE_CHECK(next_tokens_ && next_tokens_->size() == ranks && next_tokens_->rank() == me, errc::internal,
                "pool rank {}: the communicator of layout {} has {} ranks, expected {}", me, layout,
-               tokens ? tokens->size() : 0, ranks);
+               next_tokens_ ? next_tokens_->size() : 0, ranks);
+}
+
+// The layout's MoE runner over the communicators make_comms made; the old runner and communicators go.
+void dp_member::install(int ranks, int64_t layout) {
   std::unique_ptr<ep::ep_serve_runner> moe;
   if (config_.is_moe()) {
     if (ranks > 1) {
       ep::ep_context c;
-      c.tokens = tokens.get();
-      c.weights = borrowed.get();
+      c.tokens = next_tokens_.get();
+      c.weights = next_borrowed_.get();
       c.placement = ep::ep_placement::contiguous(config_.n_experts, ranks);
       c.options = ep_;
       moe = std::make_unique<ep::ep_serve_runner>(std::move(c), ep::ep_serve_layout::data_parallel);
@@ -117,8 +131,8 @@ void dp_member::build_group(int ranks, int64_t layout) {
   if (!dec_) dec_ = std::make_unique<parallel::decoder>(w_);
   dec_->set_expert_parallel(moe.get());
   moe_ = std::move(moe);  // the old runner goes after the decoder forgot it
-  borrowed_ = std::move(borrowed);
-  tokens_ = std::move(tokens);
+  borrowed_ = std::move(next_borrowed_);
+  tokens_ = std::move(next_tokens_);
   ranks_ = ranks;
   layout_ = layout;
 }
@@ -127,14 +141,14 @@ void dp_member::build_group(int ranks, int64_t layout) {
 void dp_member::move_weights(int from, int to) {
   const int me = pool_.rank();
   auto send = [&](const tensor& t, int peer) {
-    pool_.send(t, peer, tag_weights);
-    pool_.send(tensor::from_vector(std::vector<int64_t>{crc_of(t)}, {1}), peer, tag_weights);
+    xfer_.send(t, peer, tag_weights);
+    xfer_.send(tensor::from_vector(std::vector<int64_t>{crc_of(t)}, {1}), peer, tag_weights);
     stats_.bytes_sent += t.nbytes();
   };
   auto recv = [&](tensor& t, int peer, const std::string& name) {
-    pool_.recv(t, peer, tag_weights);
+    xfer_.recv(t, peer, tag_weights);
     tensor crc = tensor::zeros({1}, runtime::dtype::i64);
-    pool_.recv(crc, peer, tag_weights);
+    xfer_.recv(crc, peer, tag_weights);
     const int64_t want = crc.data<int64_t>()[0], got = crc_of(t);
     TROUPE_CHECK(want == got, errc::io, "{} from rank {} to rank {}: CRC-32 {:08x} received, {:08x} computed", name,
                  peer, me, static_cast<uint32_t>(want), static_cast<uint32_t>(got));
@@ -161,35 +175,58 @@ void dp_member::move_weights(int from, int to) {
       const int o = owner(e, E, from), n = owner(e, E, to);
       if (o == n || (me != o && me != n)) continue;
       for (size_t k = 0; k < sets.size(); ++k) {
-        tensor& t = (*sets[k].tensors)[static_cast<size_t>(e)];
         if (me == o) {
-          send(t, n);
+          send((*sets[k].tensors)[static_cast<size_t>(e)], n);  // read while the rank serves with it
         } else {
-          t = tensor::empty(sets[k].shape);
+          tensor t = tensor::empty(sets[k].shape);
           recv(t, o, fmt::format("layer {} expert {} ({})", l, e, k == 0 ? "gate" : k == 1 ? "up" : "down"));
+          incoming_.push_back({l, e, k, std::move(t)});
         }
       }
     }
-    if (me < from)  // what this rank no longer owns goes (invariant 4)
-      for (int64_t e = 0; e < E; ++e)
-        if (owner(e, E, from) == me && (me >= to || owner(e, E, to) != me))
-          for (auto& s : sets) (*s.tensors)[static_cast<size_t>(e)] = tensor();
   }
 }
 
-runtime::communicator* dp_member::regroup(const serve::DpScale& plan) {
+void dp_member::prepare(const serve::DpScale& plan) {
   const int me = pool_.rank();
   const int from = plan.from_ranks(), to = plan.to_ranks();
   TROUPE_CHECK(from >= 1 && to >= 1 && std::max(from, to) <= pool_.size() && me < std::max(from, to),
                errc::invalid_argument, "pool rank {}: a change from {} to {} ranks in a pool of {}", me, from, to,
                pool_.size());
+  TROUPE_CHECK(!moving_.joinable(), errc::internal, "pool rank {}: a change is under way already", me);
   check_ranks(to);
-  const auto t0 = std::chrono::steady_clock::now();
   stats_ = {};
+  incoming_.clear();
+  error_ = nullptr;
+  done_ = false;
   if (me >= from)  // a joining rank: room for the dense weights (invariant 3 fills them, then its experts)
     w_ = parallel::model_weights::allocate(config_, [](const std::string& name) { return !ep::ep_is_expert_param(name); });
-  move_weights(from, to);
-  stats_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  moving_ = std::thread([this, from, to, me, layout = plan.epoch()] {
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      move_weights(from, to);
+      if (me < to) make_comms(to, layout);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    stats_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    done_ = true;
+  });
+}
+
+bool dp_member::ready() const { return done_.load(); }
+
+runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
+  const int me = pool_.rank();
+  const int from = plan.from_ranks(), to = plan.to_ranks();
+  TROUPE_CHECK(moving_.joinable(), errc::internal, "pool rank {}: commit without prepare", me);
+  moving_.join();
+  if (error_) {
+    next_tokens_.reset();
+    next_borrowed_.reset();
+    incoming_.clear();
+    std::rethrow_exception(error_);
+  }
   total_.bytes_sent += stats_.bytes_sent;
   total_.bytes_received += stats_.bytes_received;
   total_.tensors_received += stats_.tensors_received;
@@ -206,10 +243,32 @@ runtime::communicator* dp_member::regroup(const serve::DpScale& plan) {
               stats_.bytes_sent);
     return nullptr;
   }
-  build_group(to, plan.epoch());
+  if (config_.is_moe()) {  // experts in and out by handle (invariant 4)
+    const int64_t E = config_.n_experts;
+    for (size_t l = 0; l < w_.layers.size(); ++l) {
+      parallel::layer_params& L = w_.layers[l];
+      if (!L.is_moe) continue;
+      auto sets = ep::ep_expert_sets(L, config_);
+      if (me < from)
+        for (int64_t e = 0; e < E; ++e)
+          if (owner(e, E, from) == me && owner(e, E, to) != me)
+            for (auto& st : sets) (*st.tensors)[static_cast<size_t>(e)] = tensor();
+    }
+    for (auto& in : incoming_) {
+      auto sets = ep::ep_expert_sets(w_.layers[in.layer], config_);
+      (*sets[in.set].tensors)[static_cast<size_t>(in.expert)] = std::move(in.value);
+    }
+    incoming_.clear();
+  }
+  install(to, plan.epoch());
   log::debug("rank {}: layout {} on {} ranks; {} bytes sent, {} received ({} tensors checked) in {:.3f} s", me,
              plan.epoch(), to, stats_.bytes_sent, stats_.bytes_received, stats_.tensors_received, stats_.seconds);
   return tokens_.get();
+}
+
+runtime::communicator* dp_member::regroup(const serve::DpScale& plan) {
+  prepare(plan);
+  return commit(plan);
 }
 
 void dp_member::announce(const serve::DpScale& plan) {
@@ -246,7 +305,9 @@ std::optional<serve::DpScale> dp_member::wait_standby() {
 dp_elastic dp_member::elastic() {
   dp_elastic el;
   el.pool_ranks = pool_.size();
-  el.regroup = [this](const serve::DpScale& p) { return regroup(p); };
+  el.prepare = [this](const serve::DpScale& p) { prepare(p); };
+  el.ready = [this] { return ready(); };
+  el.commit = [this](const serve::DpScale& p) { return commit(p); };
   el.announce = [this](const serve::DpScale& p) { announce(p); };
   el.check = [this](int r) { check_ranks(r); };
   el.end = [this] { end_standby(); };
@@ -269,7 +330,8 @@ dp_follower_summary dp_serve_follower(dp_member& m, const parallel::text_tokeniz
   while (standby) {
     const auto plan = m.wait_standby();
     if (!plan) break;
-    runtime::communicator* c = el.regroup(*plan);
+    el.prepare(*plan);  // nothing to serve meanwhile: wait for the moves
+    runtime::communicator* c = el.commit(*plan);
     TROUPE_CHECK(c != nullptr, errc::internal, "a standby rank taken into a group of {} ranks got no communicator",
                  plan->to_ranks());
     ++out.joins;

@@ -4,7 +4,7 @@
 // peer-to-peer over the pool's communicator, each with a checksum, and the new group's
 // communicators built among its ranks. A process outside the group waits as standby.
 //
-//   dp_member m(pool, make_comm, ep_options);       // pool: every process able to serve, rank = pool rank
+//   dp_member m(pool, xfer, make_comm, ep_options); // pool, xfer: every process able to serve, rank = pool rank
 //   m.load("model_dir", 2);                         // ranks 0, 1: from disk, each its experts
 //   m.start_standby(config);                        // ranks 2, 3: nothing loaded
 //   dp_elastic el = m.elastic();                    // for dp_leader / dp_follow
@@ -16,24 +16,32 @@
 //   1. The group is pool ranks [0, ranks()); pool rank r is group rank r.
 //   2. Experts are placed contiguously: expert e of E on rank e / (E / P). E must be a multiple of
 //      every group size (check_ranks says so otherwise).
-//   3. regroup from P to M ranks is collective over pool ranks [0, max(P, M)). Transfers run in one
-//      global order — every dense tensor to each joining rank j from rank (j - P) % P, then every
+//   3. A change from P to M ranks is collective over pool ranks [0, max(P, M)), in two halves.
+//      prepare() starts the moves on a thread of their own over `xfer` while the rank goes on serving
+//      on the old layout (they only read its weights), commit() waits for them and switches. The
+//      moves run in one global order — every dense tensor to each joining rank j from rank (j - P) % P, then every
 //      expert whose owner changes, from its old owner — each a blocking pair, so no two ranks wait on
 //      each other. Each tensor is followed by its CRC-32; a mismatch is errc::io naming the tensor and
-//      both ranks. Nothing is read from disk.
-//   4. Ranks that stay keep their dense weights and KV caches in place; of their experts, those they
-//      lose are released and those they gain are allocated one by one (never all expert buffers
-//      again). A leaving rank releases its weights and is standby again.
+//      both ranks. Nothing is read from disk. Then the new group's ranks make its communicators
+//      (invariant 5), so once rank 0's moves are done (ready()) every rank's are: all the new ranks
+//      have received everything.
+//   4. Ranks that stay keep their dense weights and KV caches in place; experts they gain arrive in
+//      buffers of their own and, at commit, are swapped in by handle as those they lose are released
+//      (never all expert buffers again). A leaving rank releases its weights and is standby again.
 //   5. The group's communicators (tokens and borrowed expert weights) are made by `make_comm` among
 //      the new group's ranks, once per layout; a group of one rank needs none (its MoE layers run
 //      alone, its serving communicator is a one-rank group).
-//   6. pool is used by one thread at a time: the rank's stepping thread (or its standby wait).
+//   6. pool is used by one thread at a time (the rank's stepping thread, or its standby wait), xfer
+//      by the moves' thread only.
 #pragma once
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "elastic/engine/engine.h"
@@ -59,7 +67,10 @@ struct dp_transfer_stats {
 
 class dp_member {
  public:
-  dp_member(runtime::communicator& pool, dp_comm_factory make_comm, parallel::ep::ep_options ep);
+  // pool: announcements and the standby wait; xfer: the weights and the new groups' bootstraps (the
+  // same ranks; used by the moves' thread).
+  dp_member(runtime::communicator& pool, runtime::communicator& xfer, dp_comm_factory make_comm,
+            parallel::ep::ep_options ep);
   ~dp_member();
   dp_member(const dp_member&) = delete;
   dp_member& operator=(const dp_member&) = delete;
@@ -73,7 +84,12 @@ class dp_member {
 
   // Throws errc::invalid_argument when the model cannot run on `ranks` ranks (invariant 2).
   void check_ranks(int ranks) const;
-  // Invariant 3; returns the new group's serving communicator (null when this rank left).
+  // Invariant 3. prepare: the moves start beside serving; ready: they are done (or failed); commit:
+  // waits for them, rethrows their failure, switches, and returns the new group's serving
+  // communicator (null when this rank left). regroup = prepare then commit.
+  void prepare(const serve::DpScale& plan);
+  bool ready() const;
+  runtime::communicator* commit(const serve::DpScale& plan);
   runtime::communicator* regroup(const serve::DpScale& plan);
 
   // Rank 0: tells the ranks [from, to) of a growing group about it (they wait in wait_standby).
@@ -98,10 +114,18 @@ class dp_member {
   int64_t layout() const { return layout_; }
 
  private:
-  void build_group(int ranks, int64_t layout);
+  void make_comms(int ranks, int64_t layout);
+  void install(int ranks, int64_t layout);
   void move_weights(int from, int to);
 
+  struct incoming_expert {
+    size_t layer;
+    int64_t expert;
+    size_t set;  // gate, up, down
+    runtime::tensor value;
+  };
   runtime::communicator& pool_;
+  runtime::communicator& xfer_;
   dp_comm_factory make_comm_;
   parallel::ep::ep_options ep_;
   runtime::model_config config_;
@@ -109,6 +133,11 @@ class dp_member {
   std::unique_ptr<parallel::ep::ep_serve_runner> moe_;
   std::unique_ptr<parallel::decoder> dec_;
   std::unique_ptr<runtime::communicator> tokens_, borrowed_;
+  std::unique_ptr<runtime::communicator> next_tokens_, next_borrowed_;  // made by the moves' thread
+  std::vector<incoming_expert> incoming_;
+  std::thread moving_;
+  std::atomic<bool> done_{false};
+  std::exception_ptr error_;
   int ranks_ = 0;
   int64_t layout_ = 0;
   dp_transfer_stats stats_, total_;

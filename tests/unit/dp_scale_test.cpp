@@ -63,7 +63,7 @@ parallel::ep::ep_options llep() {
 
 TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
   const int W = 4;
-  auto pool = runtime::make_inproc_group(W, 30000);
+  auto pool = runtime::make_inproc_group(W, 30000), xfer = runtime::make_inproc_group(W, 30000);
   inproc_factory factory;
   const parallel::model_weights ref_w = parallel::model_weights::load(fixture("mixtral_moe"));
   const parallel::decoder ref(ref_w);
@@ -74,7 +74,7 @@ TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
   int64_t bytes_received_by_joiners = 0;
   std::vector<std::pair<std::string, std::vector<int32_t>>> sent;
   const auto errors = run_ranks(W, pool, nullptr, [&](int r) {
-    dp_member m(*pool[static_cast<size_t>(r)], factory.bind(r), llep());
+    dp_member m(*pool[static_cast<size_t>(r)], *xfer[static_cast<size_t>(r)], factory.bind(r), llep());
     parallel::byte_text_tokenizer bt;
     engine_options o;
     o.block_size = 4;
@@ -121,7 +121,8 @@ TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
     auto change = [&](int ranks) {
       lead.request_scale(ranks);
       EXPECT_THROW(lead.request_scale(ranks == 1 ? 2 : 1), dp_scale_refused) << "a change is pending";
-      lead.step();
+      lead.step();  // the moves start; the group goes on serving on the old layout
+      for (int i = 0; i < 2000 && lead.scale_status().state != "done"; ++i) lead.step();
       after.push_back(lead.scale_status());
     };
     submit(6);
@@ -213,7 +214,7 @@ class corrupting_comm final : public runtime::communicator {
 };
 
 TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
-  auto pool = runtime::make_inproc_group(2, 3000);
+  auto pool = runtime::make_inproc_group(2, 3000), xfer = runtime::make_inproc_group(2, 3000);
   inproc_factory factory;
   factory.timeout_ms = 3000;
   const parallel::model_weights w = parallel::model_weights::load(fixture("mixtral_moe"));
@@ -222,13 +223,13 @@ TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
     engine_options o;
     o.block_size = 4;
     if (r == 1) {
-      dp_member m(*pool[1], factory.bind(1), llep());
+      dp_member m(*pool[1], *xfer[1], factory.bind(1), llep());
       m.start_standby(w.config());
       dp_serve_follower(m, bt, o, 16, m.elastic());
       return;
     }
-    corrupting_comm bad(*pool[0]);
-    dp_member m(bad, factory.bind(0), llep());
+    corrupting_comm bad(*xfer[0]);
+    dp_member m(*pool[0], bad, factory.bind(0), llep());
     m.load(parallel::model_weights::load(fixture("mixtral_moe")), 1);
     o.group_member = true;
     local_executor exec(m.decoder(), 16, o.block_size);
