@@ -267,9 +267,9 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
   // found by the supervisor's heartbeats, which abort it.
   std::unique_ptr<runtime::communicator> pool =
       make_subgroup_comm("ucx", ctx, all, 0, "pool", std::numeric_limits<int>::max(), /*sleep_when_idle=*/true);
-  // The weights of a change move on a second one, on a thread of their own, while the rank serves.
-  std::unique_ptr<runtime::communicator> xfer =
-      make_subgroup_comm("ucx", ctx, all, 0, "pool_moves", 300000, /*sleep_when_idle=*/true);
+  // The weights of a change move on a second one, on a thread of their own, while the rank serves
+  // (used only during a change, so it may spin: UCX keeps its fastest transports, e.g. cma).
+  std::unique_ptr<runtime::communicator> xfer = make_subgroup_comm("ucx", ctx, all, 0, "pool_moves", 300000);
   elastic::dp_comm_factory factory = [&xfer](const std::vector<int>& members, const std::string& name) {
     auto boot = runtime::make_comm_bootstrap(*xfer, members, tag_group_boot);
     runtime::ucx_options uo;

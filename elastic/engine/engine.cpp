@@ -340,7 +340,15 @@ void engine::emit_token(sequence& s, int32_t token, const token_logprob* lp) {
   if (!p.ignore_eos)
     for (int32_t e : tok_.eos_ids()) eos |= token == e;
   for (int32_t t : p.stop_token_ids) eos |= token == t;
-  std::string piece = eos ? std::string() : s.detok->push(token);
+  std::string piece;
+  if (!eos) {
+    try {
+      piece = s.detok->push(token);
+    } catch (const std::exception& e) {  // e.g. an id past the tokenizer's vocabulary: this sample alone ends
+      finish(s, "error", fmt::format("token {} cannot be decoded: {}", token, e.what()));
+      return;
+    }
+  }
   const stop_chunk c = s.stops->push(piece);
   const bool length = s.generated >= p.max_tokens || static_cast<int64_t>(s.tokens.size()) >= max_positions_;
   // Empty text: bytes of a character, or text that may start a stop string — nothing to show yet.

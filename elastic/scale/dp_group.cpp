@@ -631,8 +631,7 @@ void dp_leader::commit_scale() {
       }
     }
     scale_.epoch = plan.epoch();
-    scale_.ranks = target;
-    scale_.state = "done";
+    scale_.ranks = target;  // "done" once the first iteration on the new layout ran (step)
     if (target > from) ++scale_.scale_ups;
     else ++scale_.scale_downs;
     scale_.last_move_seconds = std::chrono::duration<double>(t_commit - scale_requested_).count() -
@@ -686,6 +685,7 @@ bool dp_leader::step() {
     if (committed) {
       std::lock_guard<std::mutex> g(mu_);
       scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
+      scale_.state = "done";
     }
     // Idle while the weights move: look again in a moment (the scheduler steps while a change is on).
     if (moving && !committed) std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -725,8 +725,10 @@ bool dp_leader::step() {
         reports_[static_cast<size_t>(r)] = std::move(rep);
       }
       pending_blocks_[0] = 0;
-      if (committed)
+      if (committed) {
         scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
+        scale_.state = "done";
+      }
     }
     ++steps_;
     if (hooks_.want_sync && hooks_.want_sync()) {

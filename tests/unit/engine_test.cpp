@@ -2,10 +2,13 @@
 // batched together equals parallel::generate_greedy per request, token for token, with chunked
 // prefill, prefix caching, preemption under a KV cache too small for everyone, and static
 // batching; seeded sampling does not depend on the batch; abort and bad input; a sample resumed on
-// another engine after any event goes on with exactly the text and tokens the first would have sent.
+// another engine after any event goes on with exactly the text and tokens the first would have sent;
+// a token the tokenizer cannot decode ends its sample alone with an error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <optional>
+#include <stdexcept>
 
 #include "engine_harness.h"
 #include "runtime/error.h"
@@ -240,6 +243,64 @@ TEST(Engine, AResumedSampleContinuesTheStreamExactlyAfterAnyEvent) {
   bad.params = greedy_params(8);
   bad.n = 2;
   EXPECT_THROW(h.eng->submit(bad), runtime::error);
+}
+
+// The byte tokenizer, except that one id cannot be decoded (as an id past a tokenizer's vocabulary).
+class tokenizer_without final : public parallel::text_tokenizer {
+ public:
+  explicit tokenizer_without(int32_t bad) : bad_(bad) {}
+  std::vector<int32_t> encode(std::string_view t, bool s) const override { return b_.encode(t, s); }
+  std::string decode(std::span<const int32_t> ids, bool s) const override {
+    for (int32_t id : ids) check(id);
+    return b_.decode(ids, s);
+  }
+  std::string token_bytes(int32_t id, bool s) const override {
+    check(id);
+    return b_.token_bytes(id, s);
+  }
+  bool is_special(int32_t id) const override { return b_.is_special(id); }
+  int64_t vocab_size() const override { return b_.vocab_size(); }
+  std::optional<int32_t> bos_id() const override { return b_.bos_id(); }
+  const std::vector<int32_t>& eos_ids() const override { return b_.eos_ids(); }
+  std::optional<int32_t> token_to_id(std::string_view t) const override { return b_.token_to_id(t); }
+  std::string id_to_token(int32_t id) const override { return b_.id_to_token(id); }
+  const std::string& chat_template_source() const override { return b_.chat_template_source(); }
+  const std::string& bos_token() const override { return b_.bos_token(); }
+  const std::string& eos_token() const override { return b_.eos_token(); }
+
+ private:
+  void check(int32_t id) const {
+    if (id == bad_) throw std::out_of_range("id " + std::to_string(id) + " is not in this vocabulary");
+  }
+  parallel::byte_text_tokenizer b_;
+  int32_t bad_;
+};
+
+TEST(Engine, ATokenTheTokenizerCannotDecodeEndsItsSampleAloneWithAnError) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  harness probe("llama_gqa", o);
+  const int64_t V = probe.dec->config().vocab_size;
+  const auto bad_prompt = prompt_of(9, 5, V);
+  const int32_t bad = probe.greedy(bad_prompt, 6)[3];  // its 4th token cannot be decoded
+  std::vector<int32_t> good_prompt;
+  for (int32_t seed = 6; seed < 60 && good_prompt.empty(); ++seed) {
+    const auto p = prompt_of(7, seed, V);
+    const auto g = probe.greedy(p, 6);
+    if (std::find(g.begin(), g.end(), bad) == g.end()) good_prompt = p;
+  }
+  ASSERT_FALSE(good_prompt.empty());
+  harness h("llama_gqa", o, std::make_unique<tokenizer_without>(bad));
+  h.submit("bad", bad_prompt, greedy_params(6));
+  h.submit("good", good_prompt, greedy_params(6));
+  h.run();
+  EXPECT_EQ(h.out["bad"].reason, "error");
+  EXPECT_NE(h.out["bad"].error.find("token " + std::to_string(bad) + " cannot be decoded"), std::string::npos)
+      << h.out["bad"].error;
+  EXPECT_EQ(h.out["good"].reason, "length");
+  EXPECT_EQ(h.out["good"].ids, h.greedy(good_prompt, 6));
+  EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
 }
 
 }  // namespace

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Scale-up latency of an elastic serving group against a cold restart, on a 212 M-parameter
+# Mixtral-shaped model with random weights (8 experts of 1024 x 2048, 4 layers, the byte vocabulary):
+#   * elastic: troupe-launch --min-ranks 1 --max-ranks 4 starts the group on 1 rank (3 standby
+#     processes); while a client keeps sending requests, `troupe scale` takes it to 2 and then 4 ranks;
+#     the time is troupe scale's own: from the request to the first iteration on the new layout;
+#   * cold restart: the same server stopped and started again on M ranks from disk (troupe-launch -n M),
+#     timed from the start to the first answered request (the warm-up).
+# Also counts the client's failed requests during the elastic run (the goal is 0).
+#   bench/run_scale_bench.sh [WORK_DIR]       # needs build/ (troupe, troupe-launch); ~0.9 GB in WORK_DIR
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+work="${1:-/tmp/troupe-scale-bench}"
+mkdir -p "$work"
+troupe=build/launch/troupe
+launch=build/launch/troupe-launch
+model="$work/model"
+if [ ! -f "$model/config.json" ]; then
+  cat >"$work/shape.json" <<'JSON'
+{"model_type": "mixtral", "vocab_size": 256, "hidden_size": 1024, "intermediate_size": 2048,
+ "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
+ "max_position_embeddings": 4096, "rope_theta": 1000000.0, "num_local_experts": 8,
+ "num_experts_per_tok": 2, "sliding_window": null, "tie_word_embeddings": false,
+ "bos_token_id": 1, "eos_token_id": 2}
+JSON
+  "$troupe" init "$model" --config "$work/shape.json" || exit 1
+fi
+export TROUPE_NUM_THREADS=1 TROUPE_ADMIN_KEY=bench
+now() { date +%s.%N; }
+serve_yaml() {  # serve_yaml RANKS
+  printf 'model: %s\nserver: {port: 0, admin_key: "env:TROUPE_ADMIN_KEY"}\nengine: {ranks: %s, block_size: 16, kv_cache_memory: 64MiB, dispatch: round_robin}\nexpert: {mode: llep}\n' \
+    "$model" "$1" >"$work/serve.yaml"
+}
+wait_port() {  # wait_port LOG PID -> port on stdout
+  for _ in $(seq 1 3000); do
+    p=$(sed -n 's/^\[rank 0\] troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$1")
+    [ -n "$p" ] && { echo "$p"; return 0; }
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
+ask() {  # ask URL MAX_TOKENS -> HTTP status
+  curl -s -o /dev/null -w '%{http_code}' -m 120 "$1/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"prompt\": [5, 17, 99, 4, 4, 60, 1, 2], \"max_tokens\": $2, \"temperature\": 0}"
+}
+stop() { kill -TERM "$1"; wait "$1" 2>/dev/null; pid=""; }
+pid=""; client=""
+trap '[ -n "$client" ] && kill "$client" 2>/dev/null; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' EXIT
+
+# Elastic: 1 -> 2 -> 4 under a client.
+serve_yaml 1
+"$launch" --min-ranks 1 --max-ranks 4 -- "$troupe" serve "$work/serve.yaml" >"$work/elastic.log" 2>&1 &
+pid=$!
+port=$(wait_port "$work/elastic.log" "$pid") || { tail "$work/elastic.log"; exit 1; }
+url="http://127.0.0.1:$port"
+[ "$(ask "$url" 1)" = 200 ] || { echo "the elastic server does not answer"; exit 1; }
+rm -f "$work/stop" "$work/statuses"
+( while [ ! -f "$work/stop" ]; do echo "$(ask "$url" 16)" >>"$work/statuses"; done ) &
+client=$!
+declare -A up paused
+for m in 2 4; do
+  sleep 2
+  out=$("$troupe" scale "$url" --ranks "$m" --timeout 300) || { echo "$out"; stop "$pid"; exit 1; }
+  up[$m]=$(echo "$out" | sed -n 's/.*the change took \([0-9.]*\) s.*/\1/p')
+  paused[$m]=$(echo "$out" | sed -n 's/.* \([0-9.]*\) s switching.*/\1/p')
+  echo "$out" | tail -1
+done
+sleep 2
+touch "$work/stop"; wait "$client"; client=""
+total=$(wc -l <"$work/statuses"); failed=$(grep -vc '^200$' "$work/statuses")
+stop "$pid"
+
+# Cold restart on M ranks from disk.
+declare -A cold
+for m in 2 4; do
+  serve_yaml "$m"
+  t0=$(now)
+  "$launch" -n "$m" -- "$troupe" serve "$work/serve.yaml" >"$work/cold$m.log" 2>&1 &
+  pid=$!
+  port=$(wait_port "$work/cold$m.log" "$pid") || { tail "$work/cold$m.log"; exit 1; }
+  until [ "$(ask "http://127.0.0.1:$port" 1)" = 200 ]; do sleep 0.05; done
+  cold[$m]=$(awk -v a="$(now)" -v b="$t0" 'BEGIN { print a - b }')
+  stop "$pid"
+done
+echo
+echo "| change | elastic: request -> first iteration on M ranks | of which paused (switch) | cold restart: start M ranks from disk -> first answer | elastic / cold | paused / cold |"
+echo "|---|---:|---:|---:|---:|---:|"
+for m in 2 4; do
+  awk -v f=$((m / 2)) -v t="$m" -v u="${up[$m]}" -v p="${paused[$m]}" -v c="${cold[$m]}" \
+    'BEGIN { printf "| %d -> %d ranks | %.3f s | %.3f s | %.3f s | %.3f | %.3f |\n", f, t, u, p, c, u / c, p / c }'
+done
+echo "client requests during the elastic run: $total, failed: $failed"
