@@ -50,6 +50,7 @@
 #include "elastic/engine/executor.h"
 #include "elastic/server/engine_backend.h"
 #include "elastic/scale/dp_group.h"
+#include "elastic/scale/dp_autoscaler.h"
 #include "elastic/scale/dp_member.h"
 #include "elastic/server/openai_api.h"
 #include "elastic/server/http_server.h"
@@ -141,6 +142,7 @@ struct serving {
   int ranks = 1;
   std::string layout;
   elastic::dp_leader* elastic = nullptr;  // an elastic group's leader: /admin/scale
+  int min_ranks = 1;                      // ... and the least size its autoscaler may choose
 };
 
 // /admin/scale over the data-parallel group's leader.
@@ -192,7 +194,24 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
                                : spec.served_model_name();
   elastic::engine_backend backend(eng, tok, name.empty() ? "model" : name, static_cast<uint64_t>(spec.seed()),
                                   &sched);
-  if (sv.metrics) backend.set_metrics(sv.metrics);
+  // engine.autoscale: rank 0 resizes an elastic group by load (elastic/scale/dp_autoscaler.h).
+  std::unique_ptr<elastic::dp_autoscaler> autoscaler;
+  const auto& as = spec.engine().autoscale();
+  if (sv.elastic && as.enabled()) {
+    elastic::autoscale_options ao;
+    ao.min_ranks = sv.min_ranks;
+    ao.max_ranks = sv.elastic->scale_status().pool_ranks;
+    ao.ttft_slo_s = static_cast<double>(as.ttft_slo_ms()) / 1000.0;
+    ao.queue_per_rank = as.queue_per_rank();
+    ao.shrink_below = as.shrink_below();
+    ao.patience = as.patience();
+    ao.cooldown_ms = as.cooldown_ms();
+    const int64_t experts = w.config().is_moe() ? w.config().n_experts : 0;
+    autoscaler = std::make_unique<elastic::dp_autoscaler>(
+        ao, [experts](int r) { return experts == 0 || experts % r == 0; });
+  }
+  if (sv.metrics)
+    backend.set_metrics([&sv, &autoscaler] { return sv.metrics() + (autoscaler ? autoscaler->metrics_text() : ""); });
   elastic::http_options ho;
   ho.host = spec.server().host();
   ho.port = static_cast<int>(spec.server().port());
@@ -223,7 +242,34 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
              eng.options().static_batching ? "static" : "continuous", ho.api_key.empty() ? "" : ", API key required");
   std::fflush(stdout);
   std::string why;
+  const auto t_start = std::chrono::steady_clock::now();
+  int64_t next_look_ms = 0;
   for (;;) {
+    if (autoscaler) {
+      const int64_t now_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t_start).count();
+      if (now_ms >= next_look_ms) {
+        next_look_ms = now_ms + as.interval_ms();
+        const auto sum = sv.elastic->summary();
+        const auto st = sv.elastic->scale_status();
+        elastic::autoscale_observation obs;
+        obs.now_ms = now_ms;
+        obs.ranks = st.ranks;
+        obs.changing = st.state == "pending" || st.state == "moving";
+        obs.waiting = sum.gauges.waiting;
+        obs.kv_usage = sum.gauges.kv_usage;
+        obs.ttft = sum.ttft;
+        if (const auto d = autoscaler->observe(obs)) {
+          try {
+            sv.elastic->request_scale(d->ranks);
+            sched.wake();
+            runtime::log::info("serve: autoscaler: {} -> {} ranks ({})", st.ranks, d->ranks, d->reason);
+          } catch (const std::exception& e) {
+            runtime::log::warn("serve: autoscaler: {} ranks refused: {}", d->ranks, e.what());
+          }
+        }
+      }
+    }
     if (g_signals.load() > 0) {
       why = fmt::format("signal {}", g_last_signal.load());
       break;
@@ -330,7 +376,7 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
         [&] { return leader.broken() ? leader.broken_reason() : std::string(); }, first,
         fmt::format("data-parallel attention, dispatch {}, elastic: {} processes, at least {} serving",
                     leader.policy().name(), pool_n, min_ranks),
-        &leader});
+        &leader, min_ranks});
   const auto st = leader.scale_status();
   rep.add_lines(fmt::format("rank 0: {} scale-ups, {} scale-downs, {} samples moved", st.scale_ups, st.scale_downs,
                             st.moved_samples));
@@ -510,6 +556,10 @@ int serve(const serve_options& o) {
     TROUPE_CHECK(o.backend == "auto" || o.backend == "ucx", errc::invalid_argument,
                  "--backend {}: a group that changes size runs over UCX", o.backend);
   }
+  TROUPE_CHECK(!spec.engine().autoscale().enabled() || spec.engine().ranks() < r.world_size, errc::invalid_argument,
+               "{}: engine.autoscale needs an elastic group: start more processes than engine.ranks "
+               "(troupe-launch --min-ranks 1 --max-ranks N)",
+               o.spec);
   if (o.threads > 0) runtime::set_num_threads(o.threads);
   else if (std::getenv("TROUPE_NUM_THREADS") == nullptr)
     runtime::set_num_threads(std::max(1, runtime::hardware_threads() / std::max(1, r.local_world_size)));

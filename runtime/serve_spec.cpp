@@ -30,6 +30,13 @@ serve::ServeSpec serve_spec_defaults() {
   e->set_max_waiting(1024);
   e->set_attention("data_parallel");
   e->set_dispatch("least_kv_prefix");
+  auto* a = e->mutable_autoscale();
+  a->set_ttft_slo_ms(2000);
+  a->set_queue_per_rank(4);
+  a->set_shrink_below(0.25);
+  a->set_interval_ms(1000);
+  a->set_patience(3);
+  a->set_cooldown_ms(30000);
   expert_parallel_defaults(*s.mutable_expert());  // as parallel.expert of a job
   s.set_seed(0);
   return s;
@@ -68,6 +75,15 @@ void validate_serve(serve::ServeSpec& s, const spec_fail& fail) {
     fail("engine.attention", fmt::format("'{}' is not one of data_parallel, replicated", e.attention()));
   if (e.dispatch() != "least_kv_prefix" && e.dispatch() != "round_robin")
     fail("engine.dispatch", fmt::format("'{}' is not one of least_kv_prefix, round_robin", e.dispatch()));
+  const auto& a = e.autoscale();
+  for (const auto& [key, value] : {std::pair<const char*, int64_t>{"engine.autoscale.ttft_slo_ms", a.ttft_slo_ms()},
+                                   {"engine.autoscale.queue_per_rank", a.queue_per_rank()},
+                                   {"engine.autoscale.interval_ms", a.interval_ms()},
+                                   {"engine.autoscale.patience", a.patience()}})
+    if (value < 1) fail(key, fmt::format("= {} must be >= 1", value));
+  if (a.cooldown_ms() < 0) fail("engine.autoscale.cooldown_ms", fmt::format("= {} must be >= 0", a.cooldown_ms()));
+  if (!(a.shrink_below() >= 0 && a.shrink_below() < 1))
+    fail("engine.autoscale.shrink_below", fmt::format("= {} must be in [0, 1)", a.shrink_below()));
   if (!e.kv_cache_memory().empty()) {
     try {
       parse_byte_size(e.kv_cache_memory(), "engine.kv_cache_memory");

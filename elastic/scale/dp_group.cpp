@@ -796,11 +796,12 @@ std::vector<int64_t> dp_leader::dispatched() const {
   return dispatched_;
 }
 
-std::string dp_leader::metrics_text() const {
+dp_leader::summary_t dp_leader::summary() const {
   const engine_stats st = eng_.stats();
   std::lock_guard<std::mutex> g(mu_);
   const int P = scale_.ranks;
-  serving_gauges sg;
+  summary_t out;
+  serving_gauges& sg = out.gauges;
   sg.waiting = st.waiting;
   sg.running = st.running;
   sg.generated_tokens = st.generated_tokens;
@@ -822,12 +823,23 @@ std::string dp_leader::metrics_text() const {
   }
   sg.kv_usage = blocks ? double(used) / double(blocks) : 0.0;
   sg.prefix_hit_rate = lookup ? double(hit) / double(lookup) : 0.0;
-  latency_histogram ttft = eng_.ttft_histogram(), tpot = eng_.tpot_histogram();
+  out.ttft = eng_.ttft_histogram();
+  out.tpot = eng_.tpot_histogram();
   for (int r = 1; r < P; ++r) {
     const auto& rep = reports_[static_cast<size_t>(r)];
-    merge(ttft, rep.ttft_counts(), rep.ttft_sum());
-    merge(tpot, rep.tpot_counts(), rep.tpot_sum());
+    merge(out.ttft, rep.ttft_counts(), rep.ttft_sum());
+    merge(out.tpot, rep.tpot_counts(), rep.tpot_sum());
   }
+  return out;
+}
+
+std::string dp_leader::metrics_text() const {
+  const summary_t sum = summary();
+  const engine_stats st = eng_.stats();
+  std::lock_guard<std::mutex> g(mu_);
+  const int P = scale_.ranks;
+  const serving_gauges& sg = sum.gauges;
+  const latency_histogram &ttft = sum.ttft, &tpot = sum.tpot;
   std::string out;
   out += ttft.prometheus("troupe_time_to_first_token_seconds",
                          "Time from arrival at rank 0 to the first token (every rank's requests).");

@@ -147,6 +147,12 @@ class dp_leader final : public step_driver {
   std::vector<dp_rank_load> loads() const;       // as last reported (rank 0: now)
   std::vector<int64_t> dispatched() const;       // requests sent to each rank so far
   std::string metrics_text() const;              // invariant 6, then the experts' rows
+  // The group's gauges and latency histograms, every rank summed (what metrics_text shows).
+  struct summary_t {
+    serving_gauges gauges;
+    latency_histogram ttft{serving_latency_bounds()}, tpot{serving_latency_bounds()};
+  };
+  summary_t summary() const;
   const dp_dispatch_policy& policy() const { return *policy_; }
 
  private:
