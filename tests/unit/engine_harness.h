@@ -12,6 +12,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
+#include <string_view>
 #include <string>
 #include <vector>
 
@@ -93,6 +96,26 @@ struct harness {
     const auto r = parallel::generate_greedy(*dec, prompt, 1, static_cast<int64_t>(prompt.size()), o);
     return std::vector<int32_t>(r.ids.begin() + static_cast<int64_t>(prompt.size()), r.ids.end());
   }
+};
+
+// The byte tokenizer behind text_tokenizer, for tests that change some of its answers.
+class byte_tokenizer_base : public parallel::text_tokenizer {
+ public:
+  std::vector<int32_t> encode(std::string_view t, bool s) const override { return b_.encode(t, s); }
+  std::string decode(std::span<const int32_t> ids, bool s) const override { return b_.decode(ids, s); }
+  std::string token_bytes(int32_t id, bool s) const override { return b_.token_bytes(id, s); }
+  bool is_special(int32_t id) const override { return b_.is_special(id); }
+  int64_t vocab_size() const override { return b_.vocab_size(); }
+  std::optional<int32_t> bos_id() const override { return b_.bos_id(); }
+  const std::vector<int32_t>& eos_ids() const override { return b_.eos_ids(); }
+  std::optional<int32_t> token_to_id(std::string_view t) const override { return b_.token_to_id(t); }
+  std::string id_to_token(int32_t id) const override { return b_.id_to_token(id); }
+  const std::string& chat_template_source() const override { return b_.chat_template_source(); }
+  const std::string& bos_token() const override { return b_.bos_token(); }
+  const std::string& eos_token() const override { return b_.eos_token(); }
+
+ protected:
+  parallel::byte_text_tokenizer b_;
 };
 
 inline std::vector<int32_t> prompt_of(int64_t n, int32_t seed, int64_t vocab) {

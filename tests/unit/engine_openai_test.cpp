@@ -218,9 +218,8 @@ TEST(EngineOpenAi, GuidedDecodingFollowsTheSchemaToTheEnd) {
 }
 
 // The byte tokenizer, but token 100 is the first two bytes of a three-byte character.
-class partial_utf8_tokenizer final : public parallel::text_tokenizer {
+class partial_utf8_tokenizer final : public byte_tokenizer_base {
  public:
-  std::vector<int32_t> encode(std::string_view t, bool s) const override { return b_.encode(t, s); }
   std::string decode(std::span<const int32_t> ids, bool skip) const override {
     std::string out;
     for (int32_t id : ids) out += token_bytes(id, skip);
@@ -229,18 +228,6 @@ class partial_utf8_tokenizer final : public parallel::text_tokenizer {
   std::string token_bytes(int32_t id, bool skip) const override {
     return id == 100 ? std::string("\xe2\x82") : b_.token_bytes(id, skip);
   }
-  bool is_special(int32_t id) const override { return b_.is_special(id); }
-  int64_t vocab_size() const override { return b_.vocab_size(); }
-  std::optional<int32_t> bos_id() const override { return b_.bos_id(); }
-  const std::vector<int32_t>& eos_ids() const override { return b_.eos_ids(); }
-  std::optional<int32_t> token_to_id(std::string_view t) const override { return b_.token_to_id(t); }
-  std::string id_to_token(int32_t id) const override { return b_.id_to_token(id); }
-  const std::string& chat_template_source() const override { return b_.chat_template_source(); }
-  const std::string& bos_token() const override { return b_.bos_token(); }
-  const std::string& eos_token() const override { return b_.eos_token(); }
-
- private:
-  parallel::byte_text_tokenizer b_;
 };
 
 TEST(EngineOpenAi, TextNeverEndsInsideAUtf8Character) {

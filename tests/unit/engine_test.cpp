@@ -246,10 +246,9 @@ TEST(Engine, AResumedSampleContinuesTheStreamExactlyAfterAnyEvent) {
 }
 
 // The byte tokenizer, except that one id cannot be decoded (as an id past a tokenizer's vocabulary).
-class tokenizer_without final : public parallel::text_tokenizer {
+class tokenizer_without final : public byte_tokenizer_base {
  public:
   explicit tokenizer_without(int32_t bad) : bad_(bad) {}
-  std::vector<int32_t> encode(std::string_view t, bool s) const override { return b_.encode(t, s); }
   std::string decode(std::span<const int32_t> ids, bool s) const override {
     for (int32_t id : ids) check(id);
     return b_.decode(ids, s);
@@ -258,21 +257,11 @@ class tokenizer_without final : public parallel::text_tokenizer {
     check(id);
     return b_.token_bytes(id, s);
   }
-  bool is_special(int32_t id) const override { return b_.is_special(id); }
-  int64_t vocab_size() const override { return b_.vocab_size(); }
-  std::optional<int32_t> bos_id() const override { return b_.bos_id(); }
-  const std::vector<int32_t>& eos_ids() const override { return b_.eos_ids(); }
-  std::optional<int32_t> token_to_id(std::string_view t) const override { return b_.token_to_id(t); }
-  std::string id_to_token(int32_t id) const override { return b_.id_to_token(id); }
-  const std::string& chat_template_source() const override { return b_.chat_template_source(); }
-  const std::string& bos_token() const override { return b_.bos_token(); }
-  const std::string& eos_token() const override { return b_.eos_token(); }
 
  private:
   void check(int32_t id) const {
     if (id == bad_) throw std::out_of_range("id " + std::to_string(id) + " is not in this vocabulary");
   }
-  parallel::byte_text_tokenizer b_;
   int32_t bad_;
 };
 
