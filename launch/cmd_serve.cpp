@@ -353,12 +353,7 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
                  ranks, min_ranks);
     check(ranks);
   };
-  const auto commit = el.commit;
-  el.commit = [commit, &register_active](const serve::DpScale& p) {
-    runtime::communicator* c = commit(p);
-    register_active();
-    return c;
-  };
+  m.on_layout = register_active;  // each switch registers the new communicators before the old ones go
   if (rank >= first) m.start_standby(mc);
   else m.load(spec.model(), first);
   register_active();

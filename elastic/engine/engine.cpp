@@ -192,8 +192,8 @@ void engine::submit(engine_request r) {
   if (r.arrival == clk::time_point{}) r.arrival = clk::now();
   {
     std::lock_guard<std::mutex> g(mu_);
-    // A resumed sample was admitted by its group already: refusing it would fail its request.
-    if (!r.resume && static_cast<int64_t>(inbox_.size() + waiting_.size()) >= o_.max_waiting)
+    // A moved or resumed request was admitted by its group already: refusing it would fail it.
+    if (!r.resume && !r.admitted && static_cast<int64_t>(inbox_.size() + waiting_.size()) >= o_.max_waiting)
       throw engine_busy(fmt::format("{} requests are waiting already (engine.max_waiting)", o_.max_waiting));
     inbox_.push_back(std::move(r));
   }
@@ -247,7 +247,7 @@ void engine::take_inbox() {
       log::error("engine: request {} could not be queued: {}", r.id, e.what());
       for (int64_t i = 0; i < r.n && r.on_event; ++i) {
         engine_event ev;
-        ev.index = i;
+        ev.index = r.resume ? r.resume->index : i;
         ev.finished = true;
         ev.finish_reason = "error";
         ev.error = e.what();

@@ -121,6 +121,9 @@ struct engine_request {
     bool prompt_logprobs_sent = false;
   };
   std::optional<resumed> resume;
+  // Admitted by a serving group already and moved here (dp_group.h invariant 7): never refused for a
+  // full queue (max_waiting).
+  bool admitted = false;
 };
 
 // Latency histogram with Prometheus' cumulative buckets (seconds).

@@ -433,7 +433,10 @@ void dp_leader::deliver(const std::string& id, const engine_event& e) {
       --samples_;
       bool all = true;
       for (bool d : s.done) all &= d;
-      if (all) requests_.erase(it);
+      if (all) {
+        arrivals_.erase(id);
+        requests_.erase(it);
+      }
     }
   }
   if (cb) cb(e);
@@ -477,6 +480,7 @@ void dp_leader::fail_remote(const std::string& why, const std::string& reason) {
 void dp_leader::send_header(int64_t kind, int64_t bytes) {
   tensor head = tensor::from_vector(std::vector<int64_t>{kind, bytes, steps_.load(), 0}, {4});
   comm_->broadcast(head, 0);
+  last_header_ = clk::now();
 }
 
 void dp_leader::fail_group(const std::exception& e) {
@@ -489,7 +493,7 @@ void dp_leader::fail_group(const std::exception& e) {
     }
   }
   log::error("serving group: an iteration failed: {}", e.what());
-  comm_->abort(e.what());  // whoever still waits on this group fails now, not at its timeout
+  if (comm_) comm_->abort(e.what());  // whoever still waits on this group fails now, not at its timeout
   fail_remote(e.what(), "error");
 }
 
@@ -509,13 +513,32 @@ void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> sam
     if (rank != 0) {
       one.set_rank(rank);
       *next_.add_requests() = std::move(one);
-    } else {
-      engine_request r = request_of(one, grammars_, clk::now());
-      const std::string id = r.id;
-      r.on_event = [this, id](const engine_event& e) { deliver(id, e); };
-      eng_.submit(std::move(r));  // a moved sample is never refused for a full queue (engine.h)
+      return rank;
     }
-    return rank;
+    const std::string id = one.id();
+    const auto now = clk::now();
+    if (auto it = arrivals_.find(id); it != arrivals_.end()) {  // never sent: its TTFT counts from its arrival
+      one.set_waited_us(std::chrono::duration_cast<std::chrono::microseconds>(now - it->second).count());
+      arrivals_.erase(it);
+    }
+    try {
+      engine_request r = request_of(one, grammars_, now);
+      r.admitted = true;  // never refused for a full queue (engine.h)
+      r.on_event = [this, id](const engine_event& e) { deliver(id, e); };
+      eng_.submit(std::move(r));
+    } catch (const std::exception& e) {  // this request alone ends (after the lock: deliver takes it)
+      log::error("serving group: request {} could not move to rank 0: {}", id, e.what());
+      const int64_t n = one.resumed() ? 1 : std::max<int64_t>(one.n(), 1);
+      for (int64_t i = 0; i < n; ++i) {
+        engine_event ev;
+        ev.index = one.resumed() ? one.resume_index() : i;
+        ev.finished = true;
+        ev.finish_reason = "error";
+        ev.error = fmt::format("moving the request off a rank that left failed: {}", e.what());
+        failed_moves_.emplace_back(id, ev);
+      }
+    }
+    return 0;
   };
   if (whole) {
     const int rank = send(q);
@@ -569,19 +592,41 @@ void dp_leader::commit_scale() {
   const serve::DpScale plan = plan_;
   const int from = plan.from_ranks(), target = plan.to_ranks();
   const auto t_commit = clk::now();
+  if (elastic_.move_error) {  // nothing is switched when rank 0's own moves failed
+    const std::string why = elastic_.move_error();
+    TROUPE_CHECK(why.empty(), errc::io, "serving group: the change to {} ranks failed: {}", target, why);
+  }
   const std::string body = plan.SerializeAsString();
   send_header(kind_commit, static_cast<int64_t>(body.size()));
   tensor b = bytes_tensor(body);
   comm_->broadcast(b, 0);
   runtime::communicator* next = elastic_.commit(plan);
+  comm_ = next;  // the old communicator is gone
   TROUPE_CHECK(next != nullptr && next->size() == target && next->rank() == 0, errc::internal,
                "serving group: the change to {} ranks gave rank 0 a communicator of {} ranks", target,
                next ? next->size() : 0);
   std::vector<std::pair<std::string, engine_event>> aborted;
   {
     std::lock_guard<std::mutex> g(mu_);
-    comm_ = next;
     const auto M = static_cast<size_t>(target);
+    for (size_t k = M; k < reports_.size(); ++k) {  // a leaving rank's counters stay in the totals
+      const auto& rep = reports_[k];
+      retired_.set_generated_tokens(retired_.generated_tokens() + rep.generated_tokens());
+      retired_.set_preemptions(retired_.preemptions() + rep.preemptions());
+      retired_.set_prompt_tokens(retired_.prompt_tokens() + rep.prompt_tokens());
+      retired_.set_prefix_lookup_tokens(retired_.prefix_lookup_tokens() + rep.prefix_lookup_tokens());
+      retired_.set_prefix_hit_tokens(retired_.prefix_hit_tokens() + rep.prefix_hit_tokens());
+      for (int i = 0; i < rep.ttft_counts_size(); ++i) {
+        if (retired_.ttft_counts_size() <= i) retired_.add_ttft_counts(0);
+        retired_.set_ttft_counts(i, retired_.ttft_counts(i) + rep.ttft_counts(i));
+      }
+      for (int i = 0; i < rep.tpot_counts_size(); ++i) {
+        if (retired_.tpot_counts_size() <= i) retired_.add_tpot_counts(0);
+        retired_.set_tpot_counts(i, retired_.tpot_counts(i) + rep.tpot_counts(i));
+      }
+      retired_.set_ttft_sum(retired_.ttft_sum() + rep.ttft_sum());
+      retired_.set_tpot_sum(retired_.tpot_sum() + rep.tpot_sum());
+    }
     loads_.resize(M);
     for (size_t k = static_cast<size_t>(from); k < M; ++k) loads_[k] = dp_rank_load{0, eng_.num_blocks(), 0, 0, 0};
     pending_blocks_.resize(M, 0);
@@ -639,6 +684,12 @@ void dp_leader::commit_scale() {
     scale_.last_switch_seconds = std::chrono::duration<double>(clk::now() - t_commit).count();
   }
   for (const auto& [id, e] : aborted) deliver(id, e);
+  std::vector<std::pair<std::string, engine_event>> failed;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    failed.swap(failed_moves_);
+  }
+  for (const auto& [id, e] : failed) deliver(id, e);
 }
 
 bool dp_leader::step() {
@@ -687,8 +738,19 @@ bool dp_leader::step() {
       scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
       scale_.state = "done";
     }
-    // Idle while the weights move: look again in a moment (the scheduler steps while a change is on).
-    if (moving && !committed) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    // Idle while the weights move: look again in a moment (the scheduler steps while a change is on);
+    // the group hears from rank 0 as often as when idle (invariant 2).
+    if (moving && !committed) {
+      if (clk::now() - last_header_ > std::chrono::milliseconds(eng_.keepalive_ms())) {
+        try {
+          send_header(kind_idle, 0);
+        } catch (const std::exception& e) {
+          fail_group(e);
+          throw;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     return committed || target > 0;
   }
   try {
@@ -759,6 +821,23 @@ void dp_leader::keepalive() {
 void dp_leader::finish() {
   if (finished_) return;
   finished_ = true;
+  bool moving = false;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    moving = scale_.state == "moving" && broken_.empty();
+  }
+  if (moving) {  // a change under way completes first, so that every rank hears the end where it waits
+    for (int i = 0; i < 60000 && !elastic_.ready(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    try {
+      commit_scale();
+      std::lock_guard<std::mutex> g(mu_);
+      scale_.state = "done";
+    } catch (const std::exception& e) {
+      log::warn("serving group: the change under way at the end failed: {}", e.what());
+      std::lock_guard<std::mutex> g(mu_);
+      if (broken_.empty()) broken_ = e.what();
+    }
+  }
   if (elastic_.end) {
     try {
       elastic_.end();
@@ -821,10 +900,17 @@ dp_leader::summary_t dp_leader::summary() const {
     lookup += rep.prefix_lookup_tokens();
     hit += rep.prefix_hit_tokens();
   }
+  sg.generated_tokens += retired_.generated_tokens();
+  sg.preemptions += retired_.preemptions();
+  sg.prompt_tokens += retired_.prompt_tokens();
+  lookup += retired_.prefix_lookup_tokens();
+  hit += retired_.prefix_hit_tokens();
   sg.kv_usage = blocks ? double(used) / double(blocks) : 0.0;
   sg.prefix_hit_rate = lookup ? double(hit) / double(lookup) : 0.0;
   out.ttft = eng_.ttft_histogram();
   out.tpot = eng_.tpot_histogram();
+  merge(out.ttft, retired_.ttft_counts(), retired_.ttft_sum());
+  merge(out.tpot, retired_.tpot_counts(), retired_.tpot_sum());
   for (int r = 1; r < P; ++r) {
     const auto& rep = reports_[static_cast<size_t>(r)];
     merge(out.ttft, rep.ttft_counts(), rep.ttft_sum());
@@ -900,7 +986,7 @@ dp_follow_result dp_follow(engine& eng, runtime::communicator& comm, const group
   try {
     return follow(eng, cur, hooks, el);
   } catch (const std::exception& e) {  // out of step: the others fail now, not at their timeout
-    cur->abort(fmt::format("rank {} left the serving group: {}", cur->rank(), e.what()));
+    if (cur) cur->abort(fmt::format("rank {} left the serving group: {}", cur->rank(), e.what()));
     throw;
   }
 }
@@ -918,6 +1004,11 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
     if (h[0] == kind_end) {
       eng.shutdown();
       return res;
+    }
+    if (el.move_error) {  // this rank's moves failed: it leaves now (the group breaks), not at the commit
+      const std::string why = el.move_error();
+      TROUPE_CHECK(why.empty(), errc::io, "serving group: rank {}: moving weights for a change failed: {}",
+                   comm->rank(), why);
     }
     if (h[0] == kind_idle) continue;
     if (h[0] == kind_sync) {
@@ -948,6 +1039,7 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
         report.Clear();
       }
       runtime::communicator* next = el.commit(plan);
+      comm = next;  // the old communicator is gone
       if (!stays) {
         res.left = true;
         return res;
@@ -955,7 +1047,6 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
       TROUPE_CHECK(next != nullptr && next->size() == plan.to_ranks() && next->rank() == me, errc::internal,
                    "serving group: rank {}: the change to {} ranks gave a communicator of {} ranks", me,
                    plan.to_ranks(), next ? next->size() : 0);
-      comm = next;
       continue;
     }
     serve::DpStep step;

@@ -89,6 +89,9 @@ struct dp_elastic {
   std::function<runtime::communicator*(const serve::DpScale&)> commit;
   // Rank 0: its moves are done, and so every rank's (dp_member.h invariant 3).
   std::function<bool()> ready;
+  // This rank: why its moves failed, "" while they run or when they succeeded. A rank whose moves
+  // failed leaves the group at once (it breaks: invariant 5) rather than wait for the commit.
+  std::function<std::string()> move_error;
   // Rank 0: tells the joining ranks, which wait outside the group.
   std::function<void(const serve::DpScale&)> announce;
   // Rank 0: throws errc::invalid_argument when the model cannot run on that many ranks.
@@ -200,6 +203,9 @@ class dp_leader final : public step_driver {
   dp_scale_status scale_;
   std::chrono::steady_clock::time_point scale_requested_;
   serve::DpScale plan_;  // the change under way (state "moving"): stepping thread only
+  std::chrono::steady_clock::time_point last_header_{};  // the group last heard from rank 0
+  serve::DpReport retired_;  // the counters of ranks that left (metrics stay cumulative)
+  std::vector<std::pair<std::string, engine_event>> failed_moves_;  // ended after the commit's lock
 };
 
 // Ranks 1..P-1 of the group: run every iteration rank 0 starts (invariant 1) until it ends the group

@@ -58,6 +58,7 @@ dp_member::~dp_member() {
   }
   dec_.reset();
   moe_.reset();
+  retired_.clear();
   borrowed_.reset();
   tokens_.reset();
 }
@@ -130,11 +131,15 @@ void dp_member::install(int ranks, int64_t layout) {
   }
   if (!dec_) dec_ = std::make_unique<parallel::decoder>(w_);
   dec_->set_expert_parallel(moe.get());
-  moe_ = std::move(moe);  // the old runner goes after the decoder forgot it
+  // The old runner stays until this member goes: /metrics may be reading its counters right now.
+  if (moe_) retired_.push_back(std::move(moe_));
+  moe_ = std::move(moe);
+  std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
   borrowed_ = std::move(next_borrowed_);
   tokens_ = std::move(next_tokens_);
   ranks_ = ranks;
   layout_ = layout;
+  if (on_layout) on_layout();  // the new communicators are registered before the old ones go
 }
 
 // Invariant 3: every tensor the change moves, in one global order.
@@ -216,6 +221,17 @@ void dp_member::prepare(const serve::DpScale& plan) {
 
 bool dp_member::ready() const { return done_.load(); }
 
+std::string dp_member::move_error() const {
+  if (!done_.load() || !error_) return {};
+  try {
+    std::rethrow_exception(error_);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "an unknown failure";
+  }
+}
+
 runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   const int me = pool_.rank();
   const int from = plan.from_ranks(), to = plan.to_ranks();
@@ -232,13 +248,15 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   total_.tensors_received += stats_.tensors_received;
   total_.seconds += stats_.seconds;
   if (me >= to) {  // leaving: standby again (invariant 4)
-    dec_.reset();
-    moe_.reset();
-    borrowed_.reset();
-    tokens_.reset();
-    w_ = parallel::model_weights();
+    std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
     ranks_ = to;
     layout_ = plan.epoch();
+    if (on_layout) on_layout();  // no serving communicator registered any more, before it goes
+    dec_.reset();
+    if (moe_) retired_.push_back(std::move(moe_));
+    old_tokens.reset();
+    old_borrowed.reset();
+    w_ = parallel::model_weights();
     log::info("rank {}: left the serving group (layout {}); {} bytes of weights sent", me, plan.epoch(),
               stats_.bytes_sent);
     return nullptr;
@@ -307,6 +325,7 @@ dp_elastic dp_member::elastic() {
   el.pool_ranks = pool_.size();
   el.prepare = [this](const serve::DpScale& p) { prepare(p); };
   el.ready = [this] { return ready(); };
+  el.move_error = [this] { return move_error(); };
   el.commit = [this](const serve::DpScale& p) { return commit(p); };
   el.announce = [this](const serve::DpScale& p) { announce(p); };
   el.check = [this](int r) { check_ranks(r); };

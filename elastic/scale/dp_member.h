@@ -33,6 +33,8 @@
 //      alone, its serving communicator is a one-rank group).
 //   6. pool is used by one thread at a time (the rank's stepping thread, or its standby wait), xfer
 //      by the moves' thread only.
+//   7. The MoE runners of earlier layouts are kept (their counters only; small) until the member
+//      goes, as another thread may be reading their expert loads for /metrics during a switch.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -89,6 +91,7 @@ class dp_member {
   // communicator (null when this rank left). regroup = prepare then commit.
   void prepare(const serve::DpScale& plan);
   bool ready() const;
+  std::string move_error() const;  // "" unless the moves are done and failed
   runtime::communicator* commit(const serve::DpScale& plan);
   runtime::communicator* regroup(const serve::DpScale& plan);
 
@@ -112,6 +115,9 @@ class dp_member {
   const dp_transfer_stats& last_transfer() const { return stats_; }
   const dp_transfer_stats& total_transfer() const { return total_; }  // every regroup of this rank
   int64_t layout() const { return layout_; }
+  // Called at each switch once the new serving communicator is in place (comm(); none when this
+  // rank left) and before the old one goes: e.g. to register the communicators a teardown aborts.
+  std::function<void()> on_layout;
 
  private:
   void make_comms(int ranks, int64_t layout);
@@ -131,6 +137,7 @@ class dp_member {
   runtime::model_config config_;
   parallel::model_weights w_;
   std::unique_ptr<parallel::ep::ep_serve_runner> moe_;
+  std::vector<std::unique_ptr<parallel::ep::ep_serve_runner>> retired_;  // earlier layouts' (invariant 7)
   std::unique_ptr<parallel::decoder> dec_;
   std::unique_ptr<runtime::communicator> tokens_, borrowed_;
   std::unique_ptr<runtime::communicator> next_tokens_, next_borrowed_;  // made by the moves' thread

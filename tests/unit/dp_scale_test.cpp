@@ -2,7 +2,8 @@
 // threads: a pool of 4 ranks serves the Mixtral fixture while the group goes 1 -> 2 -> 4 -> 2 -> 1
 // ranks under a stream of greedy requests; every request ends once, with the tokens of
 // generate_greedy, although samples move off the ranks that leave. Bad scale requests are refused
-// with their status and change nothing; a weight that arrives corrupted fails the change by name.
+// with their status and change nothing; a weight that arrives corrupted fails the change by name; a
+// server stopped while a change is under way completes it and every rank ends.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -250,6 +251,39 @@ TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
   });
   EXPECT_NE(errors[1].find("CRC-32"), std::string::npos) << errors[1];
   EXPECT_NE(errors[1].find("model.embed_tokens.weight from rank 0 to rank 1"), std::string::npos) << errors[1];
+}
+
+TEST(DpScale, StoppingWhileAChangeIsUnderWayCompletesItAndEveryRankEnds) {
+  const int W = 3;
+  auto pool = runtime::make_inproc_group(W, 30000), xfer = runtime::make_inproc_group(W, 30000);
+  inproc_factory factory;
+  const parallel::model_weights w = parallel::model_weights::load(fixture("mixtral_moe"));
+  std::vector<int64_t> joins(W, 0);
+  int layout = 0;
+  const auto errors = run_ranks(W, pool, nullptr, [&](int r) {
+    dp_member m(*pool[static_cast<size_t>(r)], *xfer[static_cast<size_t>(r)], factory.bind(r), llep());
+    parallel::byte_text_tokenizer bt;
+    engine_options o;
+    o.block_size = 4;
+    if (r != 0) {
+      m.start_standby(w.config());
+      joins[static_cast<size_t>(r)] = dp_serve_follower(m, bt, o, 16, m.elastic()).joins;
+      return;
+    }
+    m.load(parallel::model_weights::load(fixture("mixtral_moe")), 1);
+    o.group_member = true;
+    local_executor exec(m.decoder(), 16, o.block_size);
+    engine eng(exec, bt, o);
+    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", 1, o.block_size), {}, m.elastic());
+    lead.request_scale(2);
+    lead.step();  // the moves start
+    lead.shutdown();
+    layout = static_cast<int>(lead.scale_status().epoch);
+  });
+  for (int r = 0; r < W; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  EXPECT_EQ(joins[1], 1) << "rank 1 finished joining, then heard the end";
+  EXPECT_EQ(joins[2], 0) << "rank 2 stayed standby and heard the end";
+  EXPECT_EQ(layout, 2);
 }
 
 }  // namespace
