@@ -29,7 +29,7 @@ fi
 export TROUPE_NUM_THREADS=1 TROUPE_ADMIN_KEY=bench
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"
-at=(10 20 30)      # seconds after the start of the replay
+at=(8 16 24)       # seconds after the start of the replay (the window's arrivals span ~35 s)
 sizes=(2 4 2)
 pid=""; lg=""
 trap '[ -n "$lg" ] && kill "$lg" 2>/dev/null; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' EXIT
@@ -46,8 +46,8 @@ up() {  # up LOG: wait until the server answers
   return 1
 }
 replay() {  # replay NAME: loadgen in the background
-  build/bench/loadgen --model "$model" --url "$url" --skip 2000 --requests 120 --block-tokens 8 --time-scale 0.012 \
-    --output-scale 4 --max-output 48 --allow-failures --timeline "$out/scale_timeline_$1.svg" --marks "$work/marks_$1.txt" \
+  build/bench/loadgen --model "$model" --url "$url" --skip 2000 --requests 100 --block-tokens 4 --time-scale 1.2 \
+    --output-scale 8 --max-output 48 --allow-failures --timeline "$out/scale_timeline_$1.svg" --marks "$work/marks_$1.txt" \
     >"$work/loadgen_$1.txt" 2>&1 &
   lg=$!
 }
@@ -61,7 +61,7 @@ up "$work/timeline_elastic.log" || exit 1
 : >"$work/marks_elastic.txt"
 t0=$(now); replay elastic
 for i in 0 1 2; do
-  sleep "$(awk -v a="${at[$i]}" -v t0="$t0" -v n="$(now)" 'BEGIN { d = a - (n - t0); print d > 0 ? d : 0 }')"
+  sleep "$(awk -v a="${at[$i]}" -v t0="$t0" -v n="$(now)" 'BEGIN { d = a - (n - t0); print (d > 0 ? d : 0) }')"
   echo "$(now) scale to ${sizes[$i]}" >>"$work/marks_elastic.txt"
   "$troupe" scale "$url" --ranks "${sizes[$i]}" --timeout 120 | tail -1
 done
@@ -76,7 +76,7 @@ up "$work/timeline_cold.log" || exit 1
 : >"$work/marks_cold.txt"
 t0=$(now); replay cold
 for i in 0 1 2; do
-  sleep "$(awk -v a="${at[$i]}" -v t0="$t0" -v n="$(now)" 'BEGIN { d = a - (n - t0); print d > 0 ? d : 0 }')"
+  sleep "$(awk -v a="${at[$i]}" -v t0="$t0" -v n="$(now)" 'BEGIN { d = a - (n - t0); print (d > 0 ? d : 0) }')"
   echo "$(now) restart on ${sizes[$i]}" >>"$work/marks_cold.txt"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null
   serve_yaml "${sizes[$i]}"

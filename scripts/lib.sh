@@ -10,7 +10,7 @@ TROUPE_PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libnuma-dev libhwloc-dev libcaf-dev libopenmpi-dev openmpi-bin libucx-dev
   libssl-dev libprotobuf-dev protobuf-compiler coinor-libcbc-dev libcpp-httplib-dev libyaml-cpp-dev
-  libicu-dev libboost-dev zlib1g-dev
+  libicu-dev libboost-dev libxxhash-dev
 )
 
 troupe_install_packages() {

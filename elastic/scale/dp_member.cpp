@@ -2,7 +2,7 @@
 #include "elastic/scale/dp_member.h"
 
 #include <fmt/format.h>
-#include <zlib.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
@@ -23,21 +23,11 @@ namespace ep = parallel::ep;
 namespace {
 
 constexpr int tag_plan = 20111;     // rank 0 -> a standby rank: a change that takes it in, or the end
-constexpr int tag_weights = 20112;  // a tensor and its CRC-32, in the global order of invariant 3
+constexpr int tag_weights = 20112;  // a tensor and its checksum, in the global order of invariant 3
 constexpr int64_t plan_end = 0, plan_join = 1;
 
-int64_t crc_of(const tensor& t) {
-  uLong c = crc32(0L, Z_NULL, 0);
-  const auto* p = static_cast<const Bytef*>(t.data_ptr());
-  size_t left = t.nbytes();
-  while (left > 0) {  // crc32 takes a uInt length
-    const auto n = static_cast<uInt>(std::min<size_t>(left, size_t{1} << 30));
-    c = crc32(c, p, n);
-    p += n;
-    left -= n;
-  }
-  return static_cast<int64_t>(c);
-}
+// XXH3-64 of the tensor's bytes: a checksum that keeps up with memory bandwidth.
+int64_t checksum_of(const tensor& t) { return static_cast<int64_t>(XXH3_64bits(t.data_ptr(), t.nbytes())); }
 
 int owner(int64_t e, int64_t E, int ranks) { return static_cast<int>(e / (E / ranks)); }
 
@@ -147,16 +137,16 @@ void dp_member::move_weights(int from, int to) {
   const int me = pool_.rank();
   auto send = [&](const tensor& t, int peer) {
     xfer_.send(t, peer, tag_weights);
-    xfer_.send(tensor::from_vector(std::vector<int64_t>{crc_of(t)}, {1}), peer, tag_weights);
+    xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
     stats_.bytes_sent += t.nbytes();
   };
   auto recv = [&](tensor& t, int peer, const std::string& name) {
     xfer_.recv(t, peer, tag_weights);
     tensor crc = tensor::zeros({1}, runtime::dtype::i64);
     xfer_.recv(crc, peer, tag_weights);
-    const int64_t want = crc.data<int64_t>()[0], got = crc_of(t);
-    TROUPE_CHECK(want == got, errc::io, "{} from rank {} to rank {}: CRC-32 {:08x} received, {:08x} computed", name,
-                 peer, me, static_cast<uint32_t>(want), static_cast<uint32_t>(got));
+    const int64_t want = crc.data<int64_t>()[0], got = checksum_of(t);
+    TROUPE_CHECK(want == got, errc::io, "{} from rank {} to rank {}: checksum (XXH3-64) {:016x} received, {:016x} computed",
+                 name, peer, me, static_cast<uint64_t>(want), static_cast<uint64_t>(got));
     stats_.bytes_received += t.nbytes();
     ++stats_.tensors_received;
   };

@@ -1,7 +1,7 @@
 // elastic/scale/dp_member.h — one process's share of an elastic data-parallel serving group
 // (dp_group.h invariant 7): its model (dense weights and its experts) behind the MoE layers'
 // expert-parallel runner, the group's communicators, and its part in a change of size — weights
-// peer-to-peer over the pool's communicator, each with a checksum, and the new group's
+// peer-to-peer over the pool's communicator, each with a checksum (XXH3-64), and the new group's
 // communicators built among its ranks. A process outside the group waits as standby.
 //
 //   dp_member m(pool, xfer, make_comm, ep_options); // pool, xfer: every process able to serve, rank = pool rank
@@ -21,7 +21,7 @@
 //      on the old layout (they only read its weights), commit() waits for them and switches. The
 //      moves run in one global order — every dense tensor to each joining rank j from rank (j - P) % P, then every
 //      expert whose owner changes, from its old owner — each a blocking pair, so no two ranks wait on
-//      each other. Each tensor is followed by its CRC-32; a mismatch is errc::io naming the tensor and
+//      each other. Each tensor is followed by its XXH3-64 checksum; a mismatch is errc::io naming the tensor and
 //      both ranks. Nothing is read from disk. Then the new group's ranks make its communicators
 //      (invariant 5), so once rank 0's moves are done (ready()) every rank's are: all the new ranks
 //      have received everything.
@@ -63,7 +63,7 @@ using dp_comm_factory =
 
 struct dp_transfer_stats {
   size_t bytes_sent = 0, bytes_received = 0;
-  int64_t tensors_received = 0;  // each checked against its sender's CRC-32
+  int64_t tensors_received = 0;  // each checked against its sender's checksum
   double seconds = 0;            // the weights' part of the last regroup
 };
 

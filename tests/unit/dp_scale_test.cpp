@@ -249,7 +249,7 @@ TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
     }
     EXPECT_TRUE(lead.broken()) << "a failed change breaks the group (dp_group.h invariant 7)";
   });
-  EXPECT_NE(errors[1].find("CRC-32"), std::string::npos) << errors[1];
+  EXPECT_NE(errors[1].find("checksum (XXH3-64)"), std::string::npos) << errors[1];
   EXPECT_NE(errors[1].find("model.embed_tokens.weight from rank 0 to rank 1"), std::string::npos) << errors[1];
 }
 
