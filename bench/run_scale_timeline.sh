@@ -16,16 +16,7 @@ mkdir -p "$work" "$out"
 troupe=build/launch/troupe
 launch=build/launch/troupe-launch
 model="$work/model"
-if [ ! -f "$model/config.json" ]; then  # the model of bench/run_scale_bench.sh
-  cat >"$work/shape.json" <<'JSON'
-{"model_type": "mixtral", "vocab_size": 256, "hidden_size": 1024, "intermediate_size": 2048,
- "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
- "max_position_embeddings": 4096, "rope_theta": 1000000.0, "num_local_experts": 8,
- "num_experts_per_tok": 2, "sliding_window": null, "tie_word_embeddings": false,
- "bos_token_id": 1, "eos_token_id": 2}
-JSON
-  "$troupe" init "$model" --config "$work/shape.json" || exit 1
-fi
+bench/make_scale_model.sh "$model" || exit 1
 export TROUPE_NUM_THREADS=1 TROUPE_ADMIN_KEY=bench
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"

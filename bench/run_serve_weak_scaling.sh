@@ -10,16 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 work="${1:-/tmp/troupe-scale-bench}"
 mkdir -p "$work"
 model="$work/model"
-if [ ! -f "$model/config.json" ]; then
-  cat >"$work/shape.json" <<'JSON'
-{"model_type": "mixtral", "vocab_size": 256, "hidden_size": 1024, "intermediate_size": 2048,
- "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
- "max_position_embeddings": 4096, "rope_theta": 1000000.0, "num_local_experts": 8,
- "num_experts_per_tok": 2, "sliding_window": null, "tie_word_embeddings": false,
- "bos_token_id": 1, "eos_token_id": 2}
-JSON
-  build/launch/troupe init "$model" --config "$work/shape.json" || exit 1
-fi
+bench/make_scale_model.sh "$model" || exit 1
 run() {  # run NAME RANKS THREADS
   printf 'model: %s\nserver: {port: 0}\nengine: {ranks: %s, block_size: 16, kv_cache_memory: 128MiB, max_batch_tokens: 256}\nexpert: {mode: llep}\n' \
     "$model" "$2" >"$work/weak.yaml"
