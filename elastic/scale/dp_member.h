@@ -17,14 +17,14 @@
 //   2. Experts are placed contiguously: expert e of E on rank e / (E / P). E must be a multiple of
 //      every group size (check_ranks says so otherwise).
 //   3. A change from P to M ranks is collective over pool ranks [0, max(P, M)), in two halves.
-//      prepare() starts the moves on a thread of their own over `xfer` while the rank goes on serving
-//      on the old layout (they only read its weights), commit() waits for them and switches. The
-//      moves run in one global order — every dense tensor to each joining rank j from rank (j - P) % P, then every
-//      expert whose owner changes, from its old owner — each a blocking pair, so no two ranks wait on
-//      each other. Each tensor is followed by its XXH3-64 checksum; a mismatch is errc::io naming the tensor and
-//      both ranks. Nothing is read from disk. Then the new group's ranks make its communicators
-//      (invariant 5), so once rank 0's moves are done (ready()) every rank's are: all the new ranks
-//      have received everything.
+//      prepare() starts the moves on a thread of their own over `xfer` while the rank goes on
+//      serving on the old layout (they only read its weights); commit() waits for them and
+//      switches. The moves run in one global order — every dense tensor to each joining rank j from
+//      rank (j - P) % P, then every expert whose owner changes, from its old owner — each a
+//      blocking pair, so no two ranks wait on each other. Each tensor is followed by its XXH3-64
+//      checksum; a mismatch is errc::io naming the tensor and both ranks. Nothing is read from
+//      disk. Then the new group's ranks make its communicators (invariant 5), so once rank 0's moves
+//      are done (ready()) every rank's are: all the new ranks have received everything.
 //   4. Ranks that stay keep their dense weights and KV caches in place; experts they gain arrive in
 //      buffers of their own and, at commit, are swapped in by handle as those they lose are released
 //      (never all expert buffers again). A leaving rank releases its weights and is standby again.
@@ -33,8 +33,8 @@
 //      alone, its serving communicator is a one-rank group).
 //   6. pool is used by one thread at a time (the rank's stepping thread, or its standby wait), xfer
 //      by the moves' thread only.
-//   7. The MoE runners of earlier layouts are kept (their counters only; small) until the member
-//      goes, as another thread may be reading their expert loads for /metrics during a switch.
+//   7. The MoE runners of earlier layouts (one per change) are kept until the member goes, as
+//      another thread may be reading their expert loads for /metrics during a switch.
 #pragma once
 #include <atomic>
 #include <cstdint>
