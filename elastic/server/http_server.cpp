@@ -23,6 +23,15 @@ using runtime::errc;
 
 namespace {
 
+// `Authorization: Bearer <key>`, compared in a time that does not depend on where the key differs.
+bool bearer_matches(const std::string& header, const std::string& key) {
+  const std::string want = "Bearer " + key;
+  if (header.size() != want.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < want.size(); ++i) diff |= static_cast<unsigned char>(header[i] ^ want[i]);
+  return diff == 0;
+}
+
 int64_t unix_now() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -261,7 +270,7 @@ http_server::http_server(generation_backend& backend, http_options options)
 
   auto authorized = [this](http_exchange& ex) {
     if (o_.api_key.empty()) return true;
-    if (ex.request().header("Authorization") == "Bearer " + o_.api_key) return true;
+    if (bearer_matches(ex.request().header("Authorization"), o_.api_key)) return true;
     st_->send_error(ex, api_error(401, "authentication_error",
                                   "missing or wrong API key: send `Authorization: Bearer <key>`", "", "invalid_api_key"));
     return false;
@@ -311,7 +320,7 @@ http_server::http_server(generation_backend& backend, http_options options)
                                     "", "admin_disabled"));
       return false;
     }
-    if (ex.request().header("Authorization") == "Bearer " + o_.admin_key) return true;
+    if (bearer_matches(ex.request().header("Authorization"), o_.admin_key)) return true;
     st_->send_error(ex, api_error(401, "authentication_error",
                                   "missing or wrong admin key: send `Authorization: Bearer <server.admin_key>`", "",
                                   "invalid_admin_key"));
