@@ -10,7 +10,8 @@
 // Invariants:
 //   1. Binds 127.0.0.1 unless told otherwise. With api_key set, every /v1 request needs
 //      `Authorization: Bearer <key>` (401 with an OpenAI error object otherwise; keys are compared in
-//      a time that does not depend on where they differ); /health and /metrics stay open. Unknown routes are 404, other methods 405, both with error objects.
+//      a time that does not depend on where they differ); /health and /metrics stay open. Unknown
+//      routes are 404, other methods 405, both with error objects.
 //   2. A request is parsed and checked (openai_api.h), its model name matched (404
 //      model_not_found otherwise) and its prompts tokenized and length-checked before the backend
 //      sees it; anything wrong gets its 4xx and an OpenAI error object, and the backend is never
