@@ -27,9 +27,11 @@ void ep_serve_runner::forward(int64_t layer, float* out, const float* x, const l
     const int32_t* idx = local_.topk_idx.data<int32_t>();
     for (int64_t i = 0; i < N * K; ++i) ++add[static_cast<size_t>(idx[i])];
   } else if (layout_ == ep_serve_layout::data_parallel) {
-    float dummy_out[1] = {0};
-    const float dummy_x[1] = {0};
-    ep_->forward(layer, N > 0 ? out : dummy_out, N > 0 ? x : dummy_x, L, c, N);  // every rank, even with N = 0
+    // Every rank joins the layer's exchanges, with N = 0 rows too (invariant 1); a rank without rows
+    // passes a valid one-element buffer, which the layer never reads or writes.
+    float no_rows_out[1] = {0};
+    const float no_rows_x[1] = {0};
+    ep_->forward(layer, N > 0 ? out : no_rows_out, N > 0 ? x : no_rows_x, L, c, N);
     const auto& st = ep_->layer_stats(layer);
     for (int64_t e = 0; e < E && e < static_cast<int64_t>(st.loads.size()); ++e)
       add[static_cast<size_t>(e)] = st.loads[static_cast<size_t>(e)];
