@@ -53,6 +53,7 @@ cluster_node::cluster_node(const cluster_options& options) : o_(options) {
     so.heartbeat_timeout_ms = o_.heartbeat_timeout_ms;
     so.join_timeout_ms = o_.join_timeout_ms;
     so.max_restarts = o_.max_restarts;
+    so.keep_members = o_.keep_members;
     so.rebalance_experts = o_.rebalance_experts;
     so.experts = o_.experts;
     supervisor_ = spawn_supervisor(*system_, so);

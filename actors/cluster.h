@@ -54,6 +54,7 @@ struct cluster_options {
   int heartbeat_timeout_ms = 5000;
   int join_timeout_ms = 60000;
   int max_restarts = 0;
+  bool keep_members = false;  // supervisor.h invariant 7 (an elastic serving group)
   // The supervisor's expert placement (parallel/ep/ep_rebalance.h).
   bool rebalance_experts = false;
   parallel::ep::ep_rebalance_options experts;

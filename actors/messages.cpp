@@ -23,12 +23,13 @@ void add_control_messages(caf::actor_system_config& cfg) {
   add<control::ExchangeResult>(cfg);
   add<control::Progress>(cfg);
   add<control::ExpertLoads>(cfg);
+  add<control::MemberLost>(cfg);
 }
 
 const std::vector<std::string>& control_message_names() {
   static const std::vector<std::string> names{"Join",  "JoinReply", "Heartbeat", "Command",  "StatsReport",
                                               "PlacementUpdate", "Scale", "Shutdown", "Exchange", "ExchangeResult", "Progress",
-                                              "ExpertLoads"};
+                                              "ExpertLoads", "MemberLost"};
   return names;
 }
 

@@ -121,6 +121,20 @@ void fail_all(sup_actor self, int failed_rank, const std::string& what) {
   end_exchanges(self, what);
 }
 
+// The running command is done once every member of the group still alive has reported.
+void complete_command(sup_actor self) {
+  auto& st = self->state;
+  std::vector<control::StatsReport> out;
+  for (int g : st.group) {
+    if (!st.members[g].alive) continue;
+    auto it = st.cmd.reports.find(g);
+    if (it == st.cmd.reports.end()) return;
+    out.push_back(it->second);
+  }
+  st.cmd.active = false;
+  st.cmd.promise.deliver(std::move(out));
+}
+
 void form_group(sup_actor self) {
   auto& st = self->state;
   st.epoch = 1;
@@ -148,6 +162,22 @@ void lose(sup_actor self, int rank, const std::string& reason) {
   std::vector<int> survivors;
   for (int r : st.group)
     if (st.members[r].alive) survivors.push_back(r);
+  if (st.o.keep_members && rank != 0 && !survivors.empty()) {  // invariant 7
+    log::warn("supervisor: the group goes on without {} ({} members left)", who, survivors.size());
+    control::MemberLost ml;
+    ml.set_epoch(st.epoch);
+    ml.set_rank(rank);
+    ml.set_reason(reason);
+    for (int r : survivors) self->send(st.members[r].handle, ml);
+    control::Shutdown s;  // a frozen process that wakes up again stops instead of rejoining
+    s.set_reason(fmt::format("this rank was lost ({}) and the group went on without it", reason));
+    s.set_exit_code(exit_group_torn_down);
+    s.set_failed_rank(rank);
+    self->send(it->second.handle, s);
+    end_exchanges(self, what);
+    if (st.cmd.active) complete_command(self);
+    return;
+  }
   if (st.restarts_used >= st.o.max_restarts || survivors.empty())
     return fail_all(self, rank,
                     fmt::format("{}; restarts used {} of {}", what, st.restarts_used, st.o.max_restarts));
@@ -234,11 +264,7 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         if (r < 0 || !st.cmd.active || rep.command_id() != st.cmd.cmd.id() || rep.epoch() != st.epoch) return;
         rep.set_rank(r);
         st.cmd.reports[r] = std::move(rep);
-        if (st.cmd.reports.size() < st.group.size()) return;
-        std::vector<control::StatsReport> out;
-        for (int g : st.group) out.push_back(st.cmd.reports[g]);
-        st.cmd.active = false;
-        st.cmd.promise.deliver(std::move(out));
+        complete_command(self);
       },
       [=](control::Exchange& e) -> caf::result<control::ExchangeResult> {
         auto& st = self->state;

@@ -28,6 +28,10 @@
 //      (actors/expert_balancer.h) per group epoch and command; when a layer's imbalance persists
 //      it sends PlacementUpdate{layer, version} to every member of the group. JoinReply tells
 //      workers the EMA decay (experts.decay), so the supervisor's options are the only ones.
+//   7. With keep_members (an elastic serving group), losing a member other than rank 0 ends
+//      nothing: the group keeps its epoch, every surviving member gets MemberLost{epoch, rank,
+//      reason} and rebuilds what it shared with that rank itself, the lost one gets Shutdown in
+//      case it comes back, and a command in flight completes with the survivors' reports.
 #pragma once
 #include <caf/all.hpp>
 
@@ -46,6 +50,7 @@ struct supervisor_options {
   int heartbeat_timeout_ms = 5000;   // silence longer than this = lost
   int join_timeout_ms = 60000;       // every rank must have joined by then
   int max_restarts = 0;              // group rebuilds allowed after losing members
+  bool keep_members = false;         // invariant 7: a lost member leaves the group, which goes on
   // Expert placement (invariant 6): decay of the load EMA, imbalance threshold (native per-rank
   // max/mean), patience and cooldown in steps, the improvement a change must promise.
   bool rebalance_experts = true;
@@ -67,8 +72,8 @@ class supervisor_client {
   // Waits until every rank joined; returns the first group (epoch 1, all ranks).
   control::Scale wait_for_group(int timeout_ms);
   // Sends `cmd` to every member of the current group and returns their reports in
-  // group-rank order. Re-issued after a rebuild; throws errc::aborted when the group
-  // is lost for good.
+  // group-rank order (with keep_members, of the members still alive). Re-issued after a
+  // rebuild; throws errc::aborted when the group is lost for good.
   std::vector<control::StatsReport> run(control::Command cmd, int timeout_ms);
   // The members' Join messages, in rank order (host, pid, device, backends).
   std::vector<control::Join> members(int timeout_ms = 10000);

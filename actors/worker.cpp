@@ -48,6 +48,20 @@ struct worker_shared {
   int64_t command_id = 0;
   std::map<int, parallel::ep::ep_load_tracker> load_trackers;                 // by layer
   std::map<int, std::map<int64_t, control::PlacementUpdate>> placements;      // layer -> version ->
+  // Lost members (invariant 5).
+  std::vector<int> lost;
+  std::vector<int> loss_members;
+  std::vector<runtime::communicator*> loss_comms;
+  std::function<void(int, const std::string&)> on_lost;
+  void member_lost(const control::MemberLost& m) {
+    std::lock_guard<std::mutex> g(mu);
+    if (m.epoch() != epoch || std::find(lost.begin(), lost.end(), m.rank()) != lost.end()) return;
+    lost.push_back(m.rank());
+    const std::string why = fmt::format("rank {} was lost: {}", m.rank(), m.reason());
+    if (std::find(loss_members.begin(), loss_members.end(), m.rank()) != loss_members.end())
+      for (auto* c : loss_comms) c->abort(why);
+    if (on_lost) on_lost(m.rank(), m.reason());
+  }
 
   // With mu held: abort the registered communicator when the group it belongs to ended.
   void abort_active_locked(const std::string& why) {
@@ -69,6 +83,7 @@ struct worker_shared {
     if (epoch != 0) abort_active_locked(fmt::format("group epoch {} ended: {}", epoch, s.reason()));
     epoch = s.epoch();
     members.assign(s.members().begin(), s.members().end());
+    lost.clear();
     placements.clear();
     load_trackers.clear();
     cv.notify_all();
@@ -147,6 +162,7 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
         sh->cv.notify_all();
       },
       [=](control::Scale& s) { sh->new_group(s); },
+      [=](control::MemberLost& m) { sh->member_lost(m); },
       [=](control::Shutdown& s) {
         sh->finish(s.exit_code(), s.reason());
         self->quit();
@@ -218,6 +234,8 @@ void compute_loop(std::shared_ptr<worker_shared> sh) {
       if (!ctx.group_over()) log::error("command {} failed: {}", control::Command::Kind_Name(cmd.kind()), e.what());
     }
     ctx.set_active(nullptr);
+    ctx.set_loss_comms({}, {});
+    ctx.on_member_lost(nullptr);
     fill_memory(sh->o.device, *rep.mutable_memory());
     (*rep.mutable_timings_s())["command"] =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -295,6 +313,26 @@ void worker_context::set_active(std::vector<runtime::communicator*> comms) {
                                 : fmt::format("group epoch {} already ended", epoch_);
     for (auto* c : comms) c->abort(why);
   }
+}
+
+void worker_context::set_loss_comms(std::vector<int> members, std::vector<runtime::communicator*> comms) {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  comms.erase(std::remove(comms.begin(), comms.end(), nullptr), comms.end());
+  shared_->loss_members = std::move(members);
+  shared_->loss_comms = std::move(comms);
+  for (int r : shared_->lost)
+    if (std::find(shared_->loss_members.begin(), shared_->loss_members.end(), r) != shared_->loss_members.end())
+      for (auto* c : shared_->loss_comms) c->abort(fmt::format("rank {} was lost", r));
+}
+
+void worker_context::on_member_lost(std::function<void(int rank, const std::string& reason)> callback) {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  shared_->on_lost = std::move(callback);
+}
+
+std::vector<int> worker_context::lost_members() const {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  return shared_->lost;
 }
 
 void worker_context::report_progress(control::Progress p) {

@@ -23,6 +23,10 @@
 //      the running command and group epoch (others are dropped), by layer and version, and a
 //      load EMA per layer (decay from the supervisor's JoinReply); both start empty with each
 //      command and each new group epoch.
+//   5. MemberLost (supervisor.h invariant 7): the lost rank is remembered (lost_members()), the
+//      communicators registered with set_loss_comms() whose members include it are aborted with
+//      the reason, and the command's on_member_lost callback runs on the actor's thread (it must
+//      not block). Both registrations end with the command.
 #pragma once
 #include <caf/all.hpp>
 
@@ -80,6 +84,11 @@ class worker_context {
   int64_t placement_version(int layer) const;
   std::optional<control::PlacementUpdate> placement_update(int layer, int64_t version) const;
   bool group_over() const;  // a newer epoch or a shutdown arrived
+  // Invariant 5. `members`: the launcher ranks the communicators `comms` connect (replaces the
+  // earlier registration; empty clears it). Aborted at once when one of them is lost already.
+  void set_loss_comms(std::vector<int> members, std::vector<runtime::communicator*> comms);
+  void on_member_lost(std::function<void(int rank, const std::string& reason)> callback);
+  std::vector<int> lost_members() const;  // launcher ranks lost while this group ran, in order
   // This process's actor system (a command may spawn actors of its own, e.g. the serve scheduler).
   caf::actor_system& system() const;
 

@@ -84,6 +84,7 @@ struct serve_options {
   int join_timeout_ms = 60000;
   int heartbeat_timeout_ms = 10000;
   int min_ranks = 1;  // an elastic group's least size (TROUPE_MIN_RANKS from troupe-launch)
+  bool elastic = false;  // more processes than engine.ranks, or started by troupe-launch --max-ranks
 };
 
 // A quarter of MemAvailable (/proc/meminfo), at most 4 GiB, shared by the ranks on this host: the
@@ -143,6 +144,7 @@ struct serving {
   std::string layout;
   elastic::dp_leader* elastic = nullptr;  // an elastic group's leader: /admin/scale
   int min_ranks = 1;                      // ... and the least size its autoscaler may choose
+  std::function<void(int)> on_lost;       // ... and what a lost member (launcher rank) means to it
 };
 
 // /admin/scale over the data-parallel group's leader.
@@ -169,6 +171,9 @@ class group_scale_admin final : public elastic::scale_admin {
                         {"scale_ups", s.scale_ups},
                         {"scale_downs", s.scale_downs},
                         {"moved_samples", s.moved_samples},
+                        {"recoveries", s.recoveries},
+                        {"lost_ranks", s.lost_ranks},
+                        {"last_recovery_seconds", s.last_recovery_seconds},
                         {"last_seconds",
                          {{"wait", s.last_wait_seconds},
                           {"move", s.last_move_seconds},
@@ -189,6 +194,17 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   // (w: rank 0's weights; an elastic group's rank 0 keeps its dense weights through every change)
   elastic::engine& eng = sv.eng;
   actors::serve_scheduler_client sched(ctx.system(), sv.driver);
+  // A member lost (an elastic group goes on without it: dp_group.h invariant 8): the scheduler steps
+  // at once, idle or not, and the next step rebuilds the group.
+  struct lost_guard {
+    actors::worker_context& ctx;
+    ~lost_guard() { ctx.on_member_lost(nullptr); }
+  } lost_hook{ctx};
+  if (sv.on_lost)
+    ctx.on_member_lost([&sv, &sched](int rank, const std::string&) {
+      sv.on_lost(rank);
+      sched.wake();
+    });
   const std::string name = spec.served_model_name().empty()
                                ? std::filesystem::path(spec.model()).lexically_normal().filename().string()
                                : spec.served_model_name();
@@ -332,8 +348,27 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
     std::vector<runtime::communicator*> cs{pool.get(), xfer.get()};
     if (m.active()) cs.push_back(&m.comm());
     ctx.set_active(cs);
+    std::vector<int> group;  // the launcher ranks the serving communicators connect
+    for (int p : m.members()) group.push_back(ctx.members()[static_cast<size_t>(p)]);
+    ctx.set_loss_comms(m.active() ? group : std::vector<int>{}, m.group_comms());
   };
   register_active();
+  // A lost process (the supervisor keeps the group: actors/supervisor.h invariant 7) is never taken in
+  // again; when it served, the group's communicators are aborted and the survivors rebuild the group
+  // (dp_group.h invariant 8). Pool rank i is launcher rank ctx.members()[i].
+  const std::vector<int> launcher = ctx.members();
+  auto pool_rank_of = [launcher](int launcher_rank) {
+    const auto it = std::find(launcher.begin(), launcher.end(), launcher_rank);
+    return it == launcher.end() ? -1 : static_cast<int>(it - launcher.begin());
+  };
+  struct lost_guard {  // cleared before the member goes
+    actors::worker_context& ctx;
+    ~lost_guard() {
+      ctx.on_member_lost(nullptr);
+      ctx.set_loss_comms({}, {});
+    }
+  } lost_hook{ctx};
+  ctx.on_member_lost([&m, pool_rank_of](int rank, const std::string&) { m.mark_lost(pool_rank_of(rank)); });
   const runtime::model_config mc = runtime::load_hf_config(spec.model() + "/config.json");
   const int64_t kv = runtime::serve_kv_cache_bytes(spec);
   const size_t kv_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes(r.local_world_size);
@@ -354,7 +389,7 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
     check(ranks);
   };
   m.on_layout = register_active;  // each switch registers the new communicators before the old ones go
-  if (rank >= first) m.start_standby(mc);
+  if (rank >= first) m.start_standby_from(spec.model(), mc);
   else m.load(spec.model(), first);
   register_active();
   if (rank != 0) {
@@ -371,7 +406,7 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
         [&] { return leader.broken() ? leader.broken_reason() : std::string(); }, first,
         fmt::format("data-parallel attention, dispatch {}, elastic: {} processes, at least {} serving",
                     leader.policy().name(), pool_n, min_ranks),
-        &leader, min_ranks});
+        &leader, min_ranks, [&m, pool_rank_of](int rank) { m.mark_lost(pool_rank_of(rank)); }});
   const auto st = leader.scale_status();
   rep.add_lines(fmt::format("rank 0: {} scale-ups, {} scale-downs, {} samples moved", st.scale_ups, st.scale_downs,
                             st.moved_samples));
@@ -387,7 +422,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   // the tokenizer (rank 0 needs it; every rank loads it so a bad file fails everywhere at once).
   std::unique_ptr<parallel::text_tokenizer> tok =
       parallel::load_tokenizer(spec.tokenizer().empty() ? spec.model() : spec.tokenizer());
-  if (world > spec.engine().ranks()) {
+  if (o.elastic) {
     run_serve_elastic(ctx, rep, spec, r, *tok, o.min_ranks);
     return;
   }
@@ -491,7 +526,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
     lead(ctx, rep, spec, w, *tok,
          {eng, leader, [&] { return leader.metrics_text(); },
           [&] { return leader.broken() ? leader.broken_reason() : std::string(); }, world,
-          fmt::format("data-parallel attention, dispatch {}", leader.policy().name())});
+          fmt::format("data-parallel attention, dispatch {}", leader.policy().name()), nullptr, 1, {}});
     return;
   }
   if (rank != 0) {
@@ -512,7 +547,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   elastic::engine eng(*exec, *tok, engine_options_from(spec));
   lead(ctx, rep, spec, w, *tok,
        {eng, eng, nullptr, [gx] { return gx && gx->broken() ? gx->broken_reason() : std::string(); }, world,
-        "attention replicated on every rank"});
+        "attention replicated on every rank", nullptr, 1, {}});
 }
 
 int serve(const serve_options& o) {
@@ -538,7 +573,9 @@ int serve(const serve_options& o) {
                r.world_size);
   serve_options opts = o;
   if (const char* m = std::getenv("TROUPE_MIN_RANKS"); m != nullptr && *m != '\0') opts.min_ranks = std::atoi(m);
-  if (spec.engine().ranks() < r.world_size) {  // elastic: the other processes wait as standby
+  const char* max_ranks = std::getenv("TROUPE_MAX_RANKS");
+  opts.elastic = spec.engine().ranks() < r.world_size || (r.world_size > 1 && max_ranks != nullptr && *max_ranks != '\0');
+  if (opts.elastic) {  // the processes beyond engine.ranks wait as standby; a lost rank is survived
     TROUPE_CHECK(spec.engine().attention() == "data_parallel", errc::invalid_argument,
                  "{}: {} processes for engine.ranks = {}: the group can grow into the others only with "
                  "engine.attention: data_parallel",
@@ -570,6 +607,7 @@ int serve(const serve_options& o) {
     run_serve(ctx, rep, spec, opts, r);
   };
   return run_group_command(r, so, [&](actors::cluster_options& co) {
+    co.keep_members = opts.elastic;  // the group outlives a lost rank (dp_group.h invariant 8)
     co.rebalance_experts = spec.engine().ranks() > 1 && spec.expert().rebalance().enabled();
     co.experts = parallel::ep::ep_rebalance_options_from(spec.expert());
   }, g);

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <fstream>
 #include <optional>
 
@@ -270,7 +271,11 @@ launch_result run_local(const launch_options& o) {
       c.exit.code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
       c.exit.signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       const bool failed = !c.exit.exited || c.exit.code != 0;
-      if (failed && res.first_failed < 0 && !res.interrupted) {
+      if (failed && o.max_ranks > 0 && c.rank != 0 && res.first_failed < 0 && !res.interrupted) {
+        res.lost.push_back(c.rank);  // invariant 5
+        write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} lost: {}; the elastic group goes on without it\n",
+                                             c.rank, c.exit.reason()));
+      } else if (failed && res.first_failed < 0 && !res.interrupted) {
         res.first_failed = c.rank;
         if (remaining == 0) {
           write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} failed: {}\n", c.rank, c.exit.reason()));
@@ -318,9 +323,12 @@ launch_result run_local(const launch_options& o) {
                               res.ranks[static_cast<size_t>(res.first_failed)].reason());
   } else if (res.interrupted) {
     res.summary = "interrupted: the signal was forwarded to every rank";
+  } else if (!res.lost.empty()) {
+    res.summary = fmt::format("the other rank(s) exited with code 0");
   } else {
     res.summary = fmt::format("all {} rank(s) exited with code 0", o.nprocs);
   }
+  if (!res.lost.empty()) res.summary += fmt::format("; rank(s) {} lost on the way", fmt::join(res.lost, ", "));
   return res;
 }
 

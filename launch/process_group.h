@@ -20,6 +20,9 @@
 //      is reported too. SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to
 //      all ranks at once.
 //   4. Nothing outlives run_local(): every child is reaped before it returns.
+//   5. Elastic (max_ranks > 0): a rank other than 0 that fails is lost, not fatal: it is reported
+//      and recorded (lost), and the others go on (the serving group survives it); rank 0 failing
+//      tears the group down as invariant 3 says.
 #pragma once
 #include <string>
 #include <vector>
@@ -52,6 +55,7 @@ struct launch_result {
   std::vector<rank_exit> ranks;  // in rank order
   int first_failed = -1;         // the rank that failed first, -1 if none
   bool interrupted = false;      // the launcher itself got SIGINT/SIGTERM/SIGHUP
+  std::vector<int> lost;         // elastic: ranks that failed while the group went on (invariant 5)
   std::string summary;
   bool ok() const { return first_failed < 0 && !interrupted; }
   int exit_code() const;         // 0, the failing rank's code, or 128 + its signal

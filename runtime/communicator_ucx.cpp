@@ -827,8 +827,11 @@ class ucx_comm final : public ucx_communicator {
         if (slot(x.peer).ep) close_ep(slot(x.peer), msg.c_str());
       }
     }
+    // After an abort the communicator is done for: what a dead peer left matched (a rendezvous
+    // receive, which cannot be cancelled) is given up quickly, its endpoint closed.
+    const auto patience = code == errc::aborted ? std::chrono::milliseconds(50) : std::chrono::milliseconds(1000);
     auto drain = [&] {
-      const auto until = steady::now() + std::chrono::seconds(1);
+      const auto until = steady::now() + patience;
       while (!all_done(xs) && steady::now() < until) ucp_worker_progress(worker_);
     };
     drain();

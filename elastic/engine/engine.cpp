@@ -524,6 +524,16 @@ bool engine::step() {
   }
   try {
     logits = exec_->execute(seqs);
+  } catch (const runtime::error& e) {
+    if (o_.group_member && e.code() == errc::aborted) {  // invariant 11: the iteration is undone
+      log::warn("engine: the group's iteration was aborted; its {} sequence(s) run again: {}", batch.size(),
+                e.message());
+      throw;
+    }
+    log::error("engine: the model step failed: {}", e.what());
+    for (sequence* s : batch) finish(*s, "error", e.what());
+    if (o_.group_member) throw;
+    return true;
   } catch (const std::exception& e) {
     log::error("engine: the model step failed: {}", e.what());
     for (sequence* s : batch) finish(*s, "error", e.what());

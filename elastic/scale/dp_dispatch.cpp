@@ -82,6 +82,12 @@ void dp_least_kv_prefix::resize(int ranks) {
   ranks_.resize(static_cast<size_t>(ranks));
 }
 
+void dp_least_kv_prefix::remove(int rank) {
+  TROUPE_CHECK(rank >= 0 && rank < static_cast<int>(ranks_.size()) && ranks_.size() > 1, errc::invalid_argument,
+               "least_kv_prefix dispatch: removing rank {} of {}", rank, ranks_.size());
+  ranks_.erase(ranks_.begin() + rank);
+}
+
 std::unique_ptr<dp_dispatch_policy> make_dp_dispatch(const std::string& name, int ranks, int64_t block_size) {
   if (name.empty() || name == "least_kv_prefix") return std::make_unique<dp_least_kv_prefix>(ranks, block_size);
   if (name == "round_robin") return std::make_unique<dp_round_robin>(ranks);

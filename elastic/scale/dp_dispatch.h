@@ -45,6 +45,8 @@ class dp_dispatch_policy {
   // The group now has `ranks` ranks (it grew or shrank; ranks that stay keep their numbers and
   // what the policy remembers of them, new ranks start empty).
   virtual void resize(int ranks) = 0;
+  // `rank` is gone (lost): the ranks above it move down by one and keep what the policy remembers.
+  virtual void remove(int rank) = 0;
 };
 
 class dp_least_kv_prefix final : public dp_dispatch_policy {
@@ -55,6 +57,7 @@ class dp_least_kv_prefix final : public dp_dispatch_policy {
   void dispatched(int rank, std::span<const int32_t> prompt) override;
   std::string name() const override { return "least_kv_prefix"; }
   void resize(int ranks) override;
+  void remove(int rank) override;
   // Full blocks of the prompt's prefix that `rank` was sent before (invariant 2).
   int64_t prefix_blocks(int rank, std::span<const int32_t> prompt) const;
 
@@ -79,6 +82,7 @@ class dp_round_robin final : public dp_dispatch_policy {
     ranks_ = ranks;
     next_ = 0;
   }
+  void remove(int) override { resize(ranks_ > 1 ? ranks_ - 1 : 1); }
 
  private:
   int ranks_;

@@ -2,6 +2,7 @@
 #include "elastic/scale/dp_group.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,9 @@ namespace {
 
 constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3, kind_prepare = 4, kind_commit = 5;
 constexpr int tag_report = 20101;  // rank r -> 0: its DpReport of an iteration
+constexpr int tag_recover = 20115;  // over the pool: rank 0 -> a survivor its recovery DpScale; back, a DpResync
+constexpr int loss_wait_ms = 2000;  // a failed step waits this long for a loss to be named (invariant 8): a
+                                    // killed peer can fail a transfer before the supervisor names it
 
 // ---- the wire ------------------------------------------------------------------------------------
 
@@ -293,8 +297,11 @@ void dp_leader::request_scale(int target) {
 }
 
 dp_scale_status dp_leader::scale_status() const {
+  const int alive = elastic_.pool_alive ? elastic_.pool_alive() : elastic_.pool_ranks;
   std::lock_guard<std::mutex> g(mu_);
-  return scale_;
+  dp_scale_status s = scale_;
+  s.pool_ranks = alive;  // a standby rank may have been lost too
+  return s;
 }
 
 void dp_leader::submit(engine_request r) {
@@ -406,7 +413,7 @@ void dp_leader::abort(const std::string& id) {
 bool dp_leader::inbox_pending() const {
   std::lock_guard<std::mutex> g(mu_);
   if (!broken_.empty()) return false;  // nothing will be taken: no busy loop of failing steps
-  return eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0 || scale_.state == "pending" ||
+  return loss_pending() || eng_.inbox_pending() || next_.requests_size() > 0 || next_.aborts_size() > 0 || scale_.state == "pending" ||
          scale_.state == "moving";
 }
 
@@ -561,21 +568,124 @@ void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> sam
   }
 }
 
+// Under mu_: a rank that went (left or lost) keeps its counters in the group's totals.
+void dp_leader::retire_locked(const serve::DpReport& rep) {
+  retired_.set_generated_tokens(retired_.generated_tokens() + rep.generated_tokens());
+  retired_.set_preemptions(retired_.preemptions() + rep.preemptions());
+  retired_.set_prompt_tokens(retired_.prompt_tokens() + rep.prompt_tokens());
+  retired_.set_prefix_lookup_tokens(retired_.prefix_lookup_tokens() + rep.prefix_lookup_tokens());
+  retired_.set_prefix_hit_tokens(retired_.prefix_hit_tokens() + rep.prefix_hit_tokens());
+  for (int i = 0; i < rep.ttft_counts_size(); ++i) {
+    if (retired_.ttft_counts_size() <= i) retired_.add_ttft_counts(0);
+    retired_.set_ttft_counts(i, retired_.ttft_counts(i) + rep.ttft_counts(i));
+  }
+  for (int i = 0; i < rep.tpot_counts_size(); ++i) {
+    if (retired_.tpot_counts_size() <= i) retired_.add_tpot_counts(0);
+    retired_.set_tpot_counts(i, retired_.tpot_counts(i) + rep.tpot_counts(i));
+  }
+  retired_.set_ttft_sum(retired_.ttft_sum() + rep.ttft_sum());
+  retired_.set_tpot_sum(retired_.tpot_sum() + rep.tpot_sum());
+}
+
+// Under mu_: rank r's report of an iteration (its events already delivered).
+void dp_leader::take_report_locked(int r, serve::DpReport rep) {
+  const auto k = static_cast<size_t>(r);
+  rep.clear_events();
+  loads_[k] = load_of(rep, eng_.options().block_size);
+  pending_blocks_[k] -= in_step_blocks_[k];
+  in_step_blocks_[k] = 0;
+  reports_[k] = std::move(rep);
+}
+
+// Under mu_: the per-rank state follows a new layout. Old group rank g is old_to_new[g] in a group of
+// `ranks` (-1: it left or was lost); rank 0 stays 0. Queued requests and aborts are renumbered; the
+// unfinished samples of ranks that went are placed again (invariant 7), those being aborted end.
+void dp_leader::regroup_locked(const std::vector<int>& old_to_new, int ranks,
+                               std::vector<std::pair<std::string, engine_event>>& aborted) {
+  const auto M = static_cast<size_t>(ranks);
+  auto rank_of = [&](int g) { return g >= 0 && g < static_cast<int>(old_to_new.size()) ? old_to_new[size_t(g)] : -1; };
+  for (size_t g = 0; g < old_to_new.size() && g < reports_.size(); ++g)
+    if (old_to_new[g] < 0) retire_locked(reports_[g]);
+  auto remap = [&](auto& v, auto fill) {
+    std::remove_reference_t<decltype(v)> out(M, fill);
+    for (size_t g = 0; g < old_to_new.size() && g < v.size(); ++g)
+      if (old_to_new[g] >= 0) out[static_cast<size_t>(old_to_new[g])] = std::move(v[g]);
+    v = std::move(out);
+  };
+  remap(loads_, dp_rank_load{0, eng_.num_blocks(), 0, 0, 0});
+  remap(pending_blocks_, int64_t{0});
+  remap(in_step_blocks_, int64_t{0});
+  remap(dispatched_, int64_t{0});
+  remap(reports_, serve::DpReport());
+  for (int g = static_cast<int>(old_to_new.size()) - 1; g >= 1; --g)
+    if (old_to_new[static_cast<size_t>(g)] < 0) policy_->remove(g);
+  policy_->resize(ranks);
+  std::vector<std::string> abort_ids;
+  serve::DpStep old;
+  old.Swap(&next_);
+  for (auto& a : *old.mutable_aborts()) {
+    const int n = rank_of(a.rank());
+    if (n < 0) {
+      abort_ids.push_back(a.id());
+      continue;
+    }
+    a.set_rank(n);
+    *next_.add_aborts() = a;
+  }
+  std::vector<serve::DpRequest> queued;
+  for (auto& q : *old.mutable_requests()) {
+    const int n = rank_of(q.rank());
+    if (n < 0) {
+      queued.push_back(std::move(q));
+      continue;
+    }
+    q.set_rank(n);
+    *next_.add_requests() = std::move(q);
+  }
+  for (auto& [id, s] : requests_) {
+    std::vector<int> moving;
+    for (int64_t i = 0; i < s.n; ++i) {
+      const auto k = static_cast<size_t>(i);
+      if (s.done[k] || s.rank[k] == 0) continue;
+      const int n = rank_of(s.rank[k]);
+      if (n >= 0) s.rank[k] = n;
+      else moving.push_back(static_cast<int>(i));
+    }
+    if (moving.empty()) continue;
+    if (std::find(abort_ids.begin(), abort_ids.end(), id) != abort_ids.end()) {
+      for (int i : moving) {
+        engine_event e;
+        e.index = i;
+        e.finished = true;
+        e.finish_reason = "abort";
+        aborted.emplace_back(id, e);
+      }
+      continue;
+    }
+    bool was_queued = false;
+    for (auto& q : queued)
+      if (q.id() == id) {
+        was_queued = true;
+        q.set_rank(-1);
+        place(q, s, moving);
+      }
+    if (!was_queued) place(s.spec, s, moving);
+  }
+}
+
 // Invariant 7, first boundary: the plan to the group and the joining ranks; the moves start.
 void dp_leader::begin_scale(int target) {
   const auto t_start = clk::now();
   const int from = comm_->size();
-  serve::DpScale plan;
+  TROUPE_CHECK(elastic_.plan != nullptr, errc::internal, "serving group: no dp_elastic::plan to change the size with");
+  serve::DpScale plan = elastic_.plan(target);
   {
     std::lock_guard<std::mutex> g(mu_);
     plan.set_epoch(scale_.epoch + 1);
     scale_.last_wait_seconds = std::chrono::duration<double>(t_start - scale_requested_).count();
     scale_.state = "moving";
   }
-  plan.set_from_ranks(from);
-  plan.set_to_ranks(target);
   plan.set_num_blocks(eng_.num_blocks());
-  plan.set_pool_ranks(elastic_.pool_ranks);
   log::info("serving group: {} from {} to {} ranks (layout {}); the weights move while it serves",
             target > from ? "growing" : "shrinking", from, target, plan.epoch());
   const std::string body = plan.SerializeAsString();
@@ -608,73 +718,9 @@ void dp_leader::commit_scale() {
   std::vector<std::pair<std::string, engine_event>> aborted;
   {
     std::lock_guard<std::mutex> g(mu_);
-    const auto M = static_cast<size_t>(target);
-    for (size_t k = M; k < reports_.size(); ++k) {  // a leaving rank's counters stay in the totals
-      const auto& rep = reports_[k];
-      retired_.set_generated_tokens(retired_.generated_tokens() + rep.generated_tokens());
-      retired_.set_preemptions(retired_.preemptions() + rep.preemptions());
-      retired_.set_prompt_tokens(retired_.prompt_tokens() + rep.prompt_tokens());
-      retired_.set_prefix_lookup_tokens(retired_.prefix_lookup_tokens() + rep.prefix_lookup_tokens());
-      retired_.set_prefix_hit_tokens(retired_.prefix_hit_tokens() + rep.prefix_hit_tokens());
-      for (int i = 0; i < rep.ttft_counts_size(); ++i) {
-        if (retired_.ttft_counts_size() <= i) retired_.add_ttft_counts(0);
-        retired_.set_ttft_counts(i, retired_.ttft_counts(i) + rep.ttft_counts(i));
-      }
-      for (int i = 0; i < rep.tpot_counts_size(); ++i) {
-        if (retired_.tpot_counts_size() <= i) retired_.add_tpot_counts(0);
-        retired_.set_tpot_counts(i, retired_.tpot_counts(i) + rep.tpot_counts(i));
-      }
-      retired_.set_ttft_sum(retired_.ttft_sum() + rep.ttft_sum());
-      retired_.set_tpot_sum(retired_.tpot_sum() + rep.tpot_sum());
-    }
-    loads_.resize(M);
-    for (size_t k = static_cast<size_t>(from); k < M; ++k) loads_[k] = dp_rank_load{0, eng_.num_blocks(), 0, 0, 0};
-    pending_blocks_.resize(M, 0);
-    in_step_blocks_.resize(M, 0);
-    dispatched_.resize(M, 0);
-    reports_.resize(M);
-    policy_->resize(target);
-    if (target < from) {
-      // Aborts for the leaving ranks end their samples here; queued requests and started samples
-      // are placed again.
-      std::vector<std::string> abort_ids;
-      serve::DpStep old;
-      old.Swap(&next_);
-      for (const auto& a : old.aborts()) {
-        if (a.rank() < target) *next_.add_aborts() = a;
-        else abort_ids.push_back(a.id());
-      }
-      std::vector<serve::DpRequest> queued;
-      for (auto& q : *old.mutable_requests()) {
-        if (q.rank() < target) *next_.add_requests() = std::move(q);
-        else queued.push_back(std::move(q));
-      }
-      for (auto& [id, s] : requests_) {
-        std::vector<int> moving;
-        for (int64_t i = 0; i < s.n; ++i)
-          if (!s.done[static_cast<size_t>(i)] && s.rank[static_cast<size_t>(i)] >= target)
-            moving.push_back(static_cast<int>(i));
-        if (moving.empty()) continue;
-        if (std::find(abort_ids.begin(), abort_ids.end(), id) != abort_ids.end()) {
-          for (int i : moving) {
-            engine_event e;
-            e.index = i;
-            e.finished = true;
-            e.finish_reason = "abort";
-            aborted.emplace_back(id, e);
-          }
-          continue;
-        }
-        bool was_queued = false;
-        for (auto& q : queued)
-          if (q.id() == id) {
-            was_queued = true;
-            q.set_rank(-1);
-            place(q, s, moving);
-          }
-        if (!was_queued) place(s.spec, s, moving);
-      }
-    }
+    std::vector<int> old_to_new(static_cast<size_t>(from));
+    for (int k = 0; k < from; ++k) old_to_new[static_cast<size_t>(k)] = k < target ? k : -1;
+    regroup_locked(old_to_new, target, aborted);
     scale_.epoch = plan.epoch();
     scale_.ranks = target;  // "done" once the first iteration on the new layout ran (step)
     if (target > from) ++scale_.scale_ups;
@@ -692,11 +738,151 @@ void dp_leader::commit_scale() {
   for (const auto& [id, e] : failed) deliver(id, e);
 }
 
+bool dp_leader::loss_pending() const {
+  if (!elastic_.lost || !elastic_.members) return false;
+  const std::vector<int> lost = elastic_.lost();
+  if (lost.empty()) return false;
+  for (int m : elastic_.members())
+    if (std::find(lost.begin(), lost.end(), m) != lost.end()) return true;
+  return false;
+}
+
+bool dp_leader::await_loss() const {
+  if (!elastic_.lost || !elastic_.recover) return false;
+  const auto until = clk::now() + std::chrono::milliseconds(loss_wait_ms);
+  while (!loss_pending()) {
+    if (clk::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+// Invariant 8: the survivors rebuild the group; what the failed iteration left is put right.
+void dp_leader::recover() {
+  const auto t0 = clk::now();
+  TROUPE_CHECK(elastic_.plan_recovery && elastic_.recover && elastic_.control && elastic_.members, errc::unsupported,
+               "serving group: a rank was lost and this group cannot recover (no dp_elastic recovery)");
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    TROUPE_CHECK(scale_.state != "moving", errc::unsupported,
+                 "serving group: a rank was lost while the weights of the change to {} ranks were moving; the group "
+                 "cannot recover from that",
+                 scale_.target);
+  }
+  const std::vector<int> members = elastic_.members(), lost_all = elastic_.lost();
+  std::vector<int> gone;
+  for (int m : members)
+    if (std::find(lost_all.begin(), lost_all.end(), m) != lost_all.end()) gone.push_back(m);
+  serve::DpScale plan = elastic_.plan_recovery(gone);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    plan.set_epoch(scale_.epoch + 1);
+    if (scale_.state == "pending") {
+      scale_.state = "failed";
+      scale_.error = fmt::format("dropped: pool rank(s) {} were lost before the change began", fmt::join(gone, ", "));
+    }
+  }
+  const int64_t n = steps_.load();
+  plan.set_num_blocks(eng_.num_blocks());
+  plan.set_step(n);
+  const auto& F = plan.from_members();
+  const auto& T = plan.to_members();
+  log::warn("serving group: pool rank(s) {} lost during iteration {}; the group goes on with {} of its {} ranks "
+            "(layout {})",
+            fmt::join(gone, ", "), n, T.size(), F.size(), plan.epoch());
+  std::vector<int> old_to_new(static_cast<size_t>(F.size()), -1);
+  for (int g = 0; g < F.size(); ++g)
+    for (int k = 0; k < T.size(); ++k)
+      if (T[k] == F[g]) old_to_new[static_cast<size_t>(g)] = k;
+  runtime::communicator& ctl = *elastic_.control;
+  const std::string body = plan.SerializeAsString();
+  for (int k = 1; k < T.size(); ++k) {
+    ctl.send(tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(body.size())}, {1}), T[k], tag_recover);
+    ctl.send(bytes_tensor(body), T[k], tag_recover);
+  }
+  std::vector<serve::DpResync> back(static_cast<size_t>(T.size()));
+  for (int k = 1; k < T.size(); ++k) {
+    tensor len = tensor::zeros({1}, runtime::dtype::i64);
+    ctl.recv(len, T[k], tag_recover);
+    const int64_t bytes = len.data<int64_t>()[0];
+    TROUPE_CHECK(bytes >= 0 && bytes < (int64_t{1} << 31), errc::internal,
+                 "serving group: pool rank {} answered the recovery with {} bytes", T[k], bytes);
+    tensor b = tensor::empty({std::max<int64_t>(bytes, 1)}, runtime::dtype::u8);
+    if (bytes > 0) ctl.recv(b, T[k], tag_recover);
+    TROUPE_CHECK(back[static_cast<size_t>(k)].ParseFromString(tensor_bytes(b, bytes)), errc::internal,
+                 "serving group: pool rank {} answered the recovery with something that does not parse", T[k]);
+  }
+  runtime::communicator* next = elastic_.recover(plan);
+  comm_ = next;
+  TROUPE_CHECK(next != nullptr && next->size() == T.size() && next->rank() == 0, errc::internal,
+               "serving group: the recovery gave rank 0 a communicator of {} ranks, expected {}",
+               next ? next->size() : 0, T.size());
+  // The failed iteration's reports that never reached rank 0: their events, once.
+  std::vector<const serve::DpReport*> last(static_cast<size_t>(T.size()), nullptr);
+  for (int k = 1; k < T.size(); ++k) {
+    const auto& r = back[static_cast<size_t>(k)];
+    for (int i = 0; i < r.reports_size() && i < r.report_steps_size(); ++i) {
+      if (r.report_steps(i) != n) continue;
+      for (const auto& ev : r.reports(i).events()) deliver(ev.id(), decode_event(ev));
+      last[static_cast<size_t>(k)] = &r.reports(i);
+    }
+  }
+  std::vector<std::pair<std::string, engine_event>> aborted;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    // The failed iteration's requests and aborts go again to the ranks that did not take them in (and
+    // to the lost ones, whose samples the regroup places elsewhere), before anything newer.
+    std::vector<int64_t> applied(static_cast<size_t>(F.size()), -1);
+    applied[0] = n;
+    for (int k = 1; k < T.size(); ++k)
+      for (int g = 0; g < F.size(); ++g)
+        if (F[g] == T[k]) applied[static_cast<size_t>(g)] = back[static_cast<size_t>(k)].applied_step();
+    auto again = [&](int g) { return g > 0 && g < F.size() && applied[static_cast<size_t>(g)] < n; };
+    serve::DpStep merged;
+    for (const auto& q : inflight_.requests())
+      if (again(q.rank())) *merged.add_requests() = q;
+    for (const auto& a : inflight_.aborts())
+      if (again(a.rank())) *merged.add_aborts() = a;
+    for (auto& q : *next_.mutable_requests()) *merged.add_requests() = std::move(q);
+    for (auto& a : *next_.mutable_aborts()) *merged.add_aborts() = std::move(a);
+    next_.Swap(&merged);
+    inflight_.Clear();
+    regroup_locked(old_to_new, T.size(), aborted);
+    for (int k = 1; k < T.size(); ++k)
+      if (last[static_cast<size_t>(k)]) take_report_locked(k, *last[static_cast<size_t>(k)]);
+    std::fill(in_step_blocks_.begin(), in_step_blocks_.end(), 0);
+    scale_.epoch = plan.epoch();
+    scale_.ranks = scale_.target = T.size();
+    ++scale_.recoveries;
+    scale_.lost_ranks += static_cast<int64_t>(gone.size());
+    scale_.last_recovery_seconds = std::chrono::duration<double>(clk::now() - t0).count();
+    if (elastic_.pool_alive) scale_.pool_ranks = elastic_.pool_alive();
+  }
+  for (const auto& [id, e] : aborted) deliver(id, e);
+  std::vector<std::pair<std::string, engine_event>> failed;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    failed.swap(failed_moves_);
+  }
+  for (const auto& [id, e] : failed) deliver(id, e);
+  log::warn("serving group: recovered in {:.3f} s: {} ranks serve (layout {})",
+            std::chrono::duration<double>(clk::now() - t0).count(), T.size(), plan.epoch());
+}
+
 bool dp_leader::step() {
   {
     std::lock_guard<std::mutex> g(mu_);
     TROUPE_CHECK(broken_.empty(), errc::aborted, "serving group: broken since an earlier iteration: {}", broken_);
     TROUPE_CHECK(!finished_, errc::invalid_argument, "serving group: an iteration after the group ended");
+  }
+  if (loss_pending()) {  // noticed between iterations (an idle group): rebuild first
+    try {
+      recover();
+    } catch (const std::exception& e) {
+      fail_group(e);
+      throw;
+    }
+    return true;
   }
   int target = 0;
   bool moving = false;
@@ -732,6 +918,7 @@ bool dp_leader::step() {
       arrivals_.erase(it);
     }
   }
+  inflight_ = step;  // a recovery sends it again to whoever did not take it in (invariant 8)
   if (!remote_work && step.requests_size() == 0 && step.aborts_size() == 0 && !eng_.has_work()) {
     if (committed) {
       std::lock_guard<std::mutex> g(mu_);
@@ -774,18 +961,12 @@ bool dp_leader::step() {
       TROUPE_CHECK(reports[static_cast<size_t>(r)].ParseFromString(tensor_bytes(b, n)), errc::internal,
                    "serving group: rank {} sent a report that does not parse", r);
     }
+    inflight_.Clear();  // every rank has it: what follows cannot be undone
     for (int r = 1; r < P; ++r)
       for (const auto& ev : reports[static_cast<size_t>(r)].events()) deliver(ev.id(), decode_event(ev));
     {
       std::lock_guard<std::mutex> g(mu_);
-      const int64_t bs = eng_.options().block_size;
-      for (int r = 1; r < P; ++r) {
-        auto& rep = reports[static_cast<size_t>(r)];
-        rep.clear_events();
-        loads_[static_cast<size_t>(r)] = load_of(rep, bs);
-        pending_blocks_[static_cast<size_t>(r)] -= in_step_blocks_[static_cast<size_t>(r)];
-        reports_[static_cast<size_t>(r)] = std::move(rep);
-      }
+      for (int r = 1; r < P; ++r) take_report_locked(r, std::move(reports[static_cast<size_t>(r)]));
       pending_blocks_[0] = 0;
       if (committed) {
         scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
@@ -798,6 +979,16 @@ bool dp_leader::step() {
       if (hooks_.sync) hooks_.sync();
     }
   } catch (const std::exception& e) {  // the group is out of step: nothing more can pair
+    if (await_loss()) {  // invariant 8
+      log::warn("serving group: iteration {} failed: {}", steps_.load(), e.what());
+      try {
+        recover();
+      } catch (const std::exception& e2) {
+        fail_group(e2);
+        throw;
+      }
+      return true;
+    }
     fail_group(e);
     throw;
   }
@@ -805,7 +996,7 @@ bool dp_leader::step() {
 }
 
 void dp_leader::keepalive() {
-  if (finished_ || broken()) return;
+  if (finished_ || broken() || loss_pending()) return;  // a loss: the next step rebuilds the group
   try {
     send_header(kind_idle, 0);
   } catch (const std::exception& e) {
@@ -950,7 +1141,8 @@ std::string dp_leader::metrics_text() const {
   for (int r = 0; r < P; ++r)
     out += fmt::format("troupe_dp_rank_running{{rank=\"{}\"}} {}\n", r, r == 0 ? st.running : reports_[size_t(r)].running());
   if (elastic_.pool_ranks > 0) {
-    const dp_scale_status& s = scale_;
+    dp_scale_status s = scale_;
+    if (elastic_.pool_alive) s.pool_ranks = elastic_.pool_alive();
     out += fmt::format(
         "# HELP troupe_scale_pool_ranks Processes able to serve (the group and its standby ranks).\n"
         "# TYPE troupe_scale_pool_ranks gauge\ntroupe_scale_pool_ranks {}\n"
@@ -964,9 +1156,16 @@ std::string dp_leader::metrics_text() const {
         "move (weights and communicators, beside serving), switch (the commit, iterations paused), total (request "
         "to the first iteration on the new layout).\n# TYPE troupe_scale_last_seconds gauge\n"
         "troupe_scale_last_seconds{{phase=\"wait\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"move\"}} {:.6f}\n"
-        "troupe_scale_last_seconds{{phase=\"switch\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"total\"}} {:.6f}\n",
+        "troupe_scale_last_seconds{{phase=\"switch\"}} {:.6f}\ntroupe_scale_last_seconds{{phase=\"total\"}} {:.6f}\n"
+        "# HELP troupe_scale_recoveries_total Losses of a serving rank the group survived.\n"
+        "# TYPE troupe_scale_recoveries_total counter\ntroupe_scale_recoveries_total {}\n"
+        "# HELP troupe_scale_lost_ranks_total Serving ranks lost.\n# TYPE troupe_scale_lost_ranks_total counter\n"
+        "troupe_scale_lost_ranks_total {}\n"
+        "# HELP troupe_scale_last_recovery_seconds The last recovery: rank 0 starting it to the group rebuilt.\n"
+        "# TYPE troupe_scale_last_recovery_seconds gauge\ntroupe_scale_last_recovery_seconds {:.6f}\n",
         s.pool_ranks, s.epoch, s.scale_ups, s.scale_downs, s.moved_samples, s.last_wait_seconds,
-        s.last_move_seconds, s.last_switch_seconds, s.last_total_seconds);
+        s.last_move_seconds, s.last_switch_seconds, s.last_total_seconds, s.recoveries, s.lost_ranks,
+        s.last_recovery_seconds);
   }
   return out + eng_.expert_metrics_text();
 }
@@ -993,27 +1192,86 @@ dp_follow_result dp_follow(engine& eng, runtime::communicator& comm, const group
 
 namespace {
 
+bool loss_in_group(const dp_elastic& el) {
+  const std::vector<int> lost = el.lost();
+  if (lost.empty()) return false;
+  for (int m : el.members())
+    if (std::find(lost.begin(), lost.end(), m) != lost.end()) return true;
+  return false;
+}
+
+// Invariant 8 on a survivor: whether a member of its group was lost (waiting a while for the notice).
+bool follower_saw_loss(const dp_elastic& el) {
+  if (!el.lost || !el.members || !el.recover || !el.control) return false;
+  const auto until = clk::now() + std::chrono::milliseconds(loss_wait_ms);
+  while (!loss_in_group(el)) {
+    if (clk::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+// Invariant 8 on a survivor: rank 0's recovery plan, this rank's DpResync back, the group rebuilt.
+runtime::communicator* follower_recover(const dp_elastic& el, int64_t applied,
+                                        const std::vector<std::pair<int64_t, serve::DpReport>>& unacked) {
+  runtime::communicator& ctl = *el.control;
+  const int me = ctl.rank();
+  tensor len = tensor::zeros({1}, runtime::dtype::i64);
+  ctl.recv(len, 0, tag_recover);
+  const int64_t n = len.data<int64_t>()[0];
+  TROUPE_CHECK(n > 0 && n < (int64_t{1} << 30), errc::internal,
+               "serving group: pool rank {}: a recovery plan of {} bytes from rank 0", me, n);
+  tensor b = tensor::empty({n}, runtime::dtype::u8);
+  ctl.recv(b, 0, tag_recover);
+  serve::DpScale plan;
+  TROUPE_CHECK(plan.ParseFromString(tensor_bytes(b, n)), errc::internal,
+               "serving group: pool rank {}: a recovery plan from rank 0 that does not parse", me);
+  serve::DpResync r;
+  r.set_applied_step(applied);
+  for (const auto& [step, rep] : unacked) {
+    r.add_report_steps(step);
+    *r.add_reports() = rep;
+  }
+  const std::string body = r.SerializeAsString();
+  ctl.send(tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(body.size())}, {1}), 0, tag_recover);
+  if (!body.empty()) ctl.send(bytes_tensor(body), 0, tag_recover);
+  runtime::communicator* next = el.recover(plan);
+  int want = -1;
+  for (int k = 0; k < plan.to_members_size(); ++k)
+    if (plan.to_members(k) == me) want = k;
+  TROUPE_CHECK(next != nullptr && next->size() == plan.to_ranks() && next->rank() == want, errc::internal,
+               "serving group: pool rank {}: the recovery gave a communicator of {} ranks, expected rank {} of {}",
+               me, next ? next->size() : 0, want, plan.to_ranks());
+  return next;
+}
+
+enum class follow_next { go_on, ended, left };
+
 dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_hooks& hooks, const dp_elastic& el) {
   std::map<std::string, std::shared_ptr<const json_grammar>> grammars;
   serve::DpReport report;  // this iteration's events (the engine's callbacks run on this thread)
   dp_follow_result res;
-  for (;;) {
+  int64_t applied = -1, current = -1;  // the last iteration whose requests this rank took in; the one it runs
+  std::vector<std::pair<int64_t, serve::DpReport>> unacked;  // reports rank 0 may not have delivered yet
+  auto iterate = [&]() -> follow_next {
     tensor head = tensor::zeros({4}, runtime::dtype::i64);
     comm->broadcast(head, 0);
     const int64_t* h = head.data<int64_t>();
+    // Rank 0 delivers an iteration's reports before its count moves on.
+    std::erase_if(unacked, [&](const auto& u) { return u.first < h[2]; });
     if (h[0] == kind_end) {
       eng.shutdown();
-      return res;
+      return follow_next::ended;
     }
     if (el.move_error) {  // this rank's moves failed: it leaves now (the group breaks), not at the commit
       const std::string why = el.move_error();
       TROUPE_CHECK(why.empty(), errc::io, "serving group: rank {}: moving weights for a change failed: {}",
                    comm->rank(), why);
     }
-    if (h[0] == kind_idle) continue;
+    if (h[0] == kind_idle) return follow_next::go_on;
     if (h[0] == kind_sync) {
       if (hooks.sync) hooks.sync();
-      continue;
+      return follow_next::go_on;
     }
     TROUPE_CHECK((h[0] == kind_step || h[0] == kind_prepare || h[0] == kind_commit) && h[1] >= 0 &&
                      h[1] < (int64_t{1} << 31),
@@ -1023,35 +1281,39 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
     if (h[1] > 0) comm->broadcast(b, 0);
     if (h[0] == kind_prepare || h[0] == kind_commit) {  // invariant 7
       serve::DpScale plan;
-      TROUPE_CHECK(plan.ParseFromString(tensor_bytes(b, h[1])) && plan.to_ranks() >= 1, errc::internal,
-                   "serving group: rank {}: a change of size from rank 0 that does not parse", comm->rank());
+      TROUPE_CHECK(plan.ParseFromString(tensor_bytes(b, h[1])) && plan.to_ranks() >= 1 &&
+                       plan.from_members_size() == comm->size(),
+                   errc::internal, "serving group: rank {}: a change of size from rank 0 that does not parse",
+                   comm->rank());
       TROUPE_CHECK(el.prepare && el.commit, errc::internal,
                    "serving group: rank {}: rank 0 changes the group's size, but this rank cannot (no dp_elastic)",
                    comm->rank());
       if (h[0] == kind_prepare) {  // the weights move while this rank goes on serving
         el.prepare(plan);
-        continue;
+        return follow_next::go_on;
       }
-      const int me = comm->rank();  // the old communicator goes in the commit
-      const bool stays = me < plan.to_ranks();
+      const int pool_rank = plan.from_members(comm->rank());
+      int me = -1;  // the new group rank
+      for (int k = 0; k < plan.to_members_size(); ++k)
+        if (plan.to_members(k) == pool_rank) me = k;
+      const bool stays = me >= 0;
       if (!stays) {  // rank 0 moves this rank's samples: nothing more is reported
         eng.shutdown();
         report.Clear();
+        unacked.clear();
       }
       runtime::communicator* next = el.commit(plan);
       comm = next;  // the old communicator is gone
-      if (!stays) {
-        res.left = true;
-        return res;
-      }
+      if (!stays) return follow_next::left;
       TROUPE_CHECK(next != nullptr && next->size() == plan.to_ranks() && next->rank() == me, errc::internal,
                    "serving group: rank {}: the change to {} ranks gave a communicator of {} ranks", me,
                    plan.to_ranks(), next ? next->size() : 0);
-      continue;
+      return follow_next::go_on;
     }
     serve::DpStep step;
     TROUPE_CHECK(step.ParseFromString(tensor_bytes(b, h[1])), errc::internal,
                  "serving group: rank {}: an iteration from rank 0 that does not parse", comm->rank());
+    current = h[2];
     const auto now = clk::now();
     for (const auto& q : step.requests()) {
       if (q.rank() != comm->rank()) continue;
@@ -1076,15 +1338,45 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
     }
     for (const auto& a : step.aborts())
       if (a.rank() == comm->rank()) eng.abort(a.id());
+    applied = current;
     eng.step_or_idle();
     if (hooks.after_step) hooks.after_step(res.steps);
     fill_load(eng, report);
-    const std::string body = report.SerializeAsString();
+    unacked.emplace_back(current, std::move(report));
+    report.Clear();
+    const std::string body = unacked.back().second.SerializeAsString();
     tensor len = tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(body.size())}, {1});
     comm->send(len, 0, tag_report);
     if (!body.empty()) comm->send(bytes_tensor(body), 0, tag_report);
-    report.Clear();
     ++res.steps;
+    return follow_next::go_on;
+  };
+  for (;;) {
+    follow_next next = follow_next::go_on;
+    try {
+      next = iterate();
+    } catch (const std::exception& e) {
+      if (el.lost && el.control) {  // this rank was declared lost (e.g. frozen, then woken): it is out
+        const auto lost = el.lost();
+        if (std::find(lost.begin(), lost.end(), el.control->rank()) != lost.end()) throw;
+      }
+      if (!follower_saw_loss(el)) throw;
+      log::warn("serving group: pool rank {}: a group operation failed after iteration {} ({}); a member was lost, "
+                "waiting for rank 0's recovery plan",
+                el.control->rank(), current, e.what());
+      if (report.events_size() > 0) {  // the failed iteration's events so far (its model pass was undone)
+        unacked.emplace_back(current, std::move(report));
+        report.Clear();
+      }
+      comm = follower_recover(el, applied, unacked);
+      unacked.clear();
+      continue;
+    }
+    if (next == follow_next::ended) return res;
+    if (next == follow_next::left) {
+      res.left = true;
+      return res;
+    }
   }
 }
 

@@ -58,6 +58,17 @@
 //      sent (DpRequest resumed, engine.h invariant 10): no event is lost or repeated, greedy output
 //      is unchanged. Requests queued for it and not yet sent are dispatched again. A failure inside a
 //      change breaks the group as invariant 5 says.
+//   8. A member lost (dp_elastic::lost names a pool rank of the group; the worker aborted the group's
+//      communicators) is survived: the iteration that failed is undone on every survivor (engine.h
+//      invariant 11) or, where it completed, kept; rank 0 sends each survivor a recovery DpScale over
+//      dp_elastic::control and gets back a DpResync (the last iteration it took in and the reports
+//      rank 0 may lack), every survivor calls dp_elastic::recover, and the group goes on with the
+//      survivors renumbered in order. Reports of the failed iteration reach their clients once; the
+//      requests it carried are sent again to the survivors that did not take them in; the lost
+//      ranks' samples resume elsewhere from the tokens their clients were sent (as in invariant 7);
+//      a change asked for and not begun is dropped (state "failed"). A loss while a change's weights
+//      move, of rank 0, or of a rank during a recovery breaks the group as invariant 5 says. A step
+//      that fails with no loss named within loss_wait_ms breaks it too.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -98,6 +109,17 @@ struct dp_elastic {
   std::function<void(int)> check;
   // Rank 0, once the group ended: tells the ranks outside it.
   std::function<void()> end;
+  // Rank 0: the members and expert placement of a change to `target` ranks, and of a recovery
+  // without the `lost` pool ranks (dp_member.h invariants 1, 2).
+  std::function<serve::DpScale(int target)> plan;
+  std::function<serve::DpScale(const std::vector<int>& lost)> plan_recovery;
+  // Every survivor of a loss (invariant 8): rebuilds the group as the plan says and returns its new
+  // serving communicator.
+  std::function<runtime::communicator*(const serve::DpScale&)> recover;
+  std::function<std::vector<int>()> lost;     // pool ranks lost so far (any thread)
+  std::function<std::vector<int>()> members;  // the group's pool ranks, group order (stepping thread)
+  std::function<int()> pool_alive;            // processes of the pool still alive
+  runtime::communicator* control = nullptr;   // the pool: rank = pool rank (a recovery's messages)
 };
 
 // request_scale's refusal; status() is the HTTP status that says why (400, 409, 501).
@@ -115,15 +137,20 @@ struct dp_scale_status {
   int64_t epoch = 1;           // layouts so far
   int ranks = 1;               // serving now
   int target = 1;              // of the change pending or last done
-  int pool_ranks = 0;
+  int pool_ranks = 0;          // processes of the pool alive (serving or standby)
   int64_t scale_ups = 0, scale_downs = 0;
   int64_t moved_samples = 0;   // samples resumed on another rank, all changes
+  int64_t recoveries = 0;      // losses survived (invariant 8)
+  int64_t lost_ranks = 0;      // serving ranks lost
+  double last_recovery_seconds = 0;  // the failed iteration's start -> the group rebuilt
   double last_total_seconds = 0;   // request -> the first iteration on the new layout
   double last_wait_seconds = 0;    // request -> the iteration boundary that starts it
   double last_move_seconds = 0;    // weights moved and communicators made, beside serving
   double last_switch_seconds = 0;  // the commit: the only time iterations pause
   std::string error;
 };
+
+using clk_time = std::chrono::steady_clock::time_point;
 
 class dp_leader final : public step_driver {
  public:
@@ -173,6 +200,13 @@ class dp_leader final : public step_driver {
   void deliver(const std::string& id, const engine_event& e);
   void begin_scale(int target);
   void commit_scale();
+  bool loss_pending() const;
+  bool await_loss() const;
+  void recover();
+  void regroup_locked(const std::vector<int>& old_to_new, int ranks,
+                      std::vector<std::pair<std::string, engine_event>>& aborted);
+  void retire_locked(const serve::DpReport& rep);
+  void take_report_locked(int rank, serve::DpReport rep);
   void place(serve::DpRequest q, request_state& s, std::vector<int> samples);
   void fail_group(const std::exception& e);
   void record_dispatch(int rank, const std::vector<int32_t>& prompt, int64_t blocks);
@@ -206,6 +240,8 @@ class dp_leader final : public step_driver {
   std::chrono::steady_clock::time_point last_header_{};  // the group last heard from rank 0
   serve::DpReport retired_;  // the counters of ranks that left (metrics stay cumulative)
   std::vector<std::pair<std::string, engine_event>> failed_moves_;  // ended after the commit's lock
+  serve::DpStep inflight_;      // the iteration being run (stepping thread): a recovery sends it again
+  clk_time step_started_{};     // when it began
 };
 
 // Ranks 1..P-1 of the group: run every iteration rank 0 starts (invariant 1) until it ends the group

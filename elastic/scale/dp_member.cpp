@@ -2,6 +2,7 @@
 #include "elastic/scale/dp_member.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <cstring>
 
 #include "parallel/ep/ep_shard.h"
+#include "runtime/io/safetensors.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 
@@ -29,7 +31,30 @@ constexpr int64_t plan_end = 0, plan_join = 1;
 // XXH3-64 of the tensor's bytes: a checksum that keeps up with memory bandwidth.
 int64_t checksum_of(const tensor& t) { return static_cast<int64_t>(XXH3_64bits(t.data_ptr(), t.nbytes())); }
 
-int owner(int64_t e, int64_t E, int ranks) { return static_cast<int>(e / (E / ranks)); }
+int index_of(const google::protobuf::RepeatedField<int32_t>& list, int x) {
+  for (int i = 0; i < list.size(); ++i)
+    if (list[i] == x) return i;
+  return -1;
+}
+
+int index_of(const std::vector<int>& list, int x) {
+  const auto it = std::find(list.begin(), list.end(), x);
+  return it == list.end() ? -1 : static_cast<int>(it - list.begin());
+}
+
+// "model.layers.3.block_sparse_moe.experts.5.w1.weight" -> (3, 5); (-1, -1) when it is no expert's.
+std::pair<int64_t, int64_t> layer_and_expert(const std::string& name) {
+  auto number_after = [&](const std::string& key) -> int64_t {
+    const auto at = name.find(key);
+    if (at == std::string::npos) return -1;
+    size_t i = at + key.size();
+    int64_t v = 0;
+    bool any = false;
+    for (; i < name.size() && name[i] >= '0' && name[i] <= '9'; ++i) v = v * 10 + (name[i] - '0'), any = true;
+    return any ? v : -1;
+  };
+  return {number_after("layers."), number_after("experts.")};
+}
 
 }  // namespace
 
@@ -54,33 +79,126 @@ dp_member::~dp_member() {
 }
 
 void dp_member::check_ranks(int ranks) const {
-  TROUPE_CHECK(ranks >= 1 && ranks <= pool_.size(), errc::invalid_argument,
-               "{} ranks: the pool has {} processes able to serve", ranks, pool_.size());
+  const int alive = pool_alive();
+  TROUPE_CHECK(ranks >= 1 && ranks <= alive, errc::invalid_argument,
+               "{} ranks: the pool has {} processes able to serve{}", ranks, alive,
+               alive < pool_.size() ? fmt::format(" ({} lost)", pool_.size() - alive) : std::string());
   TROUPE_CHECK(!config_.is_moe() || config_.n_experts % ranks == 0, errc::invalid_argument,
                "{} ranks do not divide the model's {} experts (each rank holds as many)", ranks, config_.n_experts);
 }
 
-void dp_member::load(const std::string& dir, int ranks) { load(parallel::model_weights::load(dir), ranks); }
+void dp_member::load(const std::string& dir, int ranks) {
+  dir_ = dir;
+  load_shard(parallel::model_weights::load(dir), ranks);
+}
 
 void dp_member::load(parallel::model_weights full, int ranks) {
+  source_ = std::make_shared<parallel::model_weights>(full);
+  load_shard(std::move(full), ranks);
+}
+
+void dp_member::load_shard(parallel::model_weights full, int ranks) {
   config_ = full.config();
   check_ranks(ranks);
   TROUPE_CHECK(pool_.rank() < ranks, errc::invalid_argument, "pool rank {} is not in the first group of {} ranks",
                pool_.rank(), ranks);
   w_ = std::move(full);
-  if (config_.is_moe() && ranks > 1) ep::ep_shard_weights(w_, ep::ep_placement::contiguous(config_.n_experts, ranks), pool_.rank());
-  make_comms(ranks, 1);
-  install(ranks, 1);
+  std::vector<int> members(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) members[static_cast<size_t>(r)] = r;
+  std::vector<int> placement;
+  if (config_.is_moe()) placement = ep::ep_placement::contiguous(config_.n_experts, ranks).native;
+  if (config_.is_moe() && ranks > 1) ep::ep_shard_weights(w_, ep::ep_placement{ranks, placement}, pool_.rank());
+  make_comms(members, 1);
+  install(members, placement, 1);
+}
+
+void dp_member::start_standby_from(const std::string& dir, const runtime::model_config& config) {
+  dir_ = dir;
+  start_standby(config);
+}
+
+int dp_member::pool_alive() const {
+  std::lock_guard<std::mutex> g(lost_mu_);
+  return pool_.size() - static_cast<int>(lost_.size());
+}
+
+void dp_member::mark_lost(int pool_rank) {
+  std::lock_guard<std::mutex> g(lost_mu_);
+  if (pool_rank >= 0 && pool_rank < pool_.size() && index_of(lost_, pool_rank) < 0) lost_.push_back(pool_rank);
+}
+
+std::vector<int> dp_member::lost() const {
+  std::lock_guard<std::mutex> g(lost_mu_);
+  return lost_;
+}
+
+serve::DpScale dp_member::plan(int target) const {
+  check_ranks(target);
+  const int P = static_cast<int>(members_.size());
+  serve::DpScale p;
+  p.set_from_ranks(P);
+  p.set_to_ranks(target);
+  p.set_pool_ranks(pool_.size());
+  for (int m : members_) p.add_from_members(m);
+  for (int i = 0; i < std::min(P, target); ++i) p.add_to_members(members_[static_cast<size_t>(i)]);
+  const std::vector<int> gone = lost();
+  for (int r = 0; r < pool_.size() && p.to_members_size() < target; ++r)  // joiners: the lowest standby ranks
+    if (index_of(members_, r) < 0 && index_of(gone, r) < 0) p.add_to_members(r);
+  TROUPE_CHECK(p.to_members_size() == target, errc::invalid_argument,
+               "{} ranks: only {} processes of the pool are alive", target, p.to_members_size());
+  if (config_.is_moe()) {
+    for (int o : placement_) p.add_from_placement(o);
+    for (int o : ep::ep_placement::contiguous(config_.n_experts, target).native) p.add_placement(o);
+  }
+  return p;
+}
+
+serve::DpScale dp_member::plan_recovery(const std::vector<int>& lost_ranks) const {
+  serve::DpScale p;
+  p.set_pool_ranks(pool_.size());
+  for (int m : members_) p.add_from_members(m);
+  for (int m : members_)
+    if (index_of(lost_ranks, m) < 0) p.add_to_members(m);
+  for (int m : lost_ranks) p.add_lost(m);
+  p.set_from_ranks(static_cast<int>(members_.size()));
+  p.set_to_ranks(p.to_members_size());
+  TROUPE_CHECK(p.to_members_size() >= 1 && p.to_members(0) == pool_.rank(), errc::internal,
+               "a recovery must keep rank 0 (pool rank {} plans it)", pool_.rank());
+  if (config_.is_moe()) {  // survivors keep theirs; a lost rank's experts go to whoever holds fewest
+    const int M = p.to_members_size();
+    std::vector<int> out(placement_.size(), -1), count(static_cast<size_t>(M), 0);
+    for (size_t e = 0; e < placement_.size(); ++e) {
+      const int g = index_of(p.to_members(), members_[static_cast<size_t>(placement_[e])]);
+      if (g >= 0) out[e] = g, ++count[static_cast<size_t>(g)];
+    }
+    for (size_t e = 0; e < out.size(); ++e) {
+      if (out[e] >= 0) continue;
+      const int g = static_cast<int>(std::min_element(count.begin(), count.end()) - count.begin());
+      out[e] = g;
+      ++count[static_cast<size_t>(g)];
+    }
+    for (int o : placement_) p.add_from_placement(o);
+    for (int o : out) p.add_placement(o);
+  }
+  return p;
 }
 
 void dp_member::start_standby(const runtime::model_config& config) {
   config_ = config;
-  ranks_ = 0;
+  members_.clear();
 }
 
 runtime::communicator& dp_member::comm() {
   TROUPE_CHECK(active() && tokens_ != nullptr, errc::internal, "pool rank {} serves in no group", pool_.rank());
   return *tokens_;
+}
+
+std::vector<runtime::communicator*> dp_member::group_comms() {
+  std::vector<runtime::communicator*> out;
+  if (!active()) return out;
+  if (tokens_) out.push_back(tokens_.get());
+  if (borrowed_) out.push_back(borrowed_.get());
+  return out;
 }
 
 parallel::decoder& dp_member::decoder() {
@@ -89,10 +207,9 @@ parallel::decoder& dp_member::decoder() {
 }
 
 // The layout's communicators (invariant 5): made collectively by the new group's ranks.
-void dp_member::make_comms(int ranks, int64_t layout) {
-  const int me = pool_.rank();
-  std::vector<int> members(static_cast<size_t>(ranks));
-  for (int r = 0; r < ranks; ++r) members[static_cast<size_t>(r)] = r;
+void dp_member::make_comms(const std::vector<int>& members, int64_t layout) {
+  const int me = index_of(members, pool_.rank());
+  const int ranks = static_cast<int>(members.size());
   if (ranks > 1) {
     next_tokens_ = make_comm_(members, fmt::format("serve.{}", layout));
     if (config_.is_moe()) next_borrowed_ = make_comm_(members, fmt::format("serve_weights.{}", layout));
@@ -105,14 +222,16 @@ void dp_member::make_comms(int ranks, int64_t layout) {
 }
 
 // The layout's MoE runner over the communicators make_comms made; the old runner and communicators go.
-void dp_member::install(int ranks, int64_t layout) {
+void dp_member::install(const std::vector<int>& members, const std::vector<int>& placement, int64_t layout) {
+  const int ranks = static_cast<int>(members.size());
   std::unique_ptr<ep::ep_serve_runner> moe;
   if (config_.is_moe()) {
     if (ranks > 1) {
       ep::ep_context c;
       c.tokens = next_tokens_.get();
       c.weights = next_borrowed_.get();
-      c.placement = ep::ep_placement::contiguous(config_.n_experts, ranks);
+      c.placement = ep::ep_placement{ranks, placement};
+      c.placement.validate();
       c.options = ep_;
       moe = std::make_unique<ep::ep_serve_runner>(std::move(c), ep::ep_serve_layout::data_parallel);
     } else {
@@ -127,14 +246,17 @@ void dp_member::install(int ranks, int64_t layout) {
   std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
   borrowed_ = std::move(next_borrowed_);
   tokens_ = std::move(next_tokens_);
-  ranks_ = ranks;
+  members_ = members;
+  placement_ = placement;
   layout_ = layout;
   if (on_layout) on_layout();  // the new communicators are registered before the old ones go
 }
 
 // Invariant 3: every tensor the change moves, in one global order.
-void dp_member::move_weights(int from, int to) {
+void dp_member::move_weights(const serve::DpScale& plan) {
   const int me = pool_.rank();
+  const auto& F = plan.from_members();
+  const auto& T = plan.to_members();
   auto send = [&](const tensor& t, int peer) {
     xfer_.send(t, peer, tag_weights);
     xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
@@ -151,8 +273,8 @@ void dp_member::move_weights(int from, int to) {
     ++stats_.tensors_received;
   };
   // Dense parameters, to each joining rank (a joining rank's parameters() lists exactly those).
-  for (int j = from; j < to; ++j) {
-    const int src = (j - from) % from;
+  for (int k = F.size(); k < T.size(); ++k) {
+    const int j = T[k], src = F[(k - F.size()) % F.size()];
     if (me != src && me != j) continue;
     for (auto& p : w_.parameters()) {
       if (ep::ep_is_expert_param(p.name)) continue;
@@ -167,7 +289,7 @@ void dp_member::move_weights(int from, int to) {
     if (!L.is_moe) continue;
     auto sets = ep::ep_expert_sets(L, config_);
     for (int64_t e = 0; e < E; ++e) {
-      const int o = owner(e, E, from), n = owner(e, E, to);
+      const int o = F[plan.from_placement(static_cast<int>(e))], n = T[plan.placement(static_cast<int>(e))];
       if (o == n || (me != o && me != n)) continue;
       for (size_t k = 0; k < sets.size(); ++k) {
         if (me == o) {
@@ -182,25 +304,45 @@ void dp_member::move_weights(int from, int to) {
   }
 }
 
+// The plan's members and placement are consistent with each other and with this member's layout.
+void dp_member::check_plan(const serve::DpScale& plan) const {
+  const int me = pool_.rank();
+  const auto& F = plan.from_members();
+  const auto& T = plan.to_members();
+  bool ok = F.size() == plan.from_ranks() && T.size() == plan.to_ranks() && !F.empty() && !T.empty() &&
+            (!config_.is_moe() || plan.placement_size() == config_.n_experts) &&
+            (index_of(F, me) >= 0 || index_of(T, me) >= 0);
+  for (int p : plan.placement()) ok = ok && p >= 0 && p < T.size();
+  for (int m : T) ok = ok && m >= 0 && m < pool_.size();
+  if (config_.is_moe()) ok = ok && plan.from_placement_size() == config_.n_experts;
+  for (int p : plan.from_placement()) ok = ok && p >= 0 && p < F.size();
+  if (index_of(F, me) >= 0)
+    ok = ok && std::vector<int>(F.begin(), F.end()) == members_ &&
+         std::vector<int>(plan.from_placement().begin(), plan.from_placement().end()) == placement_;
+  TROUPE_CHECK(ok, errc::invalid_argument,
+               "pool rank {}: a change from {} to {} ranks ({} to {} members, {} placed experts) that does not fit its "
+               "layout of {} ranks in a pool of {}",
+               me, plan.from_ranks(), plan.to_ranks(), F.size(), T.size(), plan.placement_size(), members_.size(),
+               pool_.size());
+}
+
 void dp_member::prepare(const serve::DpScale& plan) {
   const int me = pool_.rank();
-  const int from = plan.from_ranks(), to = plan.to_ranks();
-  TROUPE_CHECK(from >= 1 && to >= 1 && std::max(from, to) <= pool_.size() && me < std::max(from, to),
-               errc::invalid_argument, "pool rank {}: a change from {} to {} ranks in a pool of {}", me, from, to,
-               pool_.size());
+  check_plan(plan);
   TROUPE_CHECK(!moving_.joinable(), errc::internal, "pool rank {}: a change is under way already", me);
-  check_ranks(to);
+  check_ranks(plan.to_ranks());
   stats_ = {};
   incoming_.clear();
   error_ = nullptr;
   done_ = false;
-  if (me >= from)  // a joining rank: room for the dense weights (invariant 3 fills them, then its experts)
-    w_ = parallel::model_weights::allocate(config_, [](const std::string& name) { return !ep::ep_is_expert_param(name); });
-  moving_ = std::thread([this, from, to, me, layout = plan.epoch()] {
+  if (index_of(plan.from_members(), me) < 0)  // a joining rank: room for the dense weights (invariant 3 fills
+    w_ = parallel::model_weights::allocate(config_, [](const std::string& name) { return !ep::ep_is_expert_param(name); });  // them, then its experts)
+  const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
+  moving_ = std::thread([this, plan, to, me, layout = plan.epoch()] {
     const auto t0 = std::chrono::steady_clock::now();
     try {
-      move_weights(from, to);
-      if (me < to) make_comms(to, layout);
+      move_weights(plan);
+      if (index_of(to, me) >= 0) make_comms(to, layout);
     } catch (...) {
       error_ = std::current_exception();
     }
@@ -224,7 +366,6 @@ std::string dp_member::move_error() const {
 
 runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   const int me = pool_.rank();
-  const int from = plan.from_ranks(), to = plan.to_ranks();
   TROUPE_CHECK(moving_.joinable(), errc::internal, "pool rank {}: commit without prepare", me);
   moving_.join();
   if (error_) {
@@ -237,9 +378,11 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   total_.bytes_received += stats_.bytes_received;
   total_.tensors_received += stats_.tensors_received;
   total_.seconds += stats_.seconds;
-  if (me >= to) {  // leaving: standby again (invariant 4)
+  const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
+  if (index_of(to, me) < 0) {  // leaving: standby again (invariant 4)
     std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
-    ranks_ = to;
+    members_ = to;
+    placement_.assign(plan.placement().begin(), plan.placement().end());
     layout_ = plan.epoch();
     if (on_layout) on_layout();  // no serving communicator registered any more, before it goes
     dec_.reset();
@@ -253,14 +396,14 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   }
   if (config_.is_moe()) {  // experts in and out by handle (invariant 4)
     const int64_t E = config_.n_experts;
+    const auto& F = plan.from_members();
     for (size_t l = 0; l < w_.layers.size(); ++l) {
       parallel::layer_params& L = w_.layers[l];
       if (!L.is_moe) continue;
       auto sets = ep::ep_expert_sets(L, config_);
-      if (me < from)
-        for (int64_t e = 0; e < E; ++e)
-          if (owner(e, E, from) == me && owner(e, E, to) != me)
-            for (auto& st : sets) (*st.tensors)[static_cast<size_t>(e)] = tensor();
+      for (int64_t e = 0; e < E; ++e)
+        if (F[plan.from_placement(static_cast<int>(e))] == me && to[static_cast<size_t>(plan.placement(static_cast<int>(e)))] != me)
+          for (auto& st : sets) (*st.tensors)[static_cast<size_t>(e)] = tensor();
     }
     for (auto& in : incoming_) {
       auto sets = ep::ep_expert_sets(w_.layers[in.layer], config_);
@@ -268,10 +411,79 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
     }
     incoming_.clear();
   }
-  install(to, plan.epoch());
+  install(to, std::vector<int>(plan.placement().begin(), plan.placement().end()), plan.epoch());
   log::debug("rank {}: layout {} on {} ranks; {} bytes sent, {} received ({} tensors checked) in {:.3f} s", me,
-             plan.epoch(), to, stats_.bytes_sent, stats_.bytes_received, stats_.tensors_received, stats_.seconds);
+             plan.epoch(), to.size(), stats_.bytes_sent, stats_.bytes_received, stats_.tensors_received,
+             stats_.seconds);
   return tokens_.get();
+}
+
+// A recovery (invariant 8): the survivors' communicators, the lost ranks' experts from the checkpoint.
+runtime::communicator* dp_member::recover(const serve::DpScale& plan) {
+  const int me = pool_.rank();
+  check_plan(plan);
+  TROUPE_CHECK(!moving_.joinable(), errc::unsupported,
+               "pool rank {}: a rank was lost while the weights of a change were moving; the group cannot recover "
+               "from that",
+               me);
+  const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
+  TROUPE_CHECK(index_of(to, me) >= 0, errc::internal, "pool rank {} recovers a group it is not in", me);
+  for (int r : plan.lost()) mark_lost(r);
+  const auto t0 = std::chrono::steady_clock::now();
+  stats_ = {};
+  make_comms(to, plan.epoch());
+  if (config_.is_moe()) {
+    const auto& F = plan.from_members();
+    std::vector<std::pair<int64_t, int64_t>> wanted;  // (layer, expert)
+    for (size_t l = 0; l < w_.layers.size(); ++l) {
+      if (!w_.layers[l].is_moe) continue;
+      for (int e = 0; e < plan.placement_size(); ++e)
+        if (to[static_cast<size_t>(plan.placement(e))] == me && index_of(plan.lost(), F[plan.from_placement(e)]) >= 0)
+          wanted.emplace_back(static_cast<int64_t>(l), e);
+    }
+    log::debug("rank {}: recovery placement {} from {}; wants {} experts", me, fmt::join(plan.placement(), ","),
+               fmt::join(plan.from_placement(), ","), wanted.size());
+    if (!wanted.empty()) reload_experts(wanted);
+  }
+  install(to, std::vector<int>(plan.placement().begin(), plan.placement().end()), plan.epoch());
+  stats_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log::info("rank {}: the group goes on with {} ranks (layout {}) after losing pool rank(s) {}; {} expert tensors "
+            "({} bytes) read again from {} in {:.3f} s",
+            me, to.size(), plan.epoch(), fmt::join(plan.lost(), ", "), stats_.tensors_received,
+            stats_.bytes_received, dir_.empty() ? std::string("memory") : dir_, stats_.seconds);
+  return tokens_.get();
+}
+
+// The experts a lost rank held, read again: from the checkpoint (or the weights a test loaded from).
+void dp_member::reload_experts(const std::vector<std::pair<int64_t, int64_t>>& wanted) {
+  auto is_wanted = [&](const std::string& name) {
+    if (!ep::ep_is_expert_param(name)) return false;
+    return std::find(wanted.begin(), wanted.end(), layer_and_expert(name)) != wanted.end();
+  };
+  parallel::model_weights got = parallel::model_weights::allocate(config_, is_wanted);
+  if (source_) {
+    auto all = source_->parameters();
+    for (auto& p : got.parameters())
+      for (auto& [name, t] : all)
+        if (name == p.name) p.value = t.clone();
+  } else {
+    TROUPE_CHECK(!dir_.empty(), errc::internal, "pool rank {}: no checkpoint to read a lost rank's experts from",
+                 pool_.rank());
+    runtime::safetensors_index idx = runtime::safetensors_index::open_dir(dir_);
+    for (auto& p : got.parameters())
+      p.value = idx.get_as(p.name, runtime::dtype::f32, p.value.shape()).clone();
+  }
+  for (const auto& [l, e] : wanted) {
+    auto from = ep::ep_expert_sets(got.layers[static_cast<size_t>(l)], config_);
+    auto into = ep::ep_expert_sets(w_.layers[static_cast<size_t>(l)], config_);
+    for (size_t k = 0; k < into.size(); ++k) {
+      tensor& t = (*from[k].tensors)[static_cast<size_t>(e)];
+      TROUPE_CHECK(t.defined(), errc::internal, "layer {} expert {} was not read", l, e);
+      stats_.bytes_received += t.nbytes();
+      ++stats_.tensors_received;
+      (*into[k].tensors)[static_cast<size_t>(e)] = std::move(t);
+    }
+  }
 }
 
 runtime::communicator* dp_member::regroup(const serve::DpScale& plan) {
@@ -281,7 +493,8 @@ runtime::communicator* dp_member::regroup(const serve::DpScale& plan) {
 
 void dp_member::announce(const serve::DpScale& plan) {
   const std::string body = plan.SerializeAsString();
-  for (int j = plan.from_ranks(); j < plan.to_ranks(); ++j) {
+  for (int j : plan.to_members()) {
+    if (index_of(plan.from_members(), j) >= 0) continue;
     pool_.send(tensor::from_vector(std::vector<int64_t>{plan_join, static_cast<int64_t>(body.size())}, {2}), j,
                tag_plan);
     tensor b = tensor::empty({static_cast<int64_t>(body.size())}, runtime::dtype::u8);
@@ -291,8 +504,10 @@ void dp_member::announce(const serve::DpScale& plan) {
 }
 
 void dp_member::end_standby() {
-  for (int j = std::max(ranks_, 1); j < pool_.size(); ++j)
-    pool_.send(tensor::from_vector(std::vector<int64_t>{plan_end, 0}, {2}), j, tag_plan);
+  const std::vector<int> gone = lost();
+  for (int j = 1; j < pool_.size(); ++j)
+    if (index_of(members_, j) < 0 && index_of(gone, j) < 0)
+      pool_.send(tensor::from_vector(std::vector<int64_t>{plan_end, 0}, {2}), j, tag_plan);
 }
 
 std::optional<serve::DpScale> dp_member::wait_standby() {
@@ -313,6 +528,13 @@ std::optional<serve::DpScale> dp_member::wait_standby() {
 dp_elastic dp_member::elastic() {
   dp_elastic el;
   el.pool_ranks = pool_.size();
+  el.plan = [this](int target) { return plan(target); };
+  el.plan_recovery = [this](const std::vector<int>& l) { return plan_recovery(l); };
+  el.recover = [this](const serve::DpScale& p) { return recover(p); };
+  el.lost = [this] { return lost(); };
+  el.members = [this] { return members_; };
+  el.pool_alive = [this] { return pool_alive(); };
+  el.control = &pool_;
   el.prepare = [this](const serve::DpScale& p) { prepare(p); };
   el.ready = [this] { return ready(); };
   el.move_error = [this] { return move_error(); };

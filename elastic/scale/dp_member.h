@@ -6,21 +6,26 @@
 //
 //   dp_member m(pool, xfer, make_comm, ep_options); // pool, xfer: every process able to serve, rank = pool rank
 //   m.load("model_dir", 2);                         // ranks 0, 1: from disk, each its experts
-//   m.start_standby(config);                        // ranks 2, 3: nothing loaded
+//   m.start_standby_from("model_dir", config);      // ranks 2, 3: nothing loaded
 //   dp_elastic el = m.elastic();                    // for dp_leader / dp_follow
 //   auto plan = m.wait_standby();                   // a standby rank: the change that takes it in, or
 //   if (plan) m.regroup(*plan);                     //   nothing once the service ended
 //   dp_serve_follower(m, tok, opts, blocks, el);    // ranks 1..: all of that, until the service ends
 //
 // Invariants:
-//   1. The group is pool ranks [0, ranks()); pool rank r is group rank r.
-//   2. Experts are placed contiguously: expert e of E on rank e / (E / P). E must be a multiple of
-//      every group size (check_ranks says so otherwise).
-//   3. A change from P to M ranks is collective over pool ranks [0, max(P, M)), in two halves.
+//   1. The group is a list of pool ranks (members(), in group-rank order); group rank i is members()[i]
+//      and pool rank 0 is always group rank 0. It starts as [0, ranks); a change keeps the first
+//      min(P, M) members and appends the lowest standby ranks that are not lost; a recovery drops
+//      the lost ones and keeps the order of the rest.
+//   2. Experts are placed by an explicit map (expert -> group rank, carried in every DpScale): a
+//      change of size places them contiguously (expert e of E on rank e / (E / M); E must be a
+//      multiple of M: check_ranks says so otherwise), a recovery keeps every survivor's and gives
+//      each lost expert to the survivor holding fewest.
+//   3. A change from P to M ranks is collective over its old and new members, in two halves.
 //      prepare() starts the moves on a thread of their own over `xfer` while the rank goes on
 //      serving on the old layout (they only read its weights); commit() waits for them and
-//      switches. The moves run in one global order — every dense tensor to each joining rank j from
-//      rank (j - P) % P, then every expert whose owner changes, from its old owner — each a
+//      switches. The moves run in one global order — every dense tensor to the k-th joining rank
+//      from old member k % P, then every expert whose owner changes, from its old owner — each a
 //      blocking pair, so no two ranks wait on each other. Each tensor is followed by its XXH3-64
 //      checksum; a mismatch is errc::io naming the tensor and both ranks. Nothing is read from
 //      disk. Then the new group's ranks make its communicators (invariant 5), so once rank 0's moves
@@ -29,18 +34,25 @@
 //      buffers of their own and, at commit, are swapped in by handle as those they lose are released
 //      (never all expert buffers again). A leaving rank releases its weights and is standby again.
 //   5. The group's communicators (tokens and borrowed expert weights) are made by `make_comm` among
-//      the new group's ranks, once per layout; a group of one rank needs none (its MoE layers run
+//      the new group's members, once per layout; a group of one rank needs none (its MoE layers run
 //      alone, its serving communicator is a one-rank group).
 //   6. pool is used by one thread at a time (the rank's stepping thread, or its standby wait), xfer
-//      by the moves' thread only.
+//      by the moves' thread, or by the stepping thread in a recovery (no moves then).
 //   7. The MoE runners of earlier layouts (one per change) are kept until the member goes, as
 //      another thread may be reading their expert loads for /metrics during a switch.
+//   8. A lost pool rank (mark_lost, from any thread) is never planned into a group again. recover()
+//      is synchronous on every survivor: the survivors' communicators are made, each survivor keeps
+//      its dense weights, KV cache and experts, and reads the lost ranks' experts that it now owns
+//      from the checkpoint (the only time a rank reads weights from disk after loading). A loss
+//      while a change's weights move cannot be recovered (errc::unsupported).
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -81,11 +93,22 @@ class dp_member {
   void load(const std::string& dir, int ranks);
   // The same from weights already in memory (tests): this rank's shard is taken from `full`.
   void load(parallel::model_weights full, int ranks);
-  // A standby rank: the model's config only.
+  // A standby rank: the model's config only (and where its checkpoint is, for a recovery).
   void start_standby(const runtime::model_config& config);
+  void start_standby_from(const std::string& dir, const runtime::model_config& config);
 
-  // Throws errc::invalid_argument when the model cannot run on `ranks` ranks (invariant 2).
+  // Throws errc::invalid_argument when the model cannot run on `ranks` ranks (invariant 2), or the
+  // pool has fewer processes alive.
   void check_ranks(int ranks) const;
+  // Rank 0: the members and placements of a change to `target` ranks (invariants 1, 2); of a recovery
+  // without the `lost` pool ranks.
+  serve::DpScale plan(int target) const;
+  serve::DpScale plan_recovery(const std::vector<int>& lost) const;
+  // Invariant 8.
+  void mark_lost(int pool_rank);
+  std::vector<int> lost() const;
+  int pool_alive() const;
+  runtime::communicator* recover(const serve::DpScale& plan);
   // Invariant 3. prepare: the moves start beside serving; ready: they are done (or failed); commit:
   // waits for them, rethrows their failure, switches, and returns the new group's serving
   // communicator (null when this rank left). regroup = prepare then commit.
@@ -105,9 +128,14 @@ class dp_member {
   // The dp_elastic of this member for dp_leader / dp_follow (pool_ranks = the pool's size).
   dp_elastic elastic();
 
-  bool active() const { return ranks_ > 0 && pool_.rank() < ranks_; }
-  int ranks() const { return ranks_; }
+  bool active() const {
+    return std::find(members_.begin(), members_.end(), pool_.rank()) != members_.end();
+  }
+  int ranks() const { return static_cast<int>(members_.size()); }
+  const std::vector<int>& members() const { return members_; }
+  const std::vector<int>& placement() const { return placement_; }  // expert -> group rank
   runtime::communicator& comm();               // the group's serving communicator (active ranks)
+  std::vector<runtime::communicator*> group_comms();  // every communicator of the layout (none on standby)
   parallel::decoder& decoder();                // active ranks
   const parallel::model_weights& weights() const { return w_; }
   const runtime::model_config& config() const { return config_; }
@@ -120,9 +148,12 @@ class dp_member {
   std::function<void()> on_layout;
 
  private:
-  void make_comms(int ranks, int64_t layout);
-  void install(int ranks, int64_t layout);
-  void move_weights(int from, int to);
+  void load_shard(parallel::model_weights full, int ranks);
+  void check_plan(const serve::DpScale& plan) const;
+  void make_comms(const std::vector<int>& members, int64_t layout);
+  void install(const std::vector<int>& members, const std::vector<int>& placement, int64_t layout);
+  void move_weights(const serve::DpScale& plan);
+  void reload_experts(const std::vector<std::pair<int64_t, int64_t>>& wanted);
 
   struct incoming_expert {
     size_t layer;
@@ -145,7 +176,12 @@ class dp_member {
   std::thread moving_;
   std::atomic<bool> done_{false};
   std::exception_ptr error_;
-  int ranks_ = 0;
+  std::vector<int> members_;    // pool ranks, group order (invariant 1); empty on a standby rank
+  std::vector<int> placement_;  // expert -> group rank (invariant 2)
+  std::string dir_;             // the checkpoint (a recovery's lost experts)
+  std::shared_ptr<const parallel::model_weights> source_;  // or the weights a test loaded from
+  mutable std::mutex lost_mu_;
+  std::vector<int> lost_;       // pool ranks
   int64_t layout_ = 0;
   dp_transfer_stats stats_, total_;
 };

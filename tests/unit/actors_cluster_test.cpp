@@ -2,7 +2,9 @@
 // actor system, talking to rank 0's supervisor through the middleman over loopback TCP
 // — the same path as separate processes. Group formation, refused joins, commands and
 // their reports, the supervisor-backed bootstrap, losing a member (gang teardown), and
-// rebuilding the group with the survivors (max_restarts).
+// rebuilding the group with the survivors (max_restarts), and a group that outlives a lost member
+// (keep_members).
+#include <fmt/ranges.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -60,8 +62,28 @@ struct node_thread {
   std::string reason;
 };
 
+// Waits (up to 10 s) to hear that a member was lost: the loss callback runs, a communicator registered
+// for that member is aborted, and the group's epoch does not change.
+void loss_command(const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
+  auto comm = std::move(runtime::make_inproc_group(1)[0]);
+  std::atomic<int> heard{-1};
+  ctx.on_member_lost([&](int rank, const std::string&) { heard = rank; });
+  ctx.set_loss_comms(ctx.members(), {comm.get()});
+  for (int i = 0; i < 2000 && heard < 0 && !ctx.group_over(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  bool aborted = false;
+  try {
+    comm->barrier();
+  } catch (const runtime::error& e) {
+    aborted = e.code() == runtime::errc::aborted;
+  }
+  rep.add_lines(fmt::format("heard {}; lost {}; aborted {}; epoch {}; over {}", heard.load(),
+                            fmt::join(ctx.lost_members(), ","), aborted, ctx.epoch(), ctx.group_over()));
+}
+
 void register_handlers(actors::cluster_node& node) {
   node.local_worker().on(Command::RUN_SELFTEST, gather_command);
+  node.local_worker().on(Command::SERVE, loss_command);
   node.local_worker().on(Command::COLLECTIVE_LOOP, slow_command);
 }
 
@@ -221,6 +243,32 @@ TEST(ActorsCluster, WithARestartLeftTheSurvivorsRebuildTheGroupAndFinish) {
     EXPECT_EQ(reports[static_cast<size_t>(r)].lines(0), fmt::format("done in epoch 2 as {} of 2", r));
   }
   // A second failure exceeds max_restarts=1 — here we just end cleanly.
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
+  for (auto& w : workers) w->t.join();
+  EXPECT_EQ(workers[0]->code, 0);
+}
+
+// supervisor.h invariant 7: with keep_members the group outlives a lost member other than rank 0.
+TEST(ActorsCluster, WithKeepMembersALostRankIsNamedToTheSurvivorsAndTheGroupGoesOn) {
+  auto o = opts(0, 3, 0);
+  o.keep_members = true;
+  actors::cluster_node sup(o);
+  register_handlers(sup);
+  auto workers = start_workers(3, sup.supervisor_port(), [](int r) { return r == 2; });
+  sup.start();
+  sup.driver().wait_for_group(20000);
+  Command c;
+  c.set_id(9);
+  c.set_kind(Command::SERVE);
+  const auto reports = sup.driver().run(c, 30000);
+  ASSERT_EQ(reports.size(), 2u) << "the survivors' reports; the lost rank has none";
+  for (int r = 0; r < 2; ++r) {
+    const auto& rep = reports[static_cast<size_t>(r)];
+    EXPECT_EQ(rep.rank(), r);
+    ASSERT_TRUE(rep.ok()) << rep.error();
+    EXPECT_EQ(rep.lines(0), "heard 2; lost 2; aborted true; epoch 1; over false");
+  }
   sup.driver().shutdown("test done", 0);
   EXPECT_EQ(sup.wait(), 0);
   for (auto& w : workers) w->t.join();

@@ -135,7 +135,9 @@ auto one_of_each() {
   control::ExpertLoads el;
   el.set_rank(2), el.set_command_id(11), el.set_epoch(2), el.set_step(40), el.set_layer(3);
   el.add_ema(40.5), el.add_ema(0.0), el.add_ema(3.25), el.add_loads(41), el.add_loads(0), el.add_loads(3);
-  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr, el);
+  control::MemberLost ml;
+  ml.set_epoch(1), ml.set_rank(2), ml.set_reason("connection lost");
+  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr, el, ml);
 }
 
 }  // namespace
@@ -149,8 +151,8 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
   auto remote = sys.middleman().remote_actor("127.0.0.1", child.port);
   ASSERT_TRUE(remote) << sys.render(remote.error());
   const auto all = one_of_each();
-  static_assert(std::tuple_size_v<decltype(all)> == 12);
-  ASSERT_EQ(actors::control_message_names().size(), 12u);
+  static_assert(std::tuple_size_v<decltype(all)> == 13);
+  ASSERT_EQ(actors::control_message_names().size(), 13u);
   int checked = 0;
   std::apply(
       [&](const auto&... msg) {
@@ -165,7 +167,7 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
         (one(msg), ...);
       },
       all);
-  EXPECT_EQ(checked, 12);
+  EXPECT_EQ(checked, 13);
 }
 
 TEST(ActorsMessages, AnUnregisteredTypeWorksLocallyButNotAcrossTheNetwork) {

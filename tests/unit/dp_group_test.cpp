@@ -42,6 +42,7 @@ class to_rank final : public dp_dispatch_policy {
   void dispatched(int, std::span<const int32_t>) override {}
   std::string name() const override { return "to_rank"; }
   void resize(int) override {}
+  void remove(int) override {}
 
  private:
   int r_;
@@ -397,6 +398,7 @@ flaky_outcome run_flaky(int refuse_at, int fail_at) {
     void dispatched(int, std::span<const int32_t>) override {}
     std::string name() const override { return "by_id"; }
     void resize(int) override {}
+    void remove(int) override {}
   };
   out.errors = run_ranks(P, tok, &wts, [&](int r) {
     const auto rr = static_cast<size_t>(r);

@@ -3,9 +3,11 @@
 // ranks under a stream of greedy requests; every request ends once, with the tokens of
 // generate_greedy, although samples move off the ranks that leave. Bad scale requests are refused
 // with their status and change nothing; a weight that arrives corrupted fails the change by name; a
-// server stopped while a change is under way completes it and every rank ends.
+// server stopped while a change is under way completes it and every rank ends; a rank lost while it
+// serves is survived.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -26,6 +28,8 @@ using namespace troupe_test;
 // Communicators made collectively by the members of a group: the first caller makes the group.
 struct inproc_factory {
   int timeout_ms = 30000;
+  // Optional: wraps each communicator made for a pool rank (tests that break one).
+  std::function<std::unique_ptr<runtime::communicator>(std::unique_ptr<runtime::communicator>, int pool_rank)> wrap;
   std::mutex mu;
   std::map<std::string, std::vector<std::unique_ptr<runtime::communicator>>> made;
   std::map<std::string, int> taken;
@@ -36,7 +40,8 @@ struct inproc_factory {
       if (v.empty()) v = runtime::make_inproc_group(static_cast<int>(members.size()), timeout_ms);
       ++taken[name];
       const auto at = std::find(members.begin(), members.end(), pool_rank) - members.begin();
-      return std::move(v[static_cast<size_t>(at)]);
+      auto c = std::move(v[static_cast<size_t>(at)]);
+      return wrap ? wrap(std::move(c), pool_rank) : std::move(c);
     };
   }
 };
@@ -214,6 +219,37 @@ class corrupting_comm final : public runtime::communicator {
   bool done_ = false;
 };
 
+// A communicator that runs `before_broadcast` before each broadcast it joins.
+class hooked_comm final : public runtime::communicator {
+ public:
+  hooked_comm(std::unique_ptr<runtime::communicator> c, std::function<void(const runtime::tensor&)> before)
+      : c_(std::move(c)), before_(std::move(before)) {}
+  int rank() const override { return c_->rank(); }
+  int size() const override { return c_->size(); }
+  std::string backend() const override { return c_->backend(); }
+  void all_reduce(runtime::tensor& t, runtime::reduce_op op) override { c_->all_reduce(t, op); }
+  void reduce_scatter(runtime::tensor& o, const runtime::tensor& i, runtime::reduce_op op) override {
+    c_->reduce_scatter(o, i, op);
+  }
+  void all_gather(runtime::tensor& o, const runtime::tensor& i) override { c_->all_gather(o, i); }
+  void all_to_all_v(runtime::tensor& r, const std::vector<int64_t>& rc, const runtime::tensor& s,
+                    const std::vector<int64_t>& sc) override {
+    c_->all_to_all_v(r, rc, s, sc);
+  }
+  void broadcast(runtime::tensor& t, int root) override {
+    before_(t);
+    c_->broadcast(t, root);
+  }
+  void send(const runtime::tensor& t, int peer, int tag) override { c_->send(t, peer, tag); }
+  void recv(runtime::tensor& t, int peer, int tag) override { c_->recv(t, peer, tag); }
+  void barrier() override { c_->barrier(); }
+  void abort(const std::string& reason) override { c_->abort(reason); }
+
+ private:
+  std::unique_ptr<runtime::communicator> c_;
+  std::function<void(const runtime::tensor&)> before_;
+};
+
 TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
   auto pool = runtime::make_inproc_group(2, 3000), xfer = runtime::make_inproc_group(2, 3000);
   inproc_factory factory;
@@ -284,6 +320,173 @@ TEST(DpScale, StoppingWhileAChangeIsUnderWayCompletesItAndEveryRankEnds) {
   EXPECT_EQ(joins[1], 1) << "rank 1 finished joining, then heard the end";
   EXPECT_EQ(joins[2], 0) << "rank 2 stayed standby and heard the end";
   EXPECT_EQ(layout, 2);
+}
+
+// dp_group.h invariant 8: a member lost while it serves (pool rank 2 of a 4-rank group, mid-generation)
+// is survived. What the worker does on MemberLost is done here by rank 0: every member hears of the
+// loss and the group's communicators are aborted (the lost rank's thread leaves), either between two
+// iterations, or inside one after every rank ran its model step and sent its report and before rank 0
+// took any (the reports come back in the recovery, once), or as rank 0 broadcasts an iteration's
+// requests (no rank takes them in: the recovery sends them again). The survivors rebuild the group, read the
+// lost rank's experts again from the checkpoint, and every request still ends once with the tokens of
+// generate_greedy; the group then shrinks and refuses to grow past the processes alive.
+enum class loss_point { between_iterations, after_the_model_step, in_the_step_broadcast };
+
+void lose_a_rank_while_serving(loss_point when) {
+  const int W = 4, lost_rank = 2;
+  auto pool = runtime::make_inproc_group(W, 30000), xfer = runtime::make_inproc_group(W, 30000);
+  inproc_factory factory;
+  std::function<void()> lose_in_broadcast;  // armed by rank 0 (in_the_step_broadcast)
+  factory.wrap = [&](std::unique_ptr<runtime::communicator> c, int pool_rank) -> std::unique_ptr<runtime::communicator> {
+    if (pool_rank != 0 || c->size() < 2) return c;
+    return std::make_unique<hooked_comm>(std::move(c), [&](const runtime::tensor& t) {
+      if (t.dtype() != runtime::dtype::u8 || !lose_in_broadcast) return;  // an iteration's requests
+      auto f = std::move(lose_in_broadcast);
+      lose_in_broadcast = nullptr;
+      f();
+    });
+  };
+  const std::string dir = fixture("mixtral_moe");
+  const parallel::model_weights ref_w = parallel::model_weights::load(dir);
+  const parallel::decoder ref(ref_w);
+  const int64_t V = ref_w.config().vocab_size;
+  outcome out;
+  std::mutex mu;
+  std::vector<dp_member*> members(W, nullptr);
+  std::string lost_error;
+  dp_scale_status recovered, last;
+  std::vector<std::pair<std::string, std::vector<int32_t>>> sent;
+  const auto errors = run_ranks(W, pool, nullptr, [&](int r) {
+    dp_member m(*pool[static_cast<size_t>(r)], *xfer[static_cast<size_t>(r)], factory.bind(r), llep());
+    {
+      std::lock_guard<std::mutex> g(mu);
+      members[static_cast<size_t>(r)] = &m;
+    }
+    parallel::byte_text_tokenizer bt;
+    engine_options o;
+    o.block_size = 4;
+    o.max_batch_tokens = 16;
+    const int64_t blocks = 48;
+    if (r != 0) {
+      m.start_standby_from(dir, ref_w.config());
+      try {
+        dp_serve_follower(m, bt, o, blocks, m.elastic());
+      } catch (const std::exception& e) {
+        if (r != lost_rank) throw;
+        std::lock_guard<std::mutex> g(mu);
+        lost_error = e.what();  // the lost rank leaves; the pool stays up for the others
+      }
+      return;
+    }
+    m.load(dir, 1);
+    o.group_member = true;
+    local_executor exec(m.decoder(), blocks, o.block_size);
+    engine eng(exec, bt, o);
+    bool kill_now = false;
+    auto lose = [&] {
+      std::lock_guard<std::mutex> g(mu);
+      for (dp_member* x : members) x->mark_lost(lost_rank);
+      for (auto* c : m.group_comms()) c->abort("rank 2 was lost");  // one group: every member's fails
+    };
+    group_hooks hooks;
+    hooks.after_step = [&](int64_t) {  // rank 0's model step is done; the others' reports are on the way
+      if (!kill_now) return;
+      kill_now = false;
+      lose();
+    };
+    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", 1, o.block_size), hooks, m.elastic());
+    int next = 0;
+    auto submit = [&](int count) {
+      for (int k = 0; k < count; ++k, ++next) {
+        engine_request e;
+        e.id = "q" + std::to_string(next);
+        e.prompt = ids(5 + next % 7, next + 3, V);
+        e.params = greedy(12 + next % 5);
+        e.n = next % 4 == 1 ? 2 : 1;
+        sent.emplace_back(e.id, e.prompt);
+        e.on_event = [&, id = e.id, n = e.n](const engine_event& ev) {
+          std::lock_guard<std::mutex> g(mu);
+          const std::string key = n == 1 ? id : id + "#" + std::to_string(ev.index);
+          out.ids[key].insert(out.ids[key].end(), ev.token_ids.begin(), ev.token_ids.end());
+          if (ev.finished) {
+            ++out.finished[key];
+            out.reason[key] = ev.finish_reason;
+            out.error[key] = ev.error;
+          }
+        };
+        lead.submit(std::move(e));
+      }
+    };
+    auto change = [&](int ranks) {
+      lead.request_scale(ranks);
+      for (int i = 0; i < 2000 && lead.scale_status().state != "done"; ++i) lead.step();
+      ASSERT_EQ(lead.scale_status().state, "done");
+    };
+    change(4);
+    submit(12);
+    for (int i = 0; i < 5; ++i) lead.step();  // every rank is mid-generation
+    if (when == loss_point::after_the_model_step) {
+      kill_now = true;
+      submit(4);     // carried by the iteration that fails
+      lead.step();   // fails after the model step, recovers
+    } else if (when == loss_point::in_the_step_broadcast) {
+      lose_in_broadcast = lose;
+      submit(4);     // carried by the iteration that fails before any rank took them in: sent again
+      lead.step();   // fails in the broadcast, recovers
+    } else {
+      lose();
+      submit(4);     // queued while the group is broken: dispatched once it is rebuilt
+      lead.step();   // rebuilds the group
+    }
+    recovered = lead.scale_status();
+    for (int i = 0; i < 6; ++i) lead.step();
+    change(2);  // from the recovery's placement to a contiguous one: experts move again
+    try {
+      lead.request_scale(4);
+      ADD_FAILURE() << "4 ranks accepted with 3 processes alive";
+    } catch (const dp_scale_refused& e) {
+      EXPECT_EQ(e.status(), 400);
+      EXPECT_NE(std::string(e.what()).find("1 lost"), std::string::npos) << e.what();
+    }
+    submit(4);
+    for (int i = 0; i < 400 && (eng.has_work() || lead.inbox_pending()); ++i) lead.step();
+    for (int i = 0; i < 40; ++i) lead.step();
+    last = lead.scale_status();
+    lead.shutdown();
+  });
+  for (int r = 0; r < W; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  EXPECT_NE(lost_error.find("rank 2 was lost"), std::string::npos) << lost_error;
+  EXPECT_EQ(recovered.ranks, 3);
+  EXPECT_EQ(recovered.recoveries, 1);
+  EXPECT_EQ(recovered.lost_ranks, 1);
+  EXPECT_EQ(recovered.pool_ranks, 3);
+  EXPECT_EQ(recovered.epoch, 3) << "layouts: 1, the change to 4, the recovery";
+  EXPECT_GT(recovered.moved_samples, 0) << "the lost rank had samples running";
+  EXPECT_EQ(last.ranks, 2);
+  ASSERT_EQ(sent.size(), 20u);
+  for (const auto& [id, prompt] : sent) {
+    const int64_t n = std::stoi(id.substr(1));
+    const auto want = greedy_tail(ref, prompt, 12 + n % 5);
+    const std::vector<std::string> keys = n % 4 == 1 ? std::vector<std::string>{id + "#0", id + "#1"}
+                                                     : std::vector<std::string>{id};
+    for (const auto& k : keys) {
+      EXPECT_EQ(out.finished[k], 1) << k;
+      EXPECT_EQ(out.reason[k], "length") << k << ": " << out.error[k];
+      EXPECT_EQ(out.ids[k], want) << k;
+    }
+  }
+}
+
+TEST(DpScale, ARankLostBetweenIterationsIsSurvivedAndEveryAnswerStaysEqualToGenerateGreedy) {
+  lose_a_rank_while_serving(loss_point::between_iterations);
+}
+
+TEST(DpScale, ARankLostAfterTheModelStepIsSurvivedAndItsReportsArriveOnce) {
+  lose_a_rank_while_serving(loss_point::after_the_model_step);
+}
+
+TEST(DpScale, ARankLostAsAnIterationIsBroadcastIsSurvivedAndItsRequestsSentAgain) {
+  lose_a_rank_while_serving(loss_point::in_the_step_broadcast);
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 // prefill, prefix caching, preemption under a KV cache too small for everyone, and static
 // batching; seeded sampling does not depend on the batch; abort and bad input; a sample resumed on
 // another engine after any event goes on with exactly the text and tokens the first would have sent;
-// a token the tokenizer cannot decode ends its sample alone with an error.
+// a token the tokenizer cannot decode ends its sample alone with an error; a group step aborted midway
+// is undone and runs again.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -290,6 +291,65 @@ TEST(Engine, ATokenTheTokenizerCannotDecodeEndsItsSampleAloneWithAnError) {
   EXPECT_EQ(h.out["good"].reason, "length");
   EXPECT_EQ(h.out["good"].ids, h.greedy(good_prompt, 6));
   EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
+}
+
+// engine.h invariant 11: in a group, a model step that fails with errc::aborted (the group's
+// communicator was aborted: a member was lost) is undone: nothing of it is sent, the batch runs again
+// at the next step and the output is the same; any other failure ends the batch with "error".
+class failing_executor final : public local_executor {
+ public:
+  failing_executor(const parallel::decoder& d, int64_t blocks, int64_t bs, std::vector<int> fail_at, runtime::errc code)
+      : local_executor(d, blocks, bs), fail_at_(std::move(fail_at)), code_(code) {}
+  runtime::tensor execute(std::span<const parallel::forward_batch_seq> seqs) override {
+    ++calls_;
+    if (std::find(fail_at_.begin(), fail_at_.end(), calls_) != fail_at_.end())
+      TROUPE_THROW(code_, "the group's communicator failed in call {}", calls_);
+    return local_executor::execute(seqs);
+  }
+
+ private:
+  std::vector<int> fail_at_;
+  runtime::errc code_;
+  int calls_ = 0;
+};
+
+TEST(Engine, AGroupStepAbortedMidwayIsUndoneAndRunsAgainWithTheSameOutput) {
+  engine_options o;
+  o.block_size = 4;
+  o.max_batch_tokens = 16;  // chunked prefill: the first failure is mid-prompt
+  o.group_member = true;
+  harness h("mixtral_moe", o);
+  const int64_t V = h.dec->config().vocab_size;
+  failing_executor ex(*h.dec, 64, o.block_size, {2, 7, 8}, runtime::errc::aborted);
+  h.eng = std::make_unique<engine>(ex, *h.tok, o);
+  const std::vector<std::vector<int32_t>> prompts = {prompt_of(21, 1, V), prompt_of(9, 2, V), prompt_of(14, 3, V)};
+  for (size_t i = 0; i < prompts.size(); ++i) h.submit("r" + std::to_string(i), prompts[i], greedy_params(8), i == 1 ? 2 : 1);
+  int aborted = 0;
+  for (int i = 0; i < 200 && (h.eng->stats().running > 0 || h.eng->stats().waiting > 0 || i == 0); ++i) {
+    try {
+      h.eng->step();
+    } catch (const runtime::error& e) {
+      EXPECT_EQ(e.code(), runtime::errc::aborted) << e.what();
+      ++aborted;
+    }
+  }
+  EXPECT_EQ(aborted, 3);
+  for (const std::string key : {"r0", "r1#0", "r1#1", "r2"}) {
+    const auto& c = h.out[key];
+    const size_t i = static_cast<size_t>(key[1] - '0');
+    EXPECT_EQ(c.finished, 1) << key;
+    EXPECT_EQ(c.reason, "length") << key << ": " << c.error;
+    EXPECT_EQ(c.ids, h.greedy(prompts[i], 8)) << key;
+  }
+  EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
+
+  harness g("mixtral_moe", o);  // an error that is not an abort ends the batch
+  failing_executor bad(*g.dec, 64, o.block_size, {1}, runtime::errc::io);
+  g.eng = std::make_unique<engine>(bad, *g.tok, o);
+  g.submit("x", prompts[1], greedy_params(4));
+  EXPECT_THROW(g.eng->step(), runtime::error);
+  EXPECT_EQ(g.out["x"].reason, "error");
+  EXPECT_EQ(g.out["x"].finished, 1);
 }
 
 }  // namespace
