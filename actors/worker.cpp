@@ -58,9 +58,9 @@ struct worker_shared {
     if (m.epoch() != epoch || std::find(lost.begin(), lost.end(), m.rank()) != lost.end()) return;
     lost.push_back(m.rank());
     const std::string why = fmt::format("rank {} was lost: {}", m.rank(), m.reason());
+    if (on_lost) on_lost(m.rank(), m.reason());  // first: whoever the abort wakes finds the loss named
     if (std::find(loss_members.begin(), loss_members.end(), m.rank()) != loss_members.end())
       for (auto* c : loss_comms) c->abort(why);
-    if (on_lost) on_lost(m.rank(), m.reason());
   }
 
   // With mu held: abort the registered communicator when the group it belongs to ended.

@@ -24,9 +24,9 @@
 //      load EMA per layer (decay from the supervisor's JoinReply); both start empty with each
 //      command and each new group epoch.
 //   5. MemberLost (supervisor.h invariant 7): the lost rank is remembered (lost_members()), the
+//      command's on_member_lost callback runs on the actor's thread (it must not block), then the
 //      communicators registered with set_loss_comms() whose members include it are aborted with
-//      the reason, and the command's on_member_lost callback runs on the actor's thread (it must
-//      not block). Both registrations end with the command.
+//      the reason. Both registrations end with the command.
 #pragma once
 #include <caf/all.hpp>
 

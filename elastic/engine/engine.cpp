@@ -525,7 +525,7 @@ bool engine::step() {
   try {
     logits = exec_->execute(seqs);
   } catch (const runtime::error& e) {
-    if (o_.group_member && e.code() == errc::aborted) {  // invariant 11: the iteration is undone
+    if (o_.group_member && (e.code() == errc::aborted || e.code() == errc::io)) {  // invariant 11: undone
       log::warn("engine: the group's iteration was aborted; its {} sequence(s) run again: {}", batch.size(),
                 e.message());
       throw;

@@ -45,10 +45,11 @@
 //      it finishes with "stop" once the value is complete and nothing more may follow (eos is
 //      allowed as soon as it is complete). Text never ends inside a UTF-8 character: an
 //      incomplete trailing character is dropped, not shown as U+FFFD.
-//  11. With group_member, a model step that throws errc::aborted (the group's communicator was
-//      aborted: a member was lost) is undone: its model pass sent no event, the batch's sequences keep what was
-//      computed before it and are scheduled again at the next step; the exception propagates. Any
-//      other failure of the step ends the batch with "error" and propagates.
+//  11. With group_member, a model step whose communication fails (errc::aborted: the group's
+//      communicator was aborted because a member was lost; errc::io: a peer's transfer failed) is
+//      undone: its model pass sent no event, the batch's sequences keep what was computed before it
+//      and are scheduled again at the next step; the exception propagates (the group recovers or
+//      breaks: elastic/scale/dp_group.h). Any other failure ends the batch with "error" and propagates.
 #pragma once
 #include <atomic>
 #include <chrono>

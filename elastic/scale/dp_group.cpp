@@ -25,7 +25,7 @@ namespace {
 
 constexpr int64_t kind_end = 0, kind_step = 1, kind_idle = 2, kind_sync = 3, kind_prepare = 4, kind_commit = 5;
 constexpr int tag_report = 20101;  // rank r -> 0: its DpReport of an iteration
-constexpr int tag_recover = 20115;  // over the pool: rank 0 -> a survivor its recovery DpScale; back, a DpResync
+constexpr int tag_recover = 20115;  // dp_elastic::control: rank 0 -> a survivor its recovery DpScale; back, a DpResync
 constexpr int loss_wait_ms = 2000;  // a failed step waits this long for a loss to be named (invariant 8): a
                                     // killed peer can fail a transfer before the supervisor names it
 
@@ -501,6 +501,18 @@ void dp_leader::fail_group(const std::exception& e) {
   }
   log::error("serving group: an iteration failed: {}", e.what());
   if (comm_) comm_->abort(e.what());  // whoever still waits on this group fails now, not at its timeout
+  if (elastic_.control && elastic_.members && elastic_.lost && !elastic_.lost().empty()) {
+    // Survivors of a loss may wait for a recovery plan (invariant 8): there will be none.
+    const std::vector<int> lost = elastic_.lost();
+    for (int m : elastic_.members()) {
+      if (m == elastic_.control->rank() || std::find(lost.begin(), lost.end(), m) != lost.end()) continue;
+      try {
+        elastic_.control->send(tensor::from_vector(std::vector<int64_t>{-1}, {1}), m, tag_recover);
+      } catch (const std::exception& x) {
+        log::warn("serving group: could not tell pool rank {} that the group broke: {}", m, x.what());
+      }
+    }
+  }
   fail_remote(e.what(), "error");
 }
 
@@ -632,13 +644,9 @@ void dp_leader::regroup_locked(const std::vector<int>& old_to_new, int ranks,
     a.set_rank(n);
     *next_.add_aborts() = a;
   }
-  std::vector<serve::DpRequest> queued;
   for (auto& q : *old.mutable_requests()) {
     const int n = rank_of(q.rank());
-    if (n < 0) {
-      queued.push_back(std::move(q));
-      continue;
-    }
+    if (n < 0) continue;  // its samples are placed again below
     q.set_rank(n);
     *next_.add_requests() = std::move(q);
   }
@@ -662,14 +670,7 @@ void dp_leader::regroup_locked(const std::vector<int>& old_to_new, int ranks,
       }
       continue;
     }
-    bool was_queued = false;
-    for (auto& q : queued)
-      if (q.id() == id) {
-        was_queued = true;
-        q.set_rank(-1);
-        place(q, s, moving);
-      }
-    if (!was_queued) place(s.spec, s, moving);
+    place(s.spec, s, moving);  // once for all its samples (queued copies for a rank that went are dropped)
   }
 }
 
@@ -764,10 +765,15 @@ void dp_leader::recover() {
                "serving group: a rank was lost and this group cannot recover (no dp_elastic recovery)");
   {
     std::lock_guard<std::mutex> g(mu_);
-    TROUPE_CHECK(scale_.state != "moving", errc::unsupported,
+    const bool committed = scale_.state == "moving" && scale_.epoch >= plan_.epoch();
+    TROUPE_CHECK(scale_.state != "moving" || committed, errc::unsupported,
                  "serving group: a rank was lost while the weights of the change to {} ranks were moving; the group "
                  "cannot recover from that",
                  scale_.target);
+    if (committed) {  // switched already: the loss came in its first iteration
+      scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
+      scale_.state = "done";
+    }
   }
   const std::vector<int> members = elastic_.members(), lost_all = elastic_.lost();
   std::vector<int> gone;
@@ -858,6 +864,9 @@ void dp_leader::recover() {
     scale_.last_recovery_seconds = std::chrono::duration<double>(clk::now() - t0).count();
     if (elastic_.pool_alive) scale_.pool_ranks = elastic_.pool_alive();
   }
+  // The failed iteration's retry is a new iteration: a survivor's "applied" and its reports never
+  // confuse the two, should another loss come (invariant 8).
+  ++steps_;
   for (const auto& [id, e] : aborted) deliver(id, e);
   std::vector<std::pair<std::string, engine_event>> failed;
   {
@@ -1000,6 +1009,7 @@ void dp_leader::keepalive() {
   try {
     send_header(kind_idle, 0);
   } catch (const std::exception& e) {
+    if (await_loss()) return;  // invariant 8: the next step rebuilds the group
     {
       std::lock_guard<std::mutex> g(mu_);
       if (broken_.empty()) broken_ = e.what();
@@ -1219,6 +1229,7 @@ runtime::communicator* follower_recover(const dp_elastic& el, int64_t applied,
   tensor len = tensor::zeros({1}, runtime::dtype::i64);
   ctl.recv(len, 0, tag_recover);
   const int64_t n = len.data<int64_t>()[0];
+  TROUPE_CHECK(n != -1, errc::aborted, "serving group: pool rank {}: rank 0 could not recover the group", me);
   TROUPE_CHECK(n > 0 && n < (int64_t{1} << 30), errc::internal,
                "serving group: pool rank {}: a recovery plan of {} bytes from rank 0", me, n);
   tensor b = tensor::empty({n}, runtime::dtype::u8);
@@ -1360,6 +1371,7 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
         const auto lost = el.lost();
         if (std::find(lost.begin(), lost.end(), el.control->rank()) != lost.end()) throw;
       }
+      if (el.moving && el.moving()) throw;  // a change's weights are moving: no recovery (invariant 8)
       if (!follower_saw_loss(el)) throw;
       log::warn("serving group: pool rank {}: a group operation failed after iteration {} ({}); a member was lost, "
                 "waiting for rank 0's recovery plan",

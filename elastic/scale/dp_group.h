@@ -66,9 +66,11 @@
 //      survivors renumbered in order. Reports of the failed iteration reach their clients once; the
 //      requests it carried are sent again to the survivors that did not take them in; the lost
 //      ranks' samples resume elsewhere from the tokens their clients were sent (as in invariant 7);
-//      a change asked for and not begun is dropped (state "failed"). A loss while a change's weights
-//      move, of rank 0, or of a rank during a recovery breaks the group as invariant 5 says. A step
-//      that fails with no loss named within loss_wait_ms breaks it too.
+//      a change asked for and not begun is dropped (state "failed"). The retry of the failed
+//      iteration counts as a new one. A loss while a change's weights move, of rank 0, or of a rank
+//      during a recovery (after the recovery channel's timeout) breaks the group as invariant 5 says,
+//      and rank 0 tells the survivors waiting for a plan that none will come. A step that fails with
+//      no loss named within loss_wait_ms breaks it too.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -119,7 +121,8 @@ struct dp_elastic {
   std::function<std::vector<int>()> lost;     // pool ranks lost so far (any thread)
   std::function<std::vector<int>()> members;  // the group's pool ranks, group order (stepping thread)
   std::function<int()> pool_alive;            // processes of the pool still alive
-  runtime::communicator* control = nullptr;   // the pool: rank = pool rank (a recovery's messages)
+  runtime::communicator* control = nullptr;   // rank = pool rank: a recovery's messages (bounded waits)
+  std::function<bool()> moving;               // this rank's weights of a change are moving
 };
 
 // request_scale's refusal; status() is the HTTP status that says why (400, 409, 501).

@@ -534,7 +534,8 @@ dp_elastic dp_member::elastic() {
   el.lost = [this] { return lost(); };
   el.members = [this] { return members_; };
   el.pool_alive = [this] { return pool_alive(); };
-  el.control = &pool_;
+  el.control = &xfer_;  // bounded waits; the moves' thread is idle whenever a recovery runs
+  el.moving = [this] { return moving_.joinable() && !done_.load(); };
   el.prepare = [this](const serve::DpScale& p) { prepare(p); };
   el.ready = [this] { return ready(); };
   el.move_error = [this] { return move_error(); };

@@ -37,7 +37,8 @@
 //      the new group's members, once per layout; a group of one rank needs none (its MoE layers run
 //      alone, its serving communicator is a one-rank group).
 //   6. pool is used by one thread at a time (the rank's stepping thread, or its standby wait), xfer
-//      by the moves' thread, or by the stepping thread in a recovery (no moves then).
+//      by the moves' thread, or by the stepping thread in a recovery (its messages and the new
+//      communicators' bootstrap; no moves run then).
 //   7. The MoE runners of earlier layouts (one per change) are kept until the member goes, as
 //      another thread may be reading their expert loads for /metrics during a switch.
 //   8. A lost pool rank (mark_lost, from any thread) is never planned into a group again. recover()

@@ -278,10 +278,12 @@ TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
     e.prompt = ids(6, 1, w.config().vocab_size);
     e.params = greedy(4);
     lead.submit(std::move(e));
-    try {
-      lead.step();
-      lead.step();
-    } catch (const std::exception&) {
+    for (int i = 0; i < 2000 && !lead.broken(); ++i) {  // until the commit, whose first iteration fails
+      try {
+        lead.step();
+      } catch (const std::exception&) {
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     EXPECT_TRUE(lead.broken()) << "a failed change breaks the group (dp_group.h invariant 7)";
   });
@@ -330,7 +332,7 @@ TEST(DpScale, StoppingWhileAChangeIsUnderWayCompletesItAndEveryRankEnds) {
 // requests (no rank takes them in: the recovery sends them again). The survivors rebuild the group, read the
 // lost rank's experts again from the checkpoint, and every request still ends once with the tokens of
 // generate_greedy; the group then shrinks and refuses to grow past the processes alive.
-enum class loss_point { between_iterations, after_the_model_step, in_the_step_broadcast };
+enum class loss_point { between_iterations, after_the_model_step, in_the_step_broadcast, right_after_a_change };
 
 void lose_a_rank_while_serving(loss_point when) {
   const int W = 4, lost_rank = 2;
@@ -388,13 +390,21 @@ void lose_a_rank_while_serving(loss_point when) {
       for (dp_member* x : members) x->mark_lost(lost_rank);
       for (auto* c : m.group_comms()) c->abort("rank 2 was lost");  // one group: every member's fails
     };
+    bool kill_after_commit = false;
+    dp_leader* leader = nullptr;
     group_hooks hooks;
     hooks.after_step = [&](int64_t) {  // rank 0's model step is done; the others' reports are on the way
+      if (kill_after_commit && leader->scale_status().epoch == 2) {  // the first iteration on 4 ranks
+        kill_after_commit = false;
+        EXPECT_EQ(leader->scale_status().state, "moving") << "the change is not done before this iteration is";
+        lose();
+      }
       if (!kill_now) return;
       kill_now = false;
       lose();
     };
     dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", 1, o.block_size), hooks, m.elastic());
+    leader = &lead;
     int next = 0;
     auto submit = [&](int count) {
       for (int k = 0; k < count; ++k, ++next) {
@@ -422,10 +432,21 @@ void lose_a_rank_while_serving(loss_point when) {
       for (int i = 0; i < 2000 && lead.scale_status().state != "done"; ++i) lead.step();
       ASSERT_EQ(lead.scale_status().state, "done");
     };
-    change(4);
-    submit(12);
-    for (int i = 0; i < 5; ++i) lead.step();  // every rank is mid-generation
-    if (when == loss_point::after_the_model_step) {
+    if (when == loss_point::right_after_a_change) {  // lost in the first iteration on the new layout
+      submit(12);
+      for (int i = 0; i < 3; ++i) lead.step();
+      kill_after_commit = true;
+      lead.request_scale(4);
+      for (int i = 0; i < 2000 && lead.scale_status().recoveries == 0; ++i) lead.step();
+      submit(4);
+      lead.step();
+    } else {
+      change(4);
+      submit(12);
+      for (int i = 0; i < 5; ++i) lead.step();  // every rank is mid-generation
+    }
+    if (when == loss_point::right_after_a_change) {
+    } else if (when == loss_point::after_the_model_step) {
       kill_now = true;
       submit(4);     // carried by the iteration that fails
       lead.step();   // fails after the model step, recovers
@@ -461,7 +482,10 @@ void lose_a_rank_while_serving(loss_point when) {
   EXPECT_EQ(recovered.lost_ranks, 1);
   EXPECT_EQ(recovered.pool_ranks, 3);
   EXPECT_EQ(recovered.epoch, 3) << "layouts: 1, the change to 4, the recovery";
-  EXPECT_GT(recovered.moved_samples, 0) << "the lost rank had samples running";
+  if (when != loss_point::right_after_a_change)
+    EXPECT_GT(recovered.moved_samples, 0) << "the lost rank had samples running";
+  else
+    EXPECT_EQ(recovered.state, "done") << "the change completed, then the group recovered";
   EXPECT_EQ(last.ranks, 2);
   ASSERT_EQ(sent.size(), 20u);
   for (const auto& [id, prompt] : sent) {
@@ -487,6 +511,10 @@ TEST(DpScale, ARankLostAfterTheModelStepIsSurvivedAndItsReportsArriveOnce) {
 
 TEST(DpScale, ARankLostAsAnIterationIsBroadcastIsSurvivedAndItsRequestsSentAgain) {
   lose_a_rank_while_serving(loss_point::in_the_step_broadcast);
+}
+
+TEST(DpScale, ARankLostInTheFirstIterationAfterAChangeIsSurvived) {
+  lose_a_rank_while_serving(loss_point::right_after_a_change);
 }
 
 }  // namespace

@@ -293,9 +293,9 @@ TEST(Engine, ATokenTheTokenizerCannotDecodeEndsItsSampleAloneWithAnError) {
   EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
 }
 
-// engine.h invariant 11: in a group, a model step that fails with errc::aborted (the group's
-// communicator was aborted: a member was lost) is undone: nothing of it is sent, the batch runs again
-// at the next step and the output is the same; any other failure ends the batch with "error".
+// engine.h invariant 11: in a group, a model step whose communication fails (errc::aborted: the group's
+// communicator was aborted because a member was lost) is undone: nothing of it is sent, the batch runs
+// again at the next step and the output is the same; a failure of another kind ends it with "error".
 class failing_executor final : public local_executor {
  public:
   failing_executor(const parallel::decoder& d, int64_t blocks, int64_t bs, std::vector<int> fail_at, runtime::errc code)
@@ -343,8 +343,8 @@ TEST(Engine, AGroupStepAbortedMidwayIsUndoneAndRunsAgainWithTheSameOutput) {
   }
   EXPECT_EQ(h.eng->stats().kv.blocks_used, 0);
 
-  harness g("mixtral_moe", o);  // an error that is not an abort ends the batch
-  failing_executor bad(*g.dec, 64, o.block_size, {1}, runtime::errc::io);
+  harness g("mixtral_moe", o);  // a failure that is not the communication's ends the batch
+  failing_executor bad(*g.dec, 64, o.block_size, {1}, runtime::errc::internal);
   g.eng = std::make_unique<engine>(bad, *g.tok, o);
   g.submit("x", prompts[1], greedy_params(4));
   EXPECT_THROW(g.eng->step(), runtime::error);
