@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes the elastic-serving benchmarks' model in DIR (if not there): a 212 M-parameter Mixtral shape
 # with random weights (4 layers, hidden 1024, 8 experts of 1024 x 2048, top-2, the byte vocabulary;
-# 850 MB of f32). Used by run_scale_bench.sh, run_scale_timeline.sh, run_serve_weak_scaling.sh.
+# 850 MB of f32). Used by run_scale_bench.sh, run_scale_timeline.sh, run_kill_recovery.sh,
+# run_serve_weak_scaling.sh.
 #   bench/make_scale_model.sh DIR
 set -eu
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -10,42 +10,10 @@
 # kill, retried while refused). Draws each run as an SVG; prints loadgen's tables, the failed
 # requests and the recovery times.
 #   bench/run_kill_recovery.sh [WORK_DIR] [OUT_DIR]    # needs build/ (troupe, troupe-launch, loadgen)
-set -u
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-work="${1:-/tmp/troupe-scale-bench}"
-out="${2:-$work}"
-mkdir -p "$work" "$out"
-troupe=build/launch/troupe
-launch=build/launch/troupe-launch
-model="$work/model"
-bench/make_scale_model.sh "$model" || exit 1
-export TROUPE_NUM_THREADS=1 TROUPE_ADMIN_KEY=bench
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-url="http://127.0.0.1:$port"
+source "$(dirname "${BASH_SOURCE[0]}")/elastic_bench_lib.sh"
+bench_setup "${1:-/tmp/troupe-scale-bench}" "${2:-${1:-/tmp/troupe-scale-bench}}" kill.yaml
 at=(8 18)          # seconds after the start of the replay (the window's arrivals span ~35 s)
 victims=(2 1)
-pid=""; lg=""
-trap '[ -n "$lg" ] && kill "$lg" 2>/dev/null; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' EXIT
-serve_yaml() {  # serve_yaml RANKS
-  printf 'model: %s\nserver: {port: %s, admin_key: "env:TROUPE_ADMIN_KEY"}\nengine: {ranks: %s, block_size: 16, kv_cache_memory: 128MiB, max_batch_tokens: 256}\nexpert: {mode: llep}\n' \
-    "$model" "$port" "$1" >"$work/kill.yaml"
-}
-up() {  # up LOG: wait until the server answers
-  for _ in $(seq 1 1200); do
-    curl -sf -o /dev/null "$url/health" && return 0
-    kill -0 "$pid" 2>/dev/null || { tail "$1"; return 1; }
-    sleep 0.05
-  done
-  return 1
-}
-replay() {  # replay NAME: loadgen in the background
-  build/bench/loadgen --model "$model" --url "$url" --skip 2000 --requests 100 --block-tokens 4 --time-scale 1.2 \
-    --output-scale 8 --max-output 48 --allow-failures --timeline "$out/kill_timeline_$1.svg" --marks "$work/kmarks_$1.txt" \
-    >"$work/kill_loadgen_$1.txt" 2>&1 &
-  lg=$!
-}
-now() { date +%s.%N; }
-wait_until() { sleep "$(awk -v a="$1" -v t0="$2" -v n="$(now)" 'BEGIN { d = a - (n - t0); print (d > 0 ? d : 0) }')"; }
 first_answer() {  # first_answer T_KILL: seconds from T_KILL to the first answered new request
   for _ in $(seq 1 3000); do
     if curl -sf -m 60 -o /dev/null -H 'Content-Type: application/json' \
@@ -61,11 +29,11 @@ pid_of() { sed -n "s/.*supervisor: rank $2 joined (pid \([0-9]*\) .*/\1/p" "$1" 
 
 # Elastic: the group goes on.
 serve_yaml 4
-"$launch" --min-ranks 1 --max-ranks 4 -- "$troupe" serve "$work/kill.yaml" >"$work/kill_elastic.log" 2>&1 &
+"$launch" --min-ranks 1 --max-ranks 4 -- "$troupe" serve "$yaml" >"$work/kill_elastic.log" 2>&1 &
 pid=$!
 up "$work/kill_elastic.log" || exit 1
 : >"$work/kmarks_elastic.txt"
-t0=$(now); replay elastic
+t0=$(now); replay "$out/kill_timeline_elastic.svg" "$work/kmarks_elastic.txt" "$work/kill_loadgen_elastic.txt"
 for i in 0 1; do
   wait_until "${at[$i]}" "$t0"
   v=$(pid_of "$work/kill_elastic.log" "${victims[$i]}")
@@ -92,11 +60,11 @@ PY
 
 # Restart: the group is torn down and started again on 2 ranks.
 serve_yaml 4
-"$launch" -n 4 -- "$troupe" serve "$work/kill.yaml" >"$work/kill_restart.log" 2>&1 &
+"$launch" -n 4 -- "$troupe" serve "$yaml" >"$work/kill_restart.log" 2>&1 &
 pid=$!
 up "$work/kill_restart.log" || exit 1
 : >"$work/kmarks_restart.txt"
-t0=$(now); replay restart
+t0=$(now); replay "$out/kill_timeline_restart.svg" "$work/kmarks_restart.txt" "$work/kill_loadgen_restart.txt"
 for i in 0 1; do
   wait_until "${at[$i]}" "$t0"
   v=$(pid_of "$work/kill_restart.log" "${victims[$i]}")
@@ -104,7 +72,7 @@ for i in 0 1; do
   echo "$tk kill rank ${victims[$i]}" >>"$work/kmarks_restart.txt"
   wait "$pid" 2>/dev/null  # the group tears itself down
   serve_yaml 2
-  "$launch" -n 2 -- "$troupe" serve "$work/kill.yaml" >>"$work/kill_restart.log" 2>&1 &
+  "$launch" -n 2 -- "$troupe" serve "$yaml" >>"$work/kill_restart.log" 2>&1 &
   pid=$!
   echo "restart: rank ${victims[$i]} killed; a new request answered after $(first_answer "$tk") s"
   echo "$(now) up on 2" >>"$work/kmarks_restart.txt"

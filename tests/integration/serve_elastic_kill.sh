@@ -11,39 +11,9 @@
 #   tests/integration/serve_elastic_kill.sh TROUPE_BIN
 set -uo pipefail
 troupe="$1"
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-fixtures="$root/tests/fixtures"
-launch="$(dirname "$troupe")/troupe-launch"
-tmp=$(mktemp -d)
-pid=""; load=""
-cleanup() {
-  [ -n "$load" ] && kill "$load" 2>/dev/null
-  if [ -n "$pid" ]; then
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*"; [ -f "$tmp/server.log" ] && { echo "--- server log:"; tail -40 "$tmp/server.log"; }; exit 1; }
-command -v curl >/dev/null || { echo "SKIP: no curl"; exit 77; }
-command -v python3 >/dev/null || { echo "SKIP: no python3"; exit 77; }
-export TROUPE_NUM_THREADS=1
+source "$(dirname "${BASH_SOURCE[0]}")/elastic_lib.sh"
 
-printf 'model: %s\nserver: {port: 0, api_key: "sk-test", admin_key: "adm-test"}\nengine: {ranks: 4, block_size: 4, kv_cache_memory: 4MiB, dispatch: round_robin}\nexpert: {mode: llep}\n' \
-  "$fixtures/mixtral_moe" >"$tmp/serve.yaml"
-"$launch" --min-ranks 1 --max-ranks 4 -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
-pid=$!
-port=""
-for _ in $(seq 1 300); do
-  port=$(sed -n 's/^\[rank 0\] troupe serve: .* on http:\/\/127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$tmp/server.log")
-  [ -n "$port" ] && break
-  kill -0 "$pid" 2>/dev/null || fail "the server exited at start"
-  sleep 0.1
-done
-[ -n "$port" ] || fail "the server did not print its port"
-url="http://127.0.0.1:$port"
+start_elastic 4 4
 grep -q "4 rank(s).*elastic: 4 processes, at least 1 serving" "$tmp/server.log" || fail "not an elastic group of 4 serving"
 pid_of() { sed -n "s/.*supervisor: rank $1 joined (pid \([0-9]*\) .*/\1/p" "$tmp/server.log"; }
 status() { curl -s -m 10 -H 'Authorization: Bearer adm-test' "$url/admin/scale"; }
@@ -56,12 +26,7 @@ wait_ranks() {  # wait_ranks N: until the group serves on N ranks (20 s)
   fail "the group did not come to $1 ranks: $(status)"
 }
 
-# The clients of tests/integration/serve_elastic.sh: 6 threads, greedy, 48 new tokens, half streamed.
-sed -n '/^cat >"\$tmp\/clients.py" <<.PY.$/,/^PY$/p' "$root/tests/integration/serve_elastic.sh" | sed '1d;$d' \
-  >"$tmp/clients.py"
-[ -s "$tmp/clients.py" ] || fail "could not take the clients from serve_elastic.sh"
-python3 "$tmp/clients.py" "$url" "$tmp/answers.jsonl" "$tmp/stop" &
-load=$!
+start_clients
 sleep 1.5
 for victim in 2 1; do
   vpid=$(pid_of $victim)
@@ -89,25 +54,8 @@ code=$(curl -s -o "$tmp/body" -w '%{http_code}' -H 'Authorization: Bearer adm-te
 grep -q "3 lost" "$tmp/body" || fail "the refusal does not say why: $(cat "$tmp/body")"
 echo "standby rank 3 killed: growing to 2 ranks is refused (400: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['error']['message'])" "$tmp/body"))"
 sleep 1
-touch "$tmp/stop"
-wait "$load"; load=""
-n=$(wc -l <"$tmp/answers.jsonl")
-[ "$n" -ge 20 ] || fail "only $n requests were answered"
-python3 - "$tmp/answers.jsonl" "$troupe" "$fixtures/mixtral_moe" >"$tmp/bad" <<'PY'
-import json, subprocess, sys
-want = {}
-for line in open(sys.argv[1]):
-    d = json.loads(line)
-    if d.get("status") != 200 or d.get("reason") != "length" or "error" in d:
-        print("failed: " + json.dumps(d)); continue
-    p = ",".join(map(str, d["prompt"]))
-    if p not in want:
-        want[p] = subprocess.run([sys.argv[2], "generate", sys.argv[3], "--prompt-ids", p, "--max-new-tokens", "48"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    if d["ids"] != want[p]:
-        print(f"prompt {p}: {d['ids']} != troupe generate {want[p]} ({json.dumps(d)})")
-PY
-[ -s "$tmp/bad" ] && fail "$(wc -l <"$tmp/bad") requests failed or differ from troupe generate: $(head -3 "$tmp/bad")"
+stop_clients
+check_answers
 curl -sf -m 10 "$url/metrics" >"$tmp/metrics" || fail "/metrics"
 grep -q '^troupe_scale_recoveries_total 2$' "$tmp/metrics" || fail "/metrics: 2 recoveries: $(grep recover "$tmp/metrics")"
 grep -q '^troupe_scale_lost_ranks_total 2$' "$tmp/metrics" || fail "/metrics: 2 serving ranks lost"
