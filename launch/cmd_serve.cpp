@@ -339,7 +339,8 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
     uo.sleep_when_idle = name.rfind("serve.", 0) == 0;  // the serving group waits long when idle
     return std::unique_ptr<runtime::communicator>(runtime::make_ucx_communicator(*boot, uo));
   };
-  elastic::dp_member m(*pool, *xfer, factory, parallel::ep::ep_options_from(spec.expert()));
+  elastic::dp_member m(*pool, *xfer, factory, parallel::ep::ep_options_from(spec.expert()),
+                       elastic::dp_weight_memory_from(spec.engine().weight_memory()));
   struct active_set {  // the worker aborts these when the cluster's group ends
     actors::worker_context& ctx;
     ~active_set() { ctx.set_active(nullptr); }

@@ -30,6 +30,7 @@ serve::ServeSpec serve_spec_defaults() {
   e->set_max_waiting(1024);
   e->set_attention("data_parallel");
   e->set_dispatch("least_kv_prefix");
+  e->set_weight_memory("shared");
   auto* a = e->mutable_autoscale();
   a->set_ttft_slo_ms(2000);
   a->set_queue_per_rank(4);
@@ -75,6 +76,8 @@ void validate_serve(serve::ServeSpec& s, const spec_fail& fail) {
     fail("engine.attention", fmt::format("'{}' is not one of data_parallel, replicated", e.attention()));
   if (e.dispatch() != "least_kv_prefix" && e.dispatch() != "round_robin")
     fail("engine.dispatch", fmt::format("'{}' is not one of least_kv_prefix, round_robin", e.dispatch()));
+  if (e.weight_memory() != "shared" && e.weight_memory() != "copy" && e.weight_memory() != "reallocate")
+    fail("engine.weight_memory", fmt::format("'{}' is not one of shared, copy, reallocate", e.weight_memory()));
   const auto& a = e.autoscale();
   for (const auto& [key, value] : {std::pair<const char*, int64_t>{"engine.autoscale.ttft_slo_ms", a.ttft_slo_ms()},
                                    {"engine.autoscale.queue_per_rank", a.queue_per_rank()},

@@ -12,6 +12,7 @@
 
 #include "parallel/ep/ep_shard.h"
 #include "runtime/io/safetensors.h"
+#include "runtime/shared_weights.h"
 #include "runtime/error.h"
 #include "runtime/log.h"
 
@@ -58,9 +59,16 @@ std::pair<int64_t, int64_t> layer_and_expert(const std::string& name) {
 
 }  // namespace
 
+dp_weight_memory dp_weight_memory_from(const std::string& name) {
+  if (name.empty() || name == "shared") return dp_weight_memory::shared;
+  if (name == "copy") return dp_weight_memory::copy;
+  if (name == "reallocate") return dp_weight_memory::reallocate;
+  TROUPE_THROW(errc::invalid_argument, "weight memory '{}' is not one of shared, copy, reallocate", name);
+}
+
 dp_member::dp_member(runtime::communicator& pool, runtime::communicator& xfer, dp_comm_factory make_comm,
-                     ep::ep_options ep)
-    : pool_(pool), xfer_(xfer), make_comm_(std::move(make_comm)), ep_(ep) {
+                     ep::ep_options ep, dp_weight_memory memory)
+    : pool_(pool), xfer_(xfer), make_comm_(std::move(make_comm)), ep_(ep), memory_(memory) {
   TROUPE_CHECK(pool.size() == xfer.size() && pool.rank() == xfer.rank(), errc::invalid_argument,
                "dp_member: the pool ({} ranks) and its transfer communicator ({}) differ", pool.size(), xfer.size());
 }
@@ -108,6 +116,8 @@ void dp_member::load_shard(parallel::model_weights full, int ranks) {
   std::vector<int> placement;
   if (config_.is_moe()) placement = ep::ep_placement::contiguous(config_.n_experts, ranks).native;
   if (config_.is_moe() && ranks > 1) ep::ep_shard_weights(w_, ep::ep_placement{ranks, placement}, pool_.rank());
+  if (memory_ == dp_weight_memory::shared)  // invariant 9: one tensor at a time, into a memfd of its own
+    for (auto& p : w_.parameters()) p.value = runtime::shared_weights_copy(p.value);
   make_comms(members, 1);
   install(members, placement, 1);
 }
@@ -252,23 +262,66 @@ void dp_member::install(const std::vector<int>& members, const std::vector<int>&
   if (on_layout) on_layout();  // the new communicators are registered before the old ones go
 }
 
-// Invariant 3: every tensor the change moves, in one global order.
+// Invariant 3: every tensor the change moves, in one global order. Each goes as a header (its shared
+// memory's handle, when it has one: invariant 9) and its checksum; the receiver answers whether it
+// mapped the pages, and the bytes follow when it did not.
 void dp_member::move_weights(const serve::DpScale& plan) {
   const int me = pool_.rank();
   const auto& F = plan.from_members();
   const auto& T = plan.to_members();
   auto send = [&](const tensor& t, int peer) {
-    xfer_.send(t, peer, tag_weights);
+    std::vector<int64_t> head(6, 0);
+    if (memory_ == dp_weight_memory::shared)
+      if (const auto h = runtime::shared_weights_handle(t))
+        head = {1, static_cast<int64_t>(h->boot[0]), static_cast<int64_t>(h->boot[1]), h->pid, h->fd, h->bytes};
+    xfer_.send(tensor::from_vector(head, {6}), peer, tag_weights);
     xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
+    if (head[0] == 1) {
+      tensor mapped = tensor::zeros({1}, runtime::dtype::i64);
+      xfer_.recv(mapped, peer, tag_weights);
+      if (mapped.data<int64_t>()[0] == 1) return;
+    }
+    xfer_.send(t, peer, tag_weights);
     stats_.bytes_sent += t.nbytes();
   };
-  auto recv = [&](tensor& t, int peer, const std::string& name) {
-    xfer_.recv(t, peer, tag_weights);
-    tensor crc = tensor::zeros({1}, runtime::dtype::i64);
+  // t: the receiving buffer, or undefined (made only when the bytes come).
+  auto recv = [&](tensor& t, const runtime::shape_t& shape, int peer, const std::string& name) {
+    tensor head = tensor::zeros({6}, runtime::dtype::i64), crc = tensor::zeros({1}, runtime::dtype::i64);
+    xfer_.recv(head, peer, tag_weights);
     xfer_.recv(crc, peer, tag_weights);
-    const int64_t want = crc.data<int64_t>()[0], got = checksum_of(t);
+    const int64_t* h = head.data<int64_t>();
+    const int64_t want = crc.data<int64_t>()[0];
+    if (h[0] == 1) {
+      std::optional<tensor> m;
+      if (memory_ == dp_weight_memory::shared) {
+        runtime::shared_weights_handle_t sh;
+        sh.boot[0] = static_cast<uint64_t>(h[1]);
+        sh.boot[1] = static_cast<uint64_t>(h[2]);
+        sh.pid = h[3];
+        sh.fd = h[4];
+        sh.bytes = h[5];
+        m = runtime::shared_weights_map(sh, shape, runtime::dtype::f32);
+        if (m && checksum_of(*m) != want) {
+          log::warn("{} from rank {}: the mapped pages do not match the sender's checksum; copying instead", name,
+                    peer);
+          m.reset();
+        }
+      }
+      xfer_.send(tensor::from_vector(std::vector<int64_t>{m ? 1 : 0}, {1}), peer, tag_weights);
+      if (m) {
+        t = std::move(*m);
+        stats_.bytes_mapped += t.nbytes();
+        ++stats_.tensors_mapped;
+        ++stats_.tensors_received;
+        return;
+      }
+    }
+    if (!t.defined()) t = tensor::empty(shape);
+    xfer_.recv(t, peer, tag_weights);
+    const int64_t got = checksum_of(t);
     TROUPE_CHECK(want == got, errc::io, "{} from rank {} to rank {}: checksum (XXH3-64) {:016x} received, {:016x} computed",
                  name, peer, me, static_cast<uint64_t>(want), static_cast<uint64_t>(got));
+    if (memory_ == dp_weight_memory::shared) t = runtime::shared_weights_copy(t);  // shareable onwards
     stats_.bytes_received += t.nbytes();
     ++stats_.tensors_received;
   };
@@ -279,7 +332,7 @@ void dp_member::move_weights(const serve::DpScale& plan) {
     for (auto& p : w_.parameters()) {
       if (ep::ep_is_expert_param(p.name)) continue;
       if (me == src) send(p.value, j);
-      else recv(p.value, src, p.name);
+      else recv(p.value, p.value.shape(), src, p.name);
     }
   }
   if (!config_.is_moe()) return;
@@ -295,8 +348,8 @@ void dp_member::move_weights(const serve::DpScale& plan) {
         if (me == o) {
           send((*sets[k].tensors)[static_cast<size_t>(e)], n);  // read while the rank serves with it
         } else {
-          tensor t = tensor::empty(sets[k].shape);
-          recv(t, o, fmt::format("layer {} expert {} ({})", l, e, k == 0 ? "gate" : k == 1 ? "up" : "down"));
+          tensor t;
+          recv(t, sets[k].shape, o, fmt::format("layer {} expert {} ({})", l, e, k == 0 ? "gate" : k == 1 ? "up" : "down"));
           incoming_.push_back({l, e, k, std::move(t)});
         }
       }
@@ -376,7 +429,9 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   }
   total_.bytes_sent += stats_.bytes_sent;
   total_.bytes_received += stats_.bytes_received;
+  total_.bytes_mapped += stats_.bytes_mapped;
   total_.tensors_received += stats_.tensors_received;
+  total_.tensors_mapped += stats_.tensors_mapped;
   total_.seconds += stats_.seconds;
   const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
   if (index_of(to, me) < 0) {  // leaving: standby again (invariant 4)
@@ -405,6 +460,13 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
         if (F[plan.from_placement(static_cast<int>(e))] == me && to[static_cast<size_t>(plan.placement(static_cast<int>(e)))] != me)
           for (auto& st : sets) (*st.tensors)[static_cast<size_t>(e)] = tensor();
     }
+    if (memory_ == dp_weight_memory::reallocate)  // the baseline: every expert kept gets a new buffer
+      for (size_t l = 0; l < w_.layers.size(); ++l) {
+        if (!w_.layers[l].is_moe) continue;
+        for (auto& st : ep::ep_expert_sets(w_.layers[l], config_))
+          for (auto& t : *st.tensors)
+            if (t.defined()) t = t.clone();
+      }
     for (auto& in : incoming_) {
       auto sets = ep::ep_expert_sets(w_.layers[in.layer], config_);
       (*sets[in.set].tensors)[static_cast<size_t>(in.expert)] = std::move(in.value);
@@ -481,7 +543,8 @@ void dp_member::reload_experts(const std::vector<std::pair<int64_t, int64_t>>& w
       TROUPE_CHECK(t.defined(), errc::internal, "layer {} expert {} was not read", l, e);
       stats_.bytes_received += t.nbytes();
       ++stats_.tensors_received;
-      (*into[k].tensors)[static_cast<size_t>(e)] = std::move(t);
+      (*into[k].tensors)[static_cast<size_t>(e)] =
+          memory_ == dp_weight_memory::shared ? runtime::shared_weights_copy(t) : std::move(t);
     }
   }
 }
@@ -567,10 +630,10 @@ dp_follower_summary dp_serve_follower(dp_member& m, const parallel::text_tokeniz
     TROUPE_CHECK(c != nullptr, errc::internal, "a standby rank taken into a group of {} ranks got no communicator",
                  plan->to_ranks());
     ++out.joins;
-    log::info("rank {}: joined the serving group (layout {}, {} ranks); {} bytes of weights received, {} tensors "
-              "checked, in {:.3f} s",
+    log::info("rank {}: joined the serving group (layout {}, {} ranks); {} bytes of weights received, {} mapped from "
+              "a rank of this host, {} tensors checked, in {:.3f} s",
               c->rank(), plan->epoch(), plan->to_ranks(), m.last_transfer().bytes_received,
-              m.last_transfer().tensors_received, m.last_transfer().seconds);
+              m.last_transfer().bytes_mapped, m.last_transfer().tensors_received, m.last_transfer().seconds);
     local_executor exec(m.decoder(), plan->num_blocks(), opts.block_size);
     engine eng(exec, tok, opts);
     const auto res = dp_follow(eng, *c, {}, el);

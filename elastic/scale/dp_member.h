@@ -46,6 +46,15 @@
 //      its dense weights, KV cache and experts, and reads the lost ranks' experts that it now owns
 //      from the checkpoint (the only time a rank reads weights from disk after loading). A loss
 //      while a change's weights move cannot be recovered (errc::unsupported).
+//   9. Weight memory (dp_weight_memory). shared: every weight this member holds is in a memfd of its
+//      own (runtime/shared_weights.h); a tensor moved to a rank of the same host goes as a handle
+//      that the receiver maps read-only — the same pages, no copy; the receiver checks the mapped
+//      bytes against the sender's checksum and, when it cannot map them (another host, no access,
+//      a mismatch), asks for the bytes instead. Pages given away stay alive through the receiver's
+//      mapping, so a scale-up on one host adds no weight memory at all. copy: always bytes.
+//      reallocate (the baseline a benchmark compares with): bytes, and at the commit every expert a
+//      rank keeps is copied into a new buffer, as a layout change that reallocates its expert
+//      buffers would.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -75,17 +84,23 @@ using dp_comm_factory =
     std::function<std::unique_ptr<runtime::communicator>(const std::vector<int>& members, const std::string& name)>;
 
 struct dp_transfer_stats {
-  size_t bytes_sent = 0, bytes_received = 0;
-  int64_t tensors_received = 0;  // each checked against its sender's checksum
+  size_t bytes_sent = 0, bytes_received = 0;  // copied over xfer
+  size_t bytes_mapped = 0;                     // received as a same-host rank's pages (invariant 9)
+  int64_t tensors_received = 0;  // copied or mapped, each checked against its sender's checksum
+  int64_t tensors_mapped = 0;
   double seconds = 0;            // the weights' part of the last regroup
 };
+
+// What moving weights does with memory (serve.yaml engine.weight_memory; invariant 9).
+enum class dp_weight_memory { shared, copy, reallocate };
+dp_weight_memory dp_weight_memory_from(const std::string& name);  // throws errc::invalid_argument
 
 class dp_member {
  public:
   // pool: announcements and the standby wait; xfer: the weights and the new groups' bootstraps (the
   // same ranks; used by the moves' thread).
   dp_member(runtime::communicator& pool, runtime::communicator& xfer, dp_comm_factory make_comm,
-            parallel::ep::ep_options ep);
+            parallel::ep::ep_options ep, dp_weight_memory memory = dp_weight_memory::shared);
   ~dp_member();
   dp_member(const dp_member&) = delete;
   dp_member& operator=(const dp_member&) = delete;
@@ -166,6 +181,7 @@ class dp_member {
   runtime::communicator& xfer_;
   dp_comm_factory make_comm_;
   parallel::ep::ep_options ep_;
+  dp_weight_memory memory_;
   runtime::model_config config_;
   parallel::model_weights w_;
   std::unique_ptr<parallel::ep::ep_serve_runner> moe_;

@@ -33,6 +33,7 @@ TEST(ServeSpec, DefaultsOverridesAndRoundTrip) {
   EXPECT_TRUE(s.engine().prefix_caching());
   EXPECT_EQ(s.engine().batching(), "continuous");
   EXPECT_EQ(s.expert().mode(), "llep");
+  EXPECT_EQ(s.engine().weight_memory(), "shared");
   EXPECT_EQ(serve_max_body_bytes(s), 1 << 20);
   EXPECT_EQ(serve_kv_cache_bytes(s), 0);
   const auto back = parse_serve_spec(describe(s), "described.yaml");
@@ -45,6 +46,7 @@ TEST(ServeSpec, ErrorsNameTheKeyAndWhere) {
   EXPECT_NE(error_of("model: m\nserver: {port: 70000}\n").find("`server.port` at serve.yaml:2:"), std::string::npos);
   EXPECT_NE(error_of("model: m\nengine: {batching: dynamic}\n").find("'dynamic' is not one of continuous, static"),
             std::string::npos);
+  EXPECT_NE(error_of("model: m\nengine: {weight_memory: pooled}\n").find("`engine.weight_memory`"), std::string::npos);
   EXPECT_NE(error_of("model: m\nengine: {kv_cache_memory: lots}\n").find("`engine.kv_cache_memory`"),
             std::string::npos);
   EXPECT_NE(error_of("model: m\nengine: {block_size: 0}\n").find("= 0 must be >= 1"), std::string::npos);
