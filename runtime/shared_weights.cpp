@@ -30,11 +30,16 @@ struct region {
   ~region();
 };
 
-// Data pointer -> (fd, bytes) of every live region (invariant 2).
+struct live_region {
+  int fd = -1;
+  int64_t bytes = 0, dev = 0, ino = 0;
+};
+
+// Data pointer -> every live region (invariant 2). Never destroyed: a tensor may outlive main().
 std::mutex g_mu;
-std::map<const void*, std::pair<int, int64_t>>& live() {
-  static std::map<const void*, std::pair<int, int64_t>> m;
-  return m;
+std::map<const void*, live_region>& live() {
+  static auto* m = new std::map<const void*, live_region>;
+  return *m;
 }
 
 region::~region() {
@@ -52,9 +57,11 @@ size_t page_round(size_t n) {
 }
 
 tensor wrap(std::shared_ptr<region> r, const shape_t& shape, dtype dt, int64_t bytes) {
+  struct stat st {};
+  TROUPE_CHECK(::fstat(r->fd, &st) == 0, errc::io, "shared weights: fstat of a memfd failed: {}", std::strerror(errno));
   {
     std::lock_guard<std::mutex> g(g_mu);
-    live()[r->ptr] = {r->fd, bytes};
+    live()[r->ptr] = {r->fd, bytes, static_cast<int64_t>(st.st_dev), static_cast<int64_t>(st.st_ino)};
   }
   void* p = r->ptr;
   return tensor::from_blob(p, shape, dt, device::cpu(), std::move(r));
@@ -100,15 +107,17 @@ tensor shared_weights_copy(const tensor& t) {
 }
 
 std::optional<shared_weights_handle_t> shared_weights_handle(const tensor& t) {
-  if (!t.defined() || !t.device().is_cpu()) return std::nullopt;
+  if (!t.defined() || !t.device().is_cpu() || !t.is_contiguous()) return std::nullopt;
   std::lock_guard<std::mutex> g(g_mu);
   const auto it = live().find(t.data_ptr());
-  if (it == live().end() || it->second.second != static_cast<int64_t>(t.nbytes())) return std::nullopt;
+  if (it == live().end() || it->second.bytes != static_cast<int64_t>(t.nbytes())) return std::nullopt;
   shared_weights_handle_t h;
   shared_weights_boot_id(h.boot);
   h.pid = ::getpid();
-  h.fd = it->second.first;
-  h.bytes = it->second.second;
+  h.fd = it->second.fd;
+  h.bytes = it->second.bytes;
+  h.dev = it->second.dev;
+  h.ino = it->second.ino;
   return h;
 }
 
@@ -120,17 +129,17 @@ std::optional<tensor> shared_weights_map(const shared_weights_handle_t& h, const
     return std::nullopt;
   const std::string path = fmt::format("/proc/{}/fd/{}", h.pid, h.fd);
   auto r = std::make_shared<region>();
-  r->fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  r->fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (r->fd < 0) return std::nullopt;
   struct stat st {};
-  char link[64] = {0};
-  const ssize_t n = ::readlink(path.c_str(), link, sizeof(link) - 1);
-  // A memfd's link reads "/memfd:troupe-weights (deleted)".
+  char link[64] = {0};  // what was opened, not the path again: a memfd's link reads "/memfd:troupe-weights (deleted)"
+  const ssize_t n = ::readlink(fmt::format("/proc/self/fd/{}", r->fd).c_str(), link, sizeof(link) - 1);
   if (::fstat(r->fd, &st) != 0 || !S_ISREG(st.st_mode) || n <= 0 ||
-      std::strncmp(link, "/memfd:troupe-weights", 21) != 0 || st.st_size < static_cast<off_t>(bytes))
+      std::strncmp(link, "/memfd:troupe-weights", 21) != 0 || st.st_size < static_cast<off_t>(bytes) ||
+      static_cast<int64_t>(st.st_dev) != h.dev || static_cast<int64_t>(st.st_ino) != h.ino)
     return std::nullopt;
   r->len = page_round(static_cast<size_t>(bytes));
-  r->ptr = ::mmap(nullptr, r->len, PROT_READ, MAP_SHARED, r->fd, 0);
+  r->ptr = ::mmap(nullptr, r->len, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
   if (r->ptr == MAP_FAILED) return std::nullopt;
   return wrap(std::move(r), shape, dt, bytes);
 }

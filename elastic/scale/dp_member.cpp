@@ -270,11 +270,12 @@ void dp_member::move_weights(const serve::DpScale& plan) {
   const auto& F = plan.from_members();
   const auto& T = plan.to_members();
   auto send = [&](const tensor& t, int peer) {
-    std::vector<int64_t> head(6, 0);
+    std::vector<int64_t> head(8, 0);
     if (memory_ == dp_weight_memory::shared)
       if (const auto h = runtime::shared_weights_handle(t))
-        head = {1, static_cast<int64_t>(h->boot[0]), static_cast<int64_t>(h->boot[1]), h->pid, h->fd, h->bytes};
-    xfer_.send(tensor::from_vector(head, {6}), peer, tag_weights);
+        head = {1, static_cast<int64_t>(h->boot[0]), static_cast<int64_t>(h->boot[1]), h->pid, h->fd, h->bytes,
+                h->dev, h->ino};
+    xfer_.send(tensor::from_vector(head, {8}), peer, tag_weights);
     xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
     if (head[0] == 1) {
       tensor mapped = tensor::zeros({1}, runtime::dtype::i64);
@@ -286,7 +287,7 @@ void dp_member::move_weights(const serve::DpScale& plan) {
   };
   // t: the receiving buffer, or undefined (made only when the bytes come).
   auto recv = [&](tensor& t, const runtime::shape_t& shape, int peer, const std::string& name) {
-    tensor head = tensor::zeros({6}, runtime::dtype::i64), crc = tensor::zeros({1}, runtime::dtype::i64);
+    tensor head = tensor::zeros({8}, runtime::dtype::i64), crc = tensor::zeros({1}, runtime::dtype::i64);
     xfer_.recv(head, peer, tag_weights);
     xfer_.recv(crc, peer, tag_weights);
     const int64_t* h = head.data<int64_t>();
@@ -300,6 +301,8 @@ void dp_member::move_weights(const serve::DpScale& plan) {
         sh.pid = h[3];
         sh.fd = h[4];
         sh.bytes = h[5];
+        sh.dev = h[6];
+        sh.ino = h[7];
         m = runtime::shared_weights_map(sh, shape, runtime::dtype::f32);
         if (m && checksum_of(*m) != want) {
           log::warn("{} from rank {}: the mapped pages do not match the sender's checksum; copying instead", name,
@@ -389,7 +392,8 @@ void dp_member::prepare(const serve::DpScale& plan) {
   error_ = nullptr;
   done_ = false;
   if (index_of(plan.from_members(), me) < 0)  // a joining rank: room for the dense weights (invariant 3 fills
-    w_ = parallel::model_weights::allocate(config_, [](const std::string& name) { return !ep::ep_is_expert_param(name); });  // them, then its experts)
+    w_ = parallel::model_weights::allocate(  // them, then its experts), untouched: mapped pages may replace it
+        config_, [](const std::string& name) { return !ep::ep_is_expert_param(name); }, /*zero_fill=*/false);
   const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
   moving_ = std::thread([this, plan, to, me, layout = plan.epoch()] {
     const auto t0 = std::chrono::steady_clock::now();

@@ -144,11 +144,12 @@ model_weights model_weights::allocate(const model_config& c) {
   return w;
 }
 
-model_weights model_weights::allocate(const model_config& c, const std::function<bool(const std::string&)>& keep) {
+model_weights model_weights::allocate(const model_config& c, const std::function<bool(const std::string&)>& keep,
+                                     bool zero_fill) {
   model_weights w;
   w.init_layout(c);
   w.visit([&](const std::string& name, tensor& t, const shape_t& shape) {
-    if (keep(name)) t = tensor::zeros(shape);
+    if (keep(name)) t = zero_fill ? tensor::zeros(shape) : tensor::empty(shape);
   });
   return w;
 }

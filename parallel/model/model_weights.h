@@ -64,8 +64,11 @@ class model_weights {
 
   // All parameters of `c`, zero-filled (norm weights too).
   static model_weights allocate(const model_config& c);
-  // Only the parameters `keep` names, zero-filled; the others undefined (a shard: invariant 5).
-  static model_weights allocate(const model_config& c, const std::function<bool(const std::string&)>& keep);
+  // Only the parameters `keep` names, zero-filled (or, with zero_fill false, left uninitialised:
+  // storage to be overwritten or replaced, whose pages are not touched); the others undefined (a shard:
+  // invariant 5).
+  static model_weights allocate(const model_config& c, const std::function<bool(const std::string&)>& keep,
+                                bool zero_fill = true);
   // Seeded normal(0, std) for matrices, 1 for norm weights, 0 for biases (HF's init).
   static model_weights random_init(const model_config& c, uint64_t seed, float std = 0.02f);
   static model_weights load(const std::string& dir);

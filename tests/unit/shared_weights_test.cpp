@@ -1,7 +1,7 @@
 // Weights in memfd pages another process of the same host maps (runtime/shared_weights.h): a forked
-// child maps the parent's tensor and reads the same bytes; a handle of another boot, of the wrong size
-// or of a file that is no memfd gives nothing; a mapping is read-only; pages handed over outlive the
-// tensor that gave them.
+// child maps the parent's tensor and reads the same bytes; a handle of another boot, of the wrong size,
+// of a file that is no memfd or of another memfd gives nothing; a mapping shares the pages; pages
+// handed over outlive the tensor that gave them.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,7 +26,7 @@ bool same_bytes(const tensor& a, const tensor& b) {
   return a.nbytes() == b.nbytes() && std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) == 0;
 }
 
-TEST(SharedWeights, AnotherProcessMapsTheSamePagesReadOnly) {
+TEST(SharedWeights, AnotherProcessMapsTheSamePages) {
   const tensor src = ramp(3000);  // not a page multiple
   const tensor w = shared_weights_copy(src);
   ASSERT_TRUE(same_bytes(w, src));
@@ -81,11 +81,21 @@ TEST(SharedWeights, PagesHandedOverOutliveTheTensorThatGaveThem) {
   EXPECT_TRUE(shared_weights_handle(*m).has_value()) << "a mapping can be handed on";
 }
 
-TEST(SharedWeightsDeathTest, AMappingIsReadOnly) {
+TEST(SharedWeights, AMappingSharesThePagesBothWays) {
   const tensor w = shared_weights_copy(ramp(16));
   const auto m = shared_weights_map(*shared_weights_handle(w), {16}, dtype::f32);
   ASSERT_TRUE(m.has_value());
-  EXPECT_DEATH({ static_cast<float*>(m->data_ptr())[0] = 1.0f; }, "");
+  EXPECT_NE(m->data_ptr(), w.data_ptr()) << "a mapping of its own";
+  w.data<float>()[3] = 42.0f;  // the same pages, not a copy
+  EXPECT_EQ(m->data<float>()[3], 42.0f);
+}
+
+TEST(SharedWeights, AnotherMemfdAtTheSameNumberIsNotTaken) {
+  const tensor a = shared_weights_copy(ramp(256)), b = shared_weights_copy(ramp(256));
+  auto h = *shared_weights_handle(a);
+  const auto hb = *shared_weights_handle(b);
+  h.fd = hb.fd;  // b's descriptor under a's identity (a pid reused in another namespace)
+  EXPECT_FALSE(shared_weights_map(h, {256}, dtype::f32).has_value());
 }
 
 }  // namespace
