@@ -2,9 +2,11 @@
 # Host memory while an elastic group of the 212 M model changes size (1 -> 2 -> 4 -> 2 ranks, idle),
 # for each engine.weight_memory: shared (a joining rank of this host maps the pages it is given),
 # copy (bytes over UCX into new buffers) and reallocate (copy, and every expert a rank keeps copied
-# into a new buffer at the switch). The memory is the sum of the ranks' proportional set sizes (Pss in
-# /proc/PID/smaps_rollup: a page mapped by two ranks counts once in the sum), sampled every 10 ms;
-# prints, per mode and change, the sum before, its peak during the change and after it.
+# into a new buffer at the switch). The memory is the host's AnonPages + Shmem (/proc/meminfo: every
+# process's anonymous memory and every memfd page, each counted once, read in one go), sampled every
+# 10 ms on an otherwise idle machine; prints, per mode and change, the memory before, its peak during
+# the change and after it. (The ranks' summed Pss, also sampled, can count a page twice while it
+# changes hands between two reads.)
 #   bench/run_scale_memory.sh [WORK_DIR]    # needs build/ (troupe, troupe-launch)
 source "$(dirname "${BASH_SOURCE[0]}")/elastic_bench_lib.sh"
 bench_setup "${1:-/tmp/troupe-scale-bench}" "${1:-/tmp/troupe-scale-bench}" memory.yaml
@@ -20,14 +22,17 @@ with open(out, "w") as f:
         for line in open(log, errors="replace"):
             m = re.search(r"supervisor: rank (\d+) joined \(pid (\d+)", line)
             if m: pids[int(m.group(1))] = int(m.group(2))
-        total = 0
+        host = 0
+        for l in open("/proc/meminfo"):
+            if l.startswith("AnonPages:") or l.startswith("Shmem:"): host += int(l.split()[1])
+        pss = 0
         for p in pids.values():
             try:
                 for l in open(f"/proc/{p}/smaps_rollup"):
-                    if l.startswith("Pss:"): total += int(l.split()[1])
+                    if l.startswith("Pss:"): pss += int(l.split()[1])
             except OSError:
                 pass
-        f.write(f"{time.time():.3f} {total}\n"); f.flush()
+        f.write(f"{time.time():.3f} {host} {pss}\n"); f.flush()
         time.sleep(0.01)
 PY
 for mode in shared copy reallocate; do
@@ -57,6 +62,8 @@ def at(t):  # the last sample at or before t
 for i in range(0, len(marks), 2):
     t0, t1, m = float(marks[i][0]), float(marks[i + 1][0]), marks[i][2]
     peak = max(s[1] for s in samples if t0 <= s[0] <= t1)
-    print(f"{mode}: to {m} ranks: before {at(t0) / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB, after {at(t1) / 1024:.0f} MiB")
+    before, after = at(t0), at(t1)
+    print(f"{mode}: to {m} ranks: before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+          f"(+{(peak - before) / 1024:.0f}), after {after / 1024:.0f} MiB (+{(after - before) / 1024:.0f})")
 PY
 done

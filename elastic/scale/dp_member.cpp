@@ -263,8 +263,8 @@ void dp_member::install(const std::vector<int>& members, const std::vector<int>&
 }
 
 // Invariant 3: every tensor the change moves, in one global order. Each goes as a header (its shared
-// memory's handle, when it has one: invariant 9) and its checksum; the receiver answers whether it
-// mapped the pages, and the bytes follow when it did not.
+// memory's handle, when it has one: invariant 9); the receiver answers whether it mapped the pages,
+// and when it did not the checksum and the bytes follow.
 void dp_member::move_weights(const serve::DpScale& plan) {
   const int me = pool_.rank();
   const auto& F = plan.from_members();
@@ -276,12 +276,12 @@ void dp_member::move_weights(const serve::DpScale& plan) {
         head = {1, static_cast<int64_t>(h->boot[0]), static_cast<int64_t>(h->boot[1]), h->pid, h->fd, h->bytes,
                 h->dev, h->ino};
     xfer_.send(tensor::from_vector(head, {8}), peer, tag_weights);
-    xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
     if (head[0] == 1) {
       tensor mapped = tensor::zeros({1}, runtime::dtype::i64);
       xfer_.recv(mapped, peer, tag_weights);
       if (mapped.data<int64_t>()[0] == 1) return;
     }
+    xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
     xfer_.send(t, peer, tag_weights);
     stats_.bytes_sent += t.nbytes();
   };
@@ -289,9 +289,7 @@ void dp_member::move_weights(const serve::DpScale& plan) {
   auto recv = [&](tensor& t, const runtime::shape_t& shape, int peer, const std::string& name) {
     tensor head = tensor::zeros({8}, runtime::dtype::i64), crc = tensor::zeros({1}, runtime::dtype::i64);
     xfer_.recv(head, peer, tag_weights);
-    xfer_.recv(crc, peer, tag_weights);
     const int64_t* h = head.data<int64_t>();
-    const int64_t want = crc.data<int64_t>()[0];
     if (h[0] == 1) {
       std::optional<tensor> m;
       if (memory_ == dp_weight_memory::shared) {
@@ -303,12 +301,7 @@ void dp_member::move_weights(const serve::DpScale& plan) {
         sh.bytes = h[5];
         sh.dev = h[6];
         sh.ino = h[7];
-        m = runtime::shared_weights_map(sh, shape, runtime::dtype::f32);
-        if (m && checksum_of(*m) != want) {
-          log::warn("{} from rank {}: the mapped pages do not match the sender's checksum; copying instead", name,
-                    peer);
-          m.reset();
-        }
+        m = runtime::shared_weights_map(sh, shape, runtime::dtype::f32);  // the sender's very pages, or none
       }
       xfer_.send(tensor::from_vector(std::vector<int64_t>{m ? 1 : 0}, {1}), peer, tag_weights);
       if (m) {
@@ -319,6 +312,8 @@ void dp_member::move_weights(const serve::DpScale& plan) {
         return;
       }
     }
+    xfer_.recv(crc, peer, tag_weights);
+    const int64_t want = crc.data<int64_t>()[0];
     if (!t.defined()) t = tensor::empty(shape);
     xfer_.recv(t, peer, tag_weights);
     const int64_t got = checksum_of(t);

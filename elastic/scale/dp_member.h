@@ -1,7 +1,7 @@
 // elastic/scale/dp_member.h — one process's share of an elastic data-parallel serving group
 // (dp_group.h invariant 7): its model (dense weights and its experts) behind the MoE layers'
 // expert-parallel runner, the group's communicators, and its part in a change of size — weights
-// peer-to-peer over the pool's communicator, each with a checksum (XXH3-64), and the new group's
+// peer-to-peer (mapped pages on one host, bytes with an XXH3-64 checksum otherwise), and the new group's
 // communicators built among its ranks. A process outside the group waits as standby.
 //
 //   dp_member m(pool, xfer, make_comm, ep_options); // pool, xfer: every process able to serve, rank = pool rank
@@ -26,7 +26,7 @@
 //      serving on the old layout (they only read its weights); commit() waits for them and
 //      switches. The moves run in one global order — every dense tensor to the k-th joining rank
 //      from old member k % P, then every expert whose owner changes, from its old owner — each a
-//      blocking pair, so no two ranks wait on each other. Each tensor is followed by its XXH3-64
+//      blocking pair, so no two ranks wait on each other. Each tensor's bytes come with their XXH3-64
 //      checksum; a mismatch is errc::io naming the tensor and both ranks. Nothing is read from
 //      disk. Then the new group's ranks make its communicators (invariant 5), so once rank 0's moves
 //      are done (ready()) every rank's are: all the new ranks have received everything.
@@ -48,10 +48,11 @@
 //      while a change's weights move cannot be recovered (errc::unsupported).
 //   9. Weight memory (dp_weight_memory). shared: every weight this member holds is in a memfd of its
 //      own (runtime/shared_weights.h); a tensor moved to a rank of the same host goes as a handle
-//      that the receiver maps read-only — the same pages, no copy; the receiver checks the mapped
-//      bytes against the sender's checksum and, when it cannot map them (another host, no access,
-//      a mismatch), asks for the bytes instead. Pages given away stay alive through the receiver's
-//      mapping, so a scale-up on one host adds no weight memory at all. copy: always bytes.
+//      that the receiver maps — the sender's very pages (same boot, same memfd by device and inode,
+//      same size: a checksum of the same pages would prove nothing), no copy; when it cannot map them
+//      (another host, no access) it asks for the bytes, which come with their checksum as in
+//      invariant 3. Pages given away stay alive through the receiver's mapping, so a scale-up on one
+//      host adds no weight memory. copy: always bytes.
 //      reallocate (the baseline a benchmark compares with): bytes, and at the commit every expert a
 //      rank keeps is copied into a new buffer, as a layout change that reallocates its expert
 //      buffers would.

@@ -5,6 +5,7 @@
 // with their status and change nothing; a weight that arrives corrupted fails the change by name; a
 // server stopped while a change is under way completes it and every rank ends; a rank lost while it
 // serves is survived.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -67,6 +68,49 @@ parallel::ep::ep_options llep() {
   return o;
 }
 
+// A greedy request of n samples to `lead`; its events are collected in `out` under `mu` (by id, or
+// id#i when n > 1) and it is remembered in `sent`.
+void submit_greedy(dp_leader& lead, outcome& out, std::mutex& mu,
+                   std::vector<std::pair<std::string, std::vector<int32_t>>>& sent, const std::string& id,
+                   std::vector<int32_t> prompt, int64_t max_tokens, int64_t n) {
+  engine_request e;
+  e.id = id;
+  e.prompt = std::move(prompt);
+  e.params = greedy(max_tokens);
+  e.n = n;
+  sent.emplace_back(e.id, e.prompt);
+  e.on_event = [&out, &mu, id, n](const engine_event& ev) {
+    std::lock_guard<std::mutex> g(mu);
+    const std::string key = n == 1 ? id : fmt::format("{}#{}", id, ev.index);
+    out.ids[key].insert(out.ids[key].end(), ev.token_ids.begin(), ev.token_ids.end());
+    if (ev.finished) {
+      ++out.finished[key];
+      out.reason[key] = ev.finish_reason;
+      out.error[key] = ev.error;
+    }
+  };
+  lead.submit(std::move(e));
+}
+
+// Every sample of every request sent ended once, by length, with the tokens of generate_greedy.
+void expect_every_answer_greedy(const parallel::decoder& ref, const outcome& out,
+                                const std::vector<std::pair<std::string, std::vector<int32_t>>>& sent,
+                                const std::function<int64_t(int64_t)>& max_tokens_of,
+                                const std::function<int64_t(int64_t)>& n_of) {
+  for (const auto& [id, prompt] : sent) {
+    const int64_t k = std::stoi(id.substr(1));
+    const auto want = greedy_tail(ref, prompt, max_tokens_of(k));
+    std::vector<std::string> keys{id};
+    if (n_of(k) > 1) keys = {fmt::format("{}#0", id), fmt::format("{}#1", id)};
+    for (const auto& key : keys) {
+      EXPECT_EQ(out.finished.count(key) ? out.finished.at(key) : 0, 1) << key;
+      EXPECT_EQ(out.reason.count(key) ? out.reason.at(key) : "", "length")
+          << key << ": " << (out.error.count(key) ? out.error.at(key) : "");
+      EXPECT_EQ(out.ids.count(key) ? out.ids.at(key) : std::vector<int32_t>{}, want) << key;
+    }
+  }
+}
+
 TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
   const int W = 4;
   auto pool = runtime::make_inproc_group(W, 30000), xfer = runtime::make_inproc_group(W, 30000);
@@ -102,25 +146,9 @@ TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
     dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", 1, o.block_size), {}, m.elastic());
     int next = 0;
     auto submit = [&](int count) {
-      for (int k = 0; k < count; ++k, ++next) {
-        engine_request e;
-        e.id = "q" + std::to_string(next);
-        e.prompt = ids(5 + next % 7, next + 1, V);
-        e.params = greedy(14 + next % 5);
-        e.n = next % 5 == 3 ? 2 : 1;
-        sent.emplace_back(e.id, e.prompt);
-        e.on_event = [&, id = e.id, n = e.n](const engine_event& ev) {
-          std::lock_guard<std::mutex> g(mu);
-          const std::string key = n == 1 ? id : id + "#" + std::to_string(ev.index);
-          out.ids[key].insert(out.ids[key].end(), ev.token_ids.begin(), ev.token_ids.end());
-          if (ev.finished) {
-            ++out.finished[key];
-            out.reason[key] = ev.finish_reason;
-            out.error[key] = ev.error;
-          }
-        };
-        lead.submit(std::move(e));
-      }
+      for (int k = 0; k < count; ++k, ++next)
+        submit_greedy(lead, out, mu, sent, fmt::format("q{}", next), ids(5 + next % 7, next + 1, V),
+                      14 + next % 5, next % 5 == 3 ? 2 : 1);
     };
     auto steps = [&](int k) {
       for (int i = 0; i < k; ++i) lead.step();
@@ -172,18 +200,8 @@ TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
   // One process, so one host: every weight moved as pages (dp_member.h invariant 9), none as bytes.
   EXPECT_GT(bytes_mapped_by_joiners, 0);
   EXPECT_EQ(bytes_received_by_joiners, 0);
-  for (const auto& [id, prompt] : sent) {
-    const int64_t n = std::stoi(id.substr(1));
-    const int64_t max_tokens = 14 + n % 5;
-    const auto want = greedy_tail(ref, prompt, max_tokens);
-    const std::vector<std::string> keys = n % 5 == 3 ? std::vector<std::string>{id + "#0", id + "#1"}
-                                                     : std::vector<std::string>{id};
-    for (const auto& k : keys) {
-      EXPECT_EQ(out.finished[k], 1) << k;
-      EXPECT_EQ(out.reason[k], "length") << k << ": " << out.error[k];
-      EXPECT_EQ(out.ids[k], want) << k;
-    }
-  }
+  expect_every_answer_greedy(
+      ref, out, sent, [](int64_t k) { return 14 + k % 5; }, [](int64_t k) { return k % 5 == 3 ? 2 : 1; });
 }
 
 // A pool communicator whose first weight message (dp_member's tag) arrives with one byte flipped.
@@ -410,25 +428,9 @@ void lose_a_rank_while_serving(loss_point when) {
     leader = &lead;
     int next = 0;
     auto submit = [&](int count) {
-      for (int k = 0; k < count; ++k, ++next) {
-        engine_request e;
-        e.id = "q" + std::to_string(next);
-        e.prompt = ids(5 + next % 7, next + 3, V);
-        e.params = greedy(12 + next % 5);
-        e.n = next % 4 == 1 ? 2 : 1;
-        sent.emplace_back(e.id, e.prompt);
-        e.on_event = [&, id = e.id, n = e.n](const engine_event& ev) {
-          std::lock_guard<std::mutex> g(mu);
-          const std::string key = n == 1 ? id : id + "#" + std::to_string(ev.index);
-          out.ids[key].insert(out.ids[key].end(), ev.token_ids.begin(), ev.token_ids.end());
-          if (ev.finished) {
-            ++out.finished[key];
-            out.reason[key] = ev.finish_reason;
-            out.error[key] = ev.error;
-          }
-        };
-        lead.submit(std::move(e));
-      }
+      for (int k = 0; k < count; ++k, ++next)
+        submit_greedy(lead, out, mu, sent, fmt::format("q{}", next), ids(5 + next % 7, next + 3, V),
+                      12 + next % 5, next % 4 == 1 ? 2 : 1);
     };
     auto change = [&](int ranks) {
       lead.request_scale(ranks);
@@ -493,17 +495,8 @@ void lose_a_rank_while_serving(loss_point when) {
     EXPECT_EQ(recovered.state, "done") << "the change completed, then the group recovered";
   EXPECT_EQ(last.ranks, 2);
   ASSERT_EQ(sent.size(), 20u);
-  for (const auto& [id, prompt] : sent) {
-    const int64_t n = std::stoi(id.substr(1));
-    const auto want = greedy_tail(ref, prompt, 12 + n % 5);
-    const std::vector<std::string> keys = n % 4 == 1 ? std::vector<std::string>{id + "#0", id + "#1"}
-                                                     : std::vector<std::string>{id};
-    for (const auto& k : keys) {
-      EXPECT_EQ(out.finished[k], 1) << k;
-      EXPECT_EQ(out.reason[k], "length") << k << ": " << out.error[k];
-      EXPECT_EQ(out.ids[k], want) << k;
-    }
-  }
+  expect_every_answer_greedy(
+      ref, out, sent, [](int64_t k) { return 12 + k % 5; }, [](int64_t k) { return k % 4 == 1 ? 2 : 1; });
 }
 
 TEST(DpScale, ARankLostBetweenIterationsIsSurvivedAndEveryAnswerStaysEqualToGenerateGreedy) {
