@@ -17,6 +17,7 @@
 #include <string>
 
 #include "runtime/error.h"
+#include "runtime/process_limits.h"
 
 namespace troupe::runtime {
 
@@ -91,6 +92,7 @@ void shared_weights_boot_id(uint64_t out[2]) {
 
 tensor shared_weights_copy(const tensor& t) {
   if (!t.defined() || !t.device().is_cpu()) return t;
+  raise_open_file_limit();  // a descriptor per tensor (invariant 1)
   const tensor src = t.is_contiguous() ? t : t.contiguous();
   const size_t bytes = src.nbytes();
   auto r = std::make_shared<region>();

@@ -10,7 +10,8 @@
 // Invariants:
 //   1. Each tensor has a memfd of its own, sized to its bytes rounded up to pages, mapped shared:
 //      pages handed to another process live while either holds them and are freed when both let
-//      go (a rank that gives an expert away releases its tensor; the receiver keeps the pages).
+//      go (a rank that gives an expert away releases its tensor; the receiver keeps the pages). A
+//      descriptor per tensor: the open-file limit is raised to its hard limit first.
 //   2. shared_weights_handle answers only for whole, contiguous tensors made by shared_weights_copy
 //      or shared_weights_map, while they are alive; nothing otherwise.
 //   3. shared_weights_map answers nothing — never a wrong mapping — unless the handle comes from this

@@ -7,7 +7,6 @@
 #include "elastic/server/http_front.h"
 
 #include <fmt/format.h>
-#include <sys/resource.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -22,6 +21,7 @@
 
 #include "runtime/error.h"
 #include "runtime/log.h"
+#include "runtime/process_limits.h"
 
 namespace troupe::elastic {
 
@@ -46,18 +46,6 @@ std::string reason_phrase(int status) {
   return r.empty() ? std::string("Unknown") : std::string(r);
 }
 
-// Raises RLIMIT_NOFILE's soft limit to the hard one (once): every connection is a descriptor.
-void raise_fd_limit() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    rlimit rl{};
-    if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;
-    const rlim_t was = rl.rlim_cur;
-    rl.rlim_cur = rl.rlim_max;
-    if (::setrlimit(RLIMIT_NOFILE, &rl) == 0)
-      log::debug("http: open-file limit raised from {} to {}", was, static_cast<uint64_t>(rl.rlim_max));
-  });
-}
 
 }  // namespace
 
@@ -532,7 +520,7 @@ void http_front::route(const std::string& method, const std::string& path, http_
 void http_front::start() {
   auto& m = *impl_;
   TROUPE_CHECK(!m.started, errc::invalid_argument, "http_front: already started");
-  raise_fd_limit();
+  runtime::raise_open_file_limit();
   beast::error_code ec;
   const auto addr = net::ip::make_address(m.o.host, ec);
   TROUPE_CHECK(!ec, errc::io, "serve: cannot listen on {}:{}: '{}' is not an IP address ({})", m.o.host, m.o.port,
