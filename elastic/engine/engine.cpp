@@ -283,7 +283,7 @@ void engine::replay(sequence& s, const engine_request::resumed& from) {
       TROUPE_THROW(errc::invalid_argument, "request {}: resumed token {} does not fit its JSON grammar", s.req.id, t);
   }
   s.got_first = !from.tokens.empty();
-  s.last_token = clk::now();
+  s.last_token = clk::now() - from.last_token_age;
 }
 
 void engine::finish(sequence& s, const std::string& reason, const std::string& error) {

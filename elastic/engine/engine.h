@@ -40,7 +40,9 @@
 //      penalties, the detokenizer, the stop strings and the grammar, so the next event continues the
 //      text exactly where the client's stream stopped; max_tokens, min_tokens and completion_tokens
 //      count them; its events carry the sample's index. Greedy output goes on as if never moved
-//      (invariant 5); a seeded random sample goes on with fresh draws of its seed.
+//      (invariant 5); a seeded random sample goes on with fresh draws of its seed. Its latencies go on
+//      too: TTFT from its arrival (engine_request::arrival, the first rank's), the gap to its next
+//      token from the last one its client got (resumed::last_token_age).
 //   9. A guided request (sampling_params::grammar) samples only tokens its JSON matcher allows;
 //      it finishes with "stop" once the value is complete and nothing more may follow (eos is
 //      allowed as soon as it is complete). Text never ends inside a UTF-8 character: an
@@ -124,6 +126,7 @@ struct engine_request {
     std::vector<int32_t> tokens;       // what it generated and the client has been sent
     double cumulative_logprob = 0;     // of those tokens
     bool prompt_logprobs_sent = false;
+    std::chrono::microseconds last_token_age{0};  // since the client got its last token (TPOT goes on)
   };
   std::optional<resumed> resume;
   // Admitted by a serving group already and moved here (dp_group.h invariant 7): never refused for a

@@ -141,6 +141,7 @@ engine_request request_of(const serve::DpRequest& q, std::map<std::string, std::
     from.tokens.assign(q.resume_tokens().begin(), q.resume_tokens().end());
     from.cumulative_logprob = q.resume_cumulative_logprob();
     from.prompt_logprobs_sent = q.resume_prompt_logprobs_sent();
+    from.last_token_age = std::chrono::microseconds(q.resume_last_token_us());
     r.resume = std::move(from);
   }
   return r;
@@ -353,6 +354,8 @@ void dp_leader::submit(engine_request r) {
       s.spec = *q;
       s.sent.resize(static_cast<size_t>(r.n));
       s.cumulative.assign(static_cast<size_t>(r.n), 0.0);
+      s.last_sent.assign(static_cast<size_t>(r.n), r.arrival);
+      s.arrival = r.arrival;
       arrivals_[r.id] = r.arrival;
       requests_.emplace(r.id, std::move(s));
       samples_ += r.n;
@@ -432,6 +435,7 @@ void dp_leader::deliver(const std::string& id, const engine_event& e) {
     if (!s.sent.empty() && s.rank[i] != 0) {
       s.sent[i].insert(s.sent[i].end(), e.token_ids.begin(), e.token_ids.end());
       s.cumulative[i] = e.cumulative_logprob;
+      if (!e.token_ids.empty()) s.last_sent[i] = clk::now();
       s.prompt_logprobs_sent |= !e.prompt_logprobs.empty();
     }
     if (e.finished) {
@@ -523,7 +527,11 @@ void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> sam
   const int64_t bs = eng_.options().block_size;
   bool whole = static_cast<int64_t>(samples.size()) == std::max<int64_t>(q.n(), 1) && !s.prompt_logprobs_sent;
   for (int i : samples) whole = whole && s.sent[static_cast<size_t>(i)].empty();
+  const auto now = clk::now();
   auto send = [&](serve::DpRequest one) {
+    // Its latencies go on from where they were: TTFT from the arrival at rank 0, the next token's gap
+    // from the last one its client got (engine.h invariant 10).
+    one.set_waited_us(std::chrono::duration_cast<std::chrono::microseconds>(now - s.arrival).count());
     std::vector<int32_t> tokens(one.prompt().begin(), one.prompt().end());
     tokens.insert(tokens.end(), one.resume_tokens().begin(), one.resume_tokens().end());
     for (size_t r = 0; r < loads_.size(); ++r) loads_[r].pending_blocks = pending_blocks_[r];
@@ -535,11 +543,7 @@ void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> sam
       return rank;
     }
     const std::string id = one.id();
-    const auto now = clk::now();
-    if (auto it = arrivals_.find(id); it != arrivals_.end()) {  // never sent: its TTFT counts from its arrival
-      one.set_waited_us(std::chrono::duration_cast<std::chrono::microseconds>(now - it->second).count());
-      arrivals_.erase(it);
-    }
+    arrivals_.erase(id);
     try {
       engine_request r = request_of(one, grammars_, now);
       r.admitted = true;  // never refused for a full queue (engine.h)
@@ -574,6 +578,8 @@ void dp_leader::place(serve::DpRequest q, request_state& s, std::vector<int> sam
     one.clear_resume_tokens();
     for (int32_t t : s.sent[k]) one.add_resume_tokens(t);
     one.set_resume_cumulative_logprob(s.cumulative[k]);
+    if (!s.sent[k].empty())
+      one.set_resume_last_token_us(std::chrono::duration_cast<std::chrono::microseconds>(now - s.last_sent[k]).count());
     one.set_resume_prompt_logprobs_sent(s.prompt_logprobs_sent);
     s.rank[k] = send(std::move(one));
     ++scale_.moved_samples;

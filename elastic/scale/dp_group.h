@@ -197,6 +197,8 @@ class dp_leader final : public step_driver {
     serve::DpRequest spec;   // a remote request as sent (to move its samples)
     std::vector<std::vector<int32_t>> sent;  // per sample: the token ids delivered so far
     std::vector<double> cumulative;          // per sample: the last cumulative logprob delivered
+    std::vector<std::chrono::steady_clock::time_point> last_sent;  // per sample: when its last token went out
+    std::chrono::steady_clock::time_point arrival;                 // at rank 0 (a moved sample's TTFT starts here)
     bool prompt_logprobs_sent = false;
     bool remote_unfinished() const;
   };

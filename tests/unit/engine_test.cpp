@@ -352,4 +352,44 @@ TEST(Engine, AGroupStepAbortedMidwayIsUndoneAndRunsAgainWithTheSameOutput) {
   EXPECT_EQ(g.out["x"].finished, 1);
 }
 
+// A moved sample's latencies go on from where they were (engine.h invariant 10): the gap to its next
+// token counts from the last token its client got, and one moved before its first token counts its
+// TTFT from its arrival at the first rank.
+TEST(Engine, AResumedSampleKeepsTheLatenciesItHadBeforeTheMove) {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  harness h("llama_gqa", o);
+  const int64_t V = h.dec->config().vocab_size;
+  const auto prompt = prompt_of(9, 5, V);
+  const auto plain = h.greedy(prompt, 6);
+  auto run = [&](const std::string& id, std::vector<int32_t> sent, std::chrono::milliseconds since_arrival,
+                 std::chrono::milliseconds since_last_token) {
+    engine_request r;
+    r.id = id;
+    r.prompt = prompt;
+    r.params = greedy_params(6);
+    r.arrival = std::chrono::steady_clock::now() - since_arrival;
+    engine_request::resumed from;
+    from.tokens = std::move(sent);
+    from.last_token_age = since_last_token;
+    r.resume = from;
+    bool done = false;
+    r.on_event = [&](const engine_event& e) { done |= e.finished; };
+    h.eng->submit(std::move(r));
+    for (int i = 0; i < 1000 && !done; ++i) h.eng->step();
+    ASSERT_TRUE(done) << id;
+  };
+  const auto ttft0 = h.eng->ttft_histogram(), tpot0 = h.eng->tpot_histogram();
+  run("after3", {plain[0], plain[1], plain[2]}, std::chrono::milliseconds(5000), std::chrono::milliseconds(2000));
+  const auto ttft1 = h.eng->ttft_histogram(), tpot1 = h.eng->tpot_histogram();
+  EXPECT_EQ(ttft1.n, ttft0.n) << "its first token went out before the move";
+  EXPECT_EQ(tpot1.n - tpot0.n, 3) << "tokens 4, 5 and 6";
+  EXPECT_GE(tpot1.sum - tpot0.sum, 2.0) << "the gap across the move counts from the client's last token";
+  run("before1", {}, std::chrono::milliseconds(1500), std::chrono::milliseconds(0));
+  const auto ttft2 = h.eng->ttft_histogram();
+  EXPECT_EQ(ttft2.n - ttft1.n, 1);
+  EXPECT_GE(ttft2.sum - ttft1.sum, 1.5) << "its TTFT counts from its arrival, not from the move";
+}
+
 }  // namespace
