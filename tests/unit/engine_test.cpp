@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <optional>
 #include <stdexcept>
 
@@ -19,6 +20,14 @@ namespace {
 using namespace troupe;
 using namespace troupe::elastic;
 using namespace troupe_test;
+
+// Blocks of 4 tokens, 64 of them: the small cache most tests here use.
+engine_options small_cache() {
+  engine_options o;
+  o.block_size = 4;
+  o.num_blocks = 64;
+  return o;
+}
 
 void expect_greedy_equal(const std::string& fixture, engine_options o, bool shared_prefix) {
   harness h(fixture, o);
@@ -122,9 +131,7 @@ TEST(Engine, SeededSamplingDoesNotDependOnTheBatch) {
 }
 
 TEST(Engine, AbortFreesTheRequestAndStopStringsEndIt) {
-  engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 64;
+  engine_options o = small_cache();
   harness h("llama_gqa", o);
   const int64_t V = h.dec->config().vocab_size;
   h.submit("long", prompt_of(10, 1, V), greedy_params(200));
@@ -163,14 +170,17 @@ TEST(Engine, BadRequestsAreRefusedBeforeQueueing) {
 }
 
 // Every event of one request, in order, stepped until it finished.
+// since_arrival: how long ago it reached the first rank (its TTFT counts from there).
 std::vector<engine_event> run_logged(harness& h, const std::string& id, const std::vector<int32_t>& prompt,
-                                     sampling_params p, std::optional<engine_request::resumed> resume = {}) {
+                                     sampling_params p, std::optional<engine_request::resumed> resume = {},
+                                     std::chrono::milliseconds since_arrival = std::chrono::milliseconds(0)) {
   std::vector<engine_event> events;
   engine_request r;
   r.id = id;
   r.prompt = prompt;
   r.params = p;
   r.resume = resume;
+  r.arrival = std::chrono::steady_clock::now() - since_arrival;
   r.on_event = [&](const engine_event& e) { events.push_back(e); };
   h.eng->submit(std::move(r));
   for (int i = 0; i < 1000 && (events.empty() || !events.back().finished); ++i) h.eng->step();
@@ -178,9 +188,7 @@ std::vector<engine_event> run_logged(harness& h, const std::string& id, const st
 }
 
 TEST(Engine, AResumedSampleContinuesTheStreamExactlyAfterAnyEvent) {
-  engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 64;
+  engine_options o = small_cache();
   harness h("llama_gqa", o);
   const int64_t V = h.dec->config().vocab_size;
   const auto prompt = prompt_of(9, 5, V);
@@ -267,9 +275,7 @@ class tokenizer_without final : public byte_tokenizer_base {
 };
 
 TEST(Engine, ATokenTheTokenizerCannotDecodeEndsItsSampleAloneWithAnError) {
-  engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 64;
+  engine_options o = small_cache();
   harness probe("llama_gqa", o);
   const int64_t V = probe.dec->config().vocab_size;
   const auto bad_prompt = prompt_of(9, 5, V);
@@ -356,29 +362,18 @@ TEST(Engine, AGroupStepAbortedMidwayIsUndoneAndRunsAgainWithTheSameOutput) {
 // token counts from the last token its client got, and one moved before its first token counts its
 // TTFT from its arrival at the first rank.
 TEST(Engine, AResumedSampleKeepsTheLatenciesItHadBeforeTheMove) {
-  engine_options o;
-  o.block_size = 4;
-  o.num_blocks = 64;
+  engine_options o = small_cache();
   harness h("llama_gqa", o);
   const int64_t V = h.dec->config().vocab_size;
   const auto prompt = prompt_of(9, 5, V);
   const auto plain = h.greedy(prompt, 6);
   auto run = [&](const std::string& id, std::vector<int32_t> sent, std::chrono::milliseconds since_arrival,
                  std::chrono::milliseconds since_last_token) {
-    engine_request r;
-    r.id = id;
-    r.prompt = prompt;
-    r.params = greedy_params(6);
-    r.arrival = std::chrono::steady_clock::now() - since_arrival;
     engine_request::resumed from;
     from.tokens = std::move(sent);
     from.last_token_age = since_last_token;
-    r.resume = from;
-    bool done = false;
-    r.on_event = [&](const engine_event& e) { done |= e.finished; };
-    h.eng->submit(std::move(r));
-    for (int i = 0; i < 1000 && !done; ++i) h.eng->step();
-    ASSERT_TRUE(done) << id;
+    const auto events = run_logged(h, id, prompt, greedy_params(6), from, since_arrival);
+    ASSERT_TRUE(!events.empty() && events.back().finished) << id;
   };
   const auto ttft0 = h.eng->ttft_histogram(), tpot0 = h.eng->tpot_histogram();
   run("after3", {plain[0], plain[1], plain[2]}, std::chrono::milliseconds(5000), std::chrono::milliseconds(2000));
