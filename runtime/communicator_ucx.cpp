@@ -15,6 +15,10 @@ std::unique_ptr<ucx_communicator> make_ucx_communicator(bootstrap&, const ucx_op
                "reconfigure, or use another communicator backend");
 }
 
+std::unique_ptr<ucx_communicator> make_ucx_joining_communicator(int, const ucx_options&) {
+  TROUPE_THROW(errc::unsupported, "make_ucx_joining_communicator: troupe was built without UCX");
+}
+
 }  // namespace troupe::runtime
 
 #else
@@ -28,6 +32,7 @@ std::unique_ptr<ucx_communicator> make_ucx_communicator(bootstrap&, const ucx_op
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -203,6 +208,7 @@ struct peer_slot {
   ucp_ep_h ep = nullptr;
   ucs_status_t failed = UCS_OK;  // set by the endpoint error handler
   std::string closed;            // why this side closed the endpoint, if it did
+  bool resolved = true;          // false: a rank that joined later, not met yet (invariant 9)
 };
 
 void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -215,18 +221,43 @@ void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
 
 class ucx_comm final : public ucx_communicator {
  public:
-  ucx_comm(bootstrap& boot, const ucx_options& o)
-      : rank_(boot.rank()), size_(boot.size()), options_(o), slots_(static_cast<size_t>(boot.size())) {
-    TROUPE_CHECK(size_ >= 1 && size_ <= max_ranks, errc::invalid_argument, "ucx communicator: {} ranks (1..{})",
-                 size_, max_ranks);
+  ucx_comm(int rank, int size, const ucx_options& o) : rank_(rank), size_(size), options_(o) {
+    TROUPE_CHECK(size_ >= 1 && size_ <= max_ranks && rank_ >= 0 && rank_ < size_, errc::invalid_argument,
+                 "ucx communicator: rank {} of {} ranks (1..{})", rank_, size_, max_ranks);
     TROUPE_CHECK(o.timeout_ms > 0, errc::invalid_argument, "ucx communicator: timeout_ms {} must be > 0", o.timeout_ms);
+    slots_.resize(static_cast<size_t>(size_));
     for (int r = 0; r < size_; ++r) slots_[static_cast<size_t>(r)].peer = r;
   }
 
   // Everything that can fail after the object exists, so the destructor cleans up.
   void init(bootstrap& boot) {
-    const std::string where = fmt::format("ucx communicator rank {} of {} (UCX_TLS '{}')", rank_, size_,
-                                          options_.transports.empty() ? "default" : options_.transports);
+    start_worker();
+    const std::vector<std::string> addrs = boot.all_gather(address_);
+    TROUPE_CHECK(static_cast<int>(addrs.size()) == size_, errc::internal, "{}: bootstrap returned {} addresses",
+                 label(), addrs.size());
+    for (int r = 0; r < size_; ++r)
+      if (r != rank_) connect(slot(r), addrs[static_cast<size_t>(r)]);
+    barrier();  // every endpoint carries a message once before anyone relies on it
+    log::debug("ucx: rank {} of {} connected (UCX_TLS '{}')", rank_, size_, options_.transports);
+  }
+
+  // Invariant 9: a rank joining a group that exists; its peers are met when first used.
+  void init_joining() {
+    TROUPE_CHECK(options_.resolve_peer != nullptr, errc::invalid_argument,
+                 "ucx communicator: rank {} joins a group that exists, so it needs ucx_options::resolve_peer", rank_);
+    start_worker();
+    for (int r = 0; r < rank_; ++r) slot(r).resolved = false;
+    log::debug("ucx: rank {} joined (UCX_TLS '{}')", rank_, options_.transports);
+  }
+
+  std::string label() const {
+    return fmt::format("ucx communicator rank {} of {} (UCX_TLS '{}')", rank_, size_,
+                       options_.transports.empty() ? "default" : options_.transports);
+  }
+
+  // The UCP context and worker, and this worker's address.
+  void start_worker() {
+    const std::string where = label();
     const std::string& tls = options_.transports;
     if (tls.empty() || tls.find("posix") != std::string::npos || tls.find("sysv") != std::string::npos ||
         tls.find("sm") != std::string::npos || tls.find("mm") != std::string::npos || tls.find("all") != std::string::npos)
@@ -264,42 +295,38 @@ class ucx_comm final : public ucx_communicator {
     ucp_address_t* addr = nullptr;
     size_t addr_len = 0;
     TROUPE_UCX_CHECK(ucp_worker_get_address(worker_, &addr, &addr_len), "{}", where);
-    const std::string mine(reinterpret_cast<const char*>(addr), addr_len);
+    address_.assign(reinterpret_cast<const char*>(addr), addr_len);
     ucp_worker_release_address(worker_, addr);
-    const std::vector<std::string> addrs = boot.all_gather(mine);
-    TROUPE_CHECK(static_cast<int>(addrs.size()) == size_, errc::internal, "{}: bootstrap returned {} addresses",
-                 where, addrs.size());
+  }
 
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_) continue;
-      peer_slot& s = slots_[static_cast<size_t>(r)];
-      ucp_ep_params_t ep{};
-      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep.address = reinterpret_cast<const ucp_address_t*>(addrs[static_cast<size_t>(r)].data());
-      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-      ep.err_handler.cb = on_ep_error;
-      ep.err_handler.arg = &s;
-      ucs_status_t st = UCS_ERR_UNREACHABLE;
-      if (peer_errors_) st = ucp_ep_create(worker_, &ep, &s.ep);
-      if (st == UCS_ERR_UNREACHABLE) {
-        // These transports cannot report a failed peer (e.g. shared memory with
-        // UCX_MM_ERROR_HANDLING=n), so UCP refuses them in peer error mode. Connect
-        // without it: a dead peer then surfaces as a timeout, never as a hang.
-        if (peer_errors_)
-          log::warn("ucx: rank {}: transports '{}' cannot detect a failed peer; a dead peer shows only as a "
-                    "{} ms timeout",
-                    rank_, options_.transports.empty() ? "default" : options_.transports, options_.timeout_ms);
-        peer_errors_ = false;
-        ep.field_mask &= ~static_cast<uint64_t>(UCP_EP_PARAM_FIELD_ERR_HANDLER);
-        ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
-        st = ucp_ep_create(worker_, &ep, &s.ep);
-      }
-      if (st != UCS_OK)
-        TROUPE_THROW(ucx_errc(st), "{}: ucp_ep_create to rank {} failed: {}", where, r, ucs_status_string(st));
+  // The endpoint to s.peer at its worker address.
+  void connect(peer_slot& s, const std::string& address) {
+    const int r = s.peer;
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = on_ep_error;
+    ep.err_handler.arg = &s;
+    ucs_status_t st = UCS_ERR_UNREACHABLE;
+    if (peer_errors_) st = ucp_ep_create(worker_, &ep, &s.ep);
+    if (st == UCS_ERR_UNREACHABLE) {
+      // These transports cannot report a failed peer (e.g. shared memory with
+      // UCX_MM_ERROR_HANDLING=n), so UCP refuses them in peer error mode. Connect
+      // without it: a dead peer then surfaces as a timeout, never as a hang.
+      if (peer_errors_)
+        log::warn("ucx: rank {}: transports '{}' cannot detect a failed peer; a dead peer shows only as a "
+                  "{} ms timeout",
+                  rank_, options_.transports.empty() ? "default" : options_.transports, options_.timeout_ms);
+      peer_errors_ = false;
+      ep.field_mask &= ~static_cast<uint64_t>(UCP_EP_PARAM_FIELD_ERR_HANDLER);
+      ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
+      st = ucp_ep_create(worker_, &ep, &s.ep);
     }
-    barrier();  // every endpoint carries a message once before anyone relies on it
-    log::debug("ucx: rank {} of {} connected (UCX_TLS '{}')", rank_, size_, options_.transports);
+    if (st != UCS_OK)
+      TROUPE_THROW(ucx_errc(st), "{}: ucp_ep_create to rank {} failed: {}", label(), r, ucs_status_string(st));
+    s.resolved = true;
   }
 
   ~ucx_comm() override {
@@ -325,6 +352,7 @@ class ucx_comm final : public ucx_communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "ucx"; }
+  std::string address() const override { return address_; }
 
   void abort(const std::string& reason) override {
     {
@@ -654,8 +682,30 @@ class ucx_comm final : public ucx_communicator {
                    op, rank_, broken_);
   }
 
+  // Invariant 9: a rank that joined later, met here. Slots up to it; when `connect_now`, its endpoint
+  // first (a rank whose address never comes leaves the group as it was).
+  void meet(int peer, bool connect_now) {
+    if (peer < size_) return;
+    std::string addr;
+    if (connect_now) addr = resolve(peer);
+    while (size_ <= peer) {
+      slots_.emplace_back();
+      slots_.back().peer = size_;
+      slots_.back().resolved = false;
+      ++size_;
+    }
+    if (connect_now) connect(slot(peer), addr);
+  }
+  std::string resolve(int peer) {
+    std::string addr = options_.resolve_peer(peer);
+    TROUPE_CHECK(!addr.empty(), errc::io, "ucx: rank {}: no worker address for rank {}", rank_, peer);
+    return addr;
+  }
+  bool may_grow_to(int peer) const { return options_.resolve_peer != nullptr && peer >= 0 && peer < max_ranks; }
+
   void check_alive(const char* op, int peer) {
-    const peer_slot& s = slot(peer);
+    peer_slot& s = slot(peer);
+    if (!s.resolved) connect(s, resolve(peer));
     if (s.failed != UCS_OK)
       TROUPE_THROW(errc::io, "{}: rank {}: peer rank {} failed earlier ({}); is rank {} alive?", op, rank_, peer,
                    ucs_status_string(s.failed), peer);
@@ -664,15 +714,18 @@ class ucx_comm final : public ucx_communicator {
   }
 
   void check_p2p(const char* op, int peer, int tag, bool sending) {
-    TROUPE_CHECK(peer >= 0 && peer < size_ && peer != rank_, errc::invalid_argument, "{}: bad peer {} (rank {} of {})",
-                 op, peer, rank_, size_);
+    TROUPE_CHECK(((peer >= 0 && peer < size_) || may_grow_to(peer)) && peer != rank_, errc::invalid_argument,
+                 "{}: bad peer {} (rank {} of {})", op, peer, rank_, size_);
+    meet(peer, sending);
     TROUPE_CHECK(tag >= 0 && tag < max_user_tag, errc::invalid_argument, "{}: tag {} not in [0, {})", op, tag,
                  max_user_tag);
     if (sending) check_alive(op, peer);
   }
 
   void check_remote(const char* op, int peer, const remote_region& r, size_t offset, size_t n) {
-    TROUPE_CHECK(peer >= 0 && peer < size_, errc::invalid_argument, "{}: peer {} not in [0, {})", op, peer, size_);
+    TROUPE_CHECK((peer >= 0 && peer < size_) || may_grow_to(peer), errc::invalid_argument, "{}: peer {} not in [0, {})",
+                 op, peer, size_);
+    meet(peer, peer != rank_);
     TROUPE_CHECK(r.rank == peer, errc::invalid_argument, "{}: the region belongs to rank {}, not peer {}", op, r.rank,
                  peer);
     TROUPE_CHECK(offset <= r.nbytes && n <= r.nbytes - offset, errc::out_of_range,
@@ -878,12 +931,14 @@ class ucx_comm final : public ucx_communicator {
     if (r != nullptr && !UCS_PTR_IS_ERR(r)) closing_.push_back(r);
   }
 
-  const int rank_, size_;
+  const int rank_;
+  int size_;  // grows as later ranks are met (invariant 9)
   const ucx_options options_;
+  std::string address_;  // this worker's
   std::shared_ptr<ucx_context> ctx_;
   ucp_worker_h worker_ = nullptr;
   int efd_ = -1;  // the worker's event fd (UCP_FEATURE_WAKEUP), -1 when it has none
-  std::vector<peer_slot> slots_;  // never resized: endpoint error handlers point into it
+  std::deque<peer_slot> slots_;  // grows only at the back: endpoint error handlers point into it
   std::vector<void*> closing_;
   std::vector<std::vector<xfer>> orphans_;  // transfers that outlived their op (see fail)
   bool peer_errors_ = true;  // endpoints report a failed peer (UCP_ERR_HANDLING_MODE_PEER)
@@ -900,8 +955,14 @@ class ucx_comm final : public ucx_communicator {
 }  // namespace
 
 std::unique_ptr<ucx_communicator> make_ucx_communicator(bootstrap& boot, const ucx_options& options) {
-  auto c = std::make_unique<ucx_comm>(boot, options);
+  auto c = std::make_unique<ucx_comm>(boot.rank(), boot.size(), options);
   c->init(boot);
+  return c;
+}
+
+std::unique_ptr<ucx_communicator> make_ucx_joining_communicator(int rank, const ucx_options& options) {
+  auto c = std::make_unique<ucx_comm>(rank, rank + 1, options);
+  c->init_joining();
   return c;
 }
 

@@ -36,9 +36,16 @@
 //      shared memory report failures at all, the first communicator sets
 //      UCX_MM_ERROR_HANDLING=y for the process unless the environment chose already.
 //   8. Built without UCX, make_ucx_communicator throws errc::unsupported.
+//   9. A group that grows (ucx_options::resolve_peer set: the elastic serving pool). A rank that
+//      joins later is made by make_ucx_joining_communicator at its rank, with no collective; the
+//      others learn its worker address from resolve_peer when they first send to it, and a
+//      receive from it needs no address at all. size() is one more than the highest rank this
+//      side has met, so it may differ between ranks: such a group does point-to-point only.
+//      Only the endpoint to a peer is made lazily; resolve_peer runs on the owning thread.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -56,6 +63,9 @@ struct ucx_options : communicator_options {
   // instead of spinning: for a communicator whose ranks may wait long (an idle serving group). UCX
   // then uses only transports that can signal events (tcp, posix, sysv do).
   bool sleep_when_idle = false;
+  // Invariant 9: the worker address of `rank`, which joined after the group was made. Blocks
+  // until it is known; throws (errc::io, naming the rank) when it never comes.
+  std::function<std::string(int rank)> resolve_peer;
 };
 
 // Local memory pinned for one-sided access (ucp_mem_map). Copies share the mapping,
@@ -96,11 +106,16 @@ class ucx_communicator : public communicator {
   // Reads dst.nbytes() bytes at src.address + offset (bytes) on `peer` into dst.
   virtual void get(tensor& dst, int peer, const remote_region& src, size_t offset) = 0;
   virtual void flush(int peer) = 0;
+  // This rank's worker address: what a rank that joins later passes to resolve_peer.
+  virtual std::string address() const = 0;
 };
 
 // Collective over `boot`: every rank of the bootstrap calls it (UCP context, worker,
 // address exchange, endpoints). Throws errc::unsupported when the transports cannot
 // reach a peer or UCX is missing from this build.
 std::unique_ptr<ucx_communicator> make_ucx_communicator(bootstrap& boot, const ucx_options& options = {});
+// Invariant 9: rank `rank` of a group that exists (made with the same resolve_peer), joining it
+// alone; every peer is found through options.resolve_peer, which must be set.
+std::unique_ptr<ucx_communicator> make_ucx_joining_communicator(int rank, const ucx_options& options);
 
 }  // namespace troupe::runtime

@@ -5,10 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <barrier>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <ostream>
 #include <thread>
@@ -364,5 +366,105 @@ TEST(CommunicatorUcxFailures, VanishedPeerIsAnErrorNamingIt) {
     EXPECT_NE(later.message().find("rank 1"), std::string::npos) << later.what();
   });
 }
+
+// A group that grows (invariant 9): two ranks made together, then ranks 2 and 3 join alone. Each
+// publishes its worker address in a directory the resolver reads (the supervisor's part in troupe
+// serve). Messages go every way: old to new (the sender meets the joiner on first use), new to old,
+// and joiner to joiner; a rank whose address never comes is an error naming it; without a resolver
+// a rank past the group is still refused.
+class GrowingUcx : public ::testing::TestWithParam<transport> {};
+
+TEST_P(GrowingUcx, RanksThatJoinLaterReachAndAreReachedByEveryone) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<int, std::string> directory;
+  ucx_options o = options_for(GetParam(), 20000);
+  o.resolve_peer = [&](int rank) {
+    std::unique_lock<std::mutex> l(mu);
+    if (rank >= 4 || !cv.wait_for(l, std::chrono::seconds(10), [&] { return directory.count(rank) > 0; }))
+      TROUPE_THROW(errc::io, "rank {} never published its address", rank);
+    return directory[rank];
+  };
+  auto publish = [&](int rank, const std::string& addr) {
+    std::lock_guard<std::mutex> g(mu);
+    directory[rank] = addr;
+    cv.notify_all();
+  };
+  auto value = [](int from, int to) { return static_cast<float>(100 * from + to); };
+  auto send_to = [&](communicator& c, int to) { c.send(tensor::from_vector(std::vector<float>{value(c.rank(), to)}, {1}), to, 3); };
+  auto recv_from = [&](communicator& c, int from) {
+    tensor t = tensor::zeros({1});
+    c.recv(t, from, 3);
+    return t.data<float>()[0];
+  };
+  std::vector<std::map<int, float>> got(4);
+  std::vector<int> sizes(4, 0);
+  std::vector<std::exception_ptr> errors(4);
+  std::string unsupported;
+  auto body = [&](int rank, communicator& c) {
+    const int P = 4;
+    for (int to = 0; to < P; ++to)  // everyone sends to everyone (eager: small messages)
+      if (to != rank) send_to(c, to);
+    for (int from = 0; from < P; ++from)
+      if (from != rank) got[static_cast<size_t>(rank)][from] = recv_from(c, from);
+    sizes[static_cast<size_t>(rank)] = c.size();
+  };
+  auto boots = make_inproc_bootstraps(2, 20000);
+  std::barrier done(4);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 4; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        std::unique_ptr<ucx_communicator> c;
+        try {
+          c = r < 2 ? make_ucx_communicator(*boots[static_cast<size_t>(r)], o) : make_ucx_joining_communicator(r, o);
+        } catch (const error& e) {
+          if (e.code() != errc::unsupported) throw;
+          std::lock_guard<std::mutex> g(mu);
+          unsupported = e.what();
+          publish(r, "");
+          return;
+        }
+        EXPECT_EQ(c->size(), r < 2 ? 2 : r + 1);
+        publish(r, c->address());
+        body(r, *c);
+        if (r == 0) {  // a rank that never comes: the resolver's error, naming it
+          const error e = expect_error([&] { send_to(*c, 9); });
+          EXPECT_EQ(e.code(), errc::io) << e.what();
+          EXPECT_NE(e.message().find("rank 9"), std::string::npos) << e.what();
+          EXPECT_EQ(c->size(), 4);
+        }
+        done.arrive_and_wait();  // the endpoints close together, as the ranks of a service do
+      } catch (...) {
+        errors[static_cast<size_t>(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  if (!unsupported.empty()) GTEST_SKIP() << "UCX transports '" << o.transports << "' unavailable here: " << unsupported;
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  for (int r = 0; r < 4; ++r) {
+    for (int from = 0; from < 4; ++from)
+      if (from != r) {
+        EXPECT_EQ(got[static_cast<size_t>(r)][from], value(from, r)) << "rank " << r << " from " << from;
+      }
+    EXPECT_EQ(sizes[static_cast<size_t>(r)], 4) << "rank " << r;
+  }
+}
+
+TEST_P(GrowingUcx, WithoutAResolverARankPastTheGroupIsRefused) {
+  RUN_RANKS_OR_SKIP(2, options_for(GetParam(), 20000), [&](int rank, ucx_communicator& c) {
+    if (rank != 0) return;
+    const error e = expect_error([&] { c.send(tensor::zeros({1}), 2, 3); });
+    EXPECT_EQ(e.code(), errc::invalid_argument) << e.what();
+    EXPECT_NE(e.message().find("bad peer 2"), std::string::npos) << e.what();
+    const error j = expect_error([&] { make_ucx_joining_communicator(2, options_for(GetParam(), 20000)); });
+    EXPECT_EQ(j.code(), errc::invalid_argument) << j.what();
+    EXPECT_NE(j.message().find("resolve_peer"), std::string::npos) << j.what();
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, GrowingUcx, ::testing::Values(tcp, shm),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 #endif  // TROUPE_HAVE_UCX
