@@ -38,8 +38,12 @@ bool is_loopback(const std::string& host) { return host == "127.0.0.1" || host =
 }  // namespace
 
 cluster_node::cluster_node(const cluster_options& options) : o_(options) {
-  TROUPE_CHECK(o_.world_size >= 1 && o_.rank >= 0 && o_.rank < o_.world_size, errc::invalid_argument,
-               "cluster: rank {} of {} is not a valid rank", o_.rank, o_.world_size);
+  TROUPE_CHECK(o_.late_join || (o_.world_size >= 1 && o_.rank >= 0 && o_.rank < o_.world_size),
+               errc::invalid_argument, "cluster: rank {} of {} is not a valid rank", o_.rank, o_.world_size);
+  if (o_.late_join) {  // invariant 5: the supervisor gives the rank
+    o_.rank = -1;
+    o_.world_size = 0;
+  }
   TROUPE_CHECK(!o_.cluster_token.empty(), errc::invalid_argument,
                "cluster: no cluster token (TROUPE_CLUSTER_TOKEN); troupe-launch sets one, mpirun jobs get one "
                "from rank 0");
@@ -54,6 +58,7 @@ cluster_node::cluster_node(const cluster_options& options) : o_(options) {
     so.join_timeout_ms = o_.join_timeout_ms;
     so.max_restarts = o_.max_restarts;
     so.keep_members = o_.keep_members;
+    so.open_slots = o_.open_slots;
     so.rebalance_experts = o_.rebalance_experts;
     so.experts = o_.experts;
     supervisor_ = spawn_supervisor(*system_, so);
@@ -114,6 +119,7 @@ void cluster_node::start() {
     }
   }
   worker_->join(sup);
+  o_.rank = worker_->rank();
 }
 
 int cluster_node::wait() {

@@ -20,6 +20,9 @@
 //      token authenticates joins but the TCP stream is plain. (caf_openssl without
 //      certificates falls back to anonymous Diffie-Hellman: encrypted, but it
 //      authenticates no one — troupe refuses that mode rather than pretend.)
+//   5. late_join: the process joins a group that already serves (supervisor.h invariant 8);
+//      rank() is -1 until start() returns, then the rank the supervisor gave it. open_slots on
+//      rank 0 says how many such processes may be members at once.
 #pragma once
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
@@ -55,6 +58,8 @@ struct cluster_options {
   int join_timeout_ms = 60000;
   int max_restarts = 0;
   bool keep_members = false;  // supervisor.h invariant 7 (an elastic serving group)
+  int open_slots = 0;         // rank 0: late members alive at once (invariant 5)
+  bool late_join = false;     // this process joins a running group (invariant 5)
   // The supervisor's expert placement (parallel/ep/ep_rebalance.h).
   bool rebalance_experts = false;
   parallel::ep::ep_rebalance_options experts;
@@ -69,7 +74,8 @@ class cluster_node {
   cluster_node(const cluster_node&) = delete;
   cluster_node& operator=(const cluster_node&) = delete;
 
-  bool is_supervisor() const { return o_.rank == 0; }
+  bool is_supervisor() const { return o_.rank == 0 && !o_.late_join; }
+  int rank() const { return o_.rank; }            // -1 for a late join until start() returns
   int supervisor_port() const { return port_; }  // the bound port (rank 0)
   worker& local_worker() { return *worker_; }
   supervisor_client& driver();                    // rank 0 only

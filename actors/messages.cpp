@@ -24,12 +24,15 @@ void add_control_messages(caf::actor_system_config& cfg) {
   add<control::Progress>(cfg);
   add<control::ExpertLoads>(cfg);
   add<control::MemberLost>(cfg);
+  add<control::Publish>(cfg);
+  add<control::Lookup>(cfg);
+  add<control::Published>(cfg);
 }
 
 const std::vector<std::string>& control_message_names() {
   static const std::vector<std::string> names{"Join",  "JoinReply", "Heartbeat", "Command",  "StatsReport",
                                               "PlacementUpdate", "Scale", "Shutdown", "Exchange", "ExchangeResult", "Progress",
-                                              "ExpertLoads", "MemberLost"};
+                                              "ExpertLoads", "MemberLost", "Publish", "Lookup", "Published"};
   return names;
 }
 

@@ -54,6 +54,7 @@ using progress_atom = caf::atom_constant<caf::atom("progress")>;
 using members_atom = caf::atom_constant<caf::atom("members")>;
 using expert_loads_atom = caf::atom_constant<caf::atom("exp_loads")>;
 using placements_atom = caf::atom_constant<caf::atom("placements")>;
+using late_join_atom = caf::atom_constant<caf::atom("late_join")>;
 
 // Registers every control message (control.proto) under "troupe.<Name>".
 void add_control_messages(caf::actor_system_config& cfg);

@@ -46,6 +46,10 @@ struct supervisor_state {
   std::map<int, member> members;  // by launcher rank
   int64_t epoch = 0;              // 0 while ranks are still joining
   std::vector<int> group;         // launcher ranks of the current group, in group-rank order
+  std::vector<int> late;          // launcher ranks of late members, in join order (invariant 8)
+  int next_rank = 0;              // the rank the next late member gets
+  std::map<std::string, std::map<int, std::string>> published;                        // key -> rank -> blob
+  std::map<std::pair<std::string, int>, std::vector<caf::response_promise>> lookups;  // waiting for one
   int restarts_used = 0;
   bool failed = false;
   bool stopping = false;          // shut down (or torn down): members leaving is expected
@@ -82,6 +86,13 @@ control::Scale group_message(const supervisor_state& st, const std::string& reas
   for (int r : st.group) s.add_members(r);
   s.set_reason(reason);
   return s;
+}
+
+// The group and the late members after it: every rank a command runs on, in group-rank order.
+std::vector<int> everyone(const supervisor_state& st) {
+  std::vector<int> all = st.group;
+  all.insert(all.end(), st.late.begin(), st.late.end());
+  return all;
 }
 
 void send_command_to_group(sup_actor self) {
@@ -125,7 +136,7 @@ void fail_all(sup_actor self, int failed_rank, const std::string& what) {
 void complete_command(sup_actor self) {
   auto& st = self->state;
   std::vector<control::StatsReport> out;
-  for (int g : st.group) {
+  for (int g : everyone(st)) {
     if (!st.members[g].alive) continue;
     auto it = st.cmd.reports.find(g);
     if (it == st.cmd.reports.end()) return;
@@ -157,10 +168,20 @@ void lose(sup_actor self, int rank, const std::string& reason) {
   log::error("supervisor: {} lost: {}", who, reason);
   if (st.failed) return;
   const std::string what = fmt::format("{} lost: {}", who, reason);
+  for (auto it2 = st.lookups.begin(); it2 != st.lookups.end();) {  // invariant 9: it publishes nothing more
+    if (it2->first.second != rank) {
+      ++it2;
+      continue;
+    }
+    for (auto& p : it2->second) p.deliver(failure_error(fmt::format("lookup '{}' of {}: {}", it2->first.first, who, what)));
+    it2 = st.lookups.erase(it2);
+  }
+  for (auto& [key, by_rank] : st.published) by_rank.erase(rank);
   if (st.epoch == 0) return fail_all(self, rank, what + " (before the group formed)");
-  if (std::find(st.group.begin(), st.group.end(), rank) == st.group.end()) return;
+  const std::vector<int> all = everyone(st);
+  if (std::find(all.begin(), all.end(), rank) == all.end()) return;
   std::vector<int> survivors;
-  for (int r : st.group)
+  for (int r : all)
     if (st.members[r].alive) survivors.push_back(r);
   if (st.o.keep_members && rank != 0 && !survivors.empty()) {  // invariant 7
     log::warn("supervisor: the group goes on without {} ({} members left)", who, survivors.size());
@@ -211,6 +232,7 @@ bool token_matches(const std::string& a, const std::string& b) {
 
 caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
   self->state.o = o;
+  self->state.next_rank = o.world_size;
   self->state.balancer = expert_balancer(o.experts);
   self->set_down_handler([=](caf::down_msg& dm) {
     for (auto& [r, m] : self->state.members)
@@ -223,15 +245,27 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         control::JoinReply reply;
         reply.set_heartbeat_interval_ms(st.o.heartbeat_interval_ms);
         reply.set_expert_load_decay(st.o.experts.decay);
-        std::string why;
-        if (!token_matches(j.cluster_token(), st.o.cluster_token)) why = "wrong cluster token";
-        else if (j.rank() < 0 || j.rank() >= st.o.world_size)
-          why = fmt::format("rank {} outside the world of {}", j.rank(), st.o.world_size);
-        else if (j.world_size() != st.o.world_size)
-          why = fmt::format("world size {} differs from the supervisor's {}", j.world_size(), st.o.world_size);
-        else if (st.members.count(j.rank())) why = fmt::format("rank {} has already joined", j.rank());
-        else if (st.failed) why = "the job has already failed: " + st.failure;
-        else if (st.epoch != 0) why = "the group has already formed";
+        const bool late = j.rank() == -1;  // invariant 8
+        int late_alive = 0;
+        for (int r : st.late) late_alive += st.members[r].alive ? 1 : 0;
+        const std::string why = [&]() -> std::string {
+          if (!token_matches(j.cluster_token(), st.o.cluster_token)) return "wrong cluster token";
+          if (st.failed) return "the job has already failed: " + st.failure;
+          if (late) {
+            if (!st.o.keep_members || st.o.open_slots <= 0)
+              return "this group takes no late joins (troupe-launch --open-slots N opens some)";
+            if (st.epoch == 0) return "the group has not formed yet: join once it serves";
+            if (late_alive >= st.o.open_slots) return fmt::format("all {} open slot(s) are taken", st.o.open_slots);
+            return "";
+          }
+          if (j.rank() < 0 || j.rank() >= st.o.world_size)
+            return fmt::format("rank {} outside the world of {}", j.rank(), st.o.world_size);
+          if (j.world_size() != st.o.world_size)
+            return fmt::format("world size {} differs from the supervisor's {}", j.world_size(), st.o.world_size);
+          if (st.members.count(j.rank())) return fmt::format("rank {} has already joined", j.rank());
+          if (st.epoch != 0) return "the group has already formed";
+          return "";
+        }();
         if (!why.empty()) {
           log::warn("supervisor: refused a join claiming rank {} from pid {} on {}: {}", j.rank(), j.pid(), j.host(),
                     why);
@@ -242,10 +276,22 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         j.clear_cluster_token();
         auto handle = caf::actor_cast<caf::actor>(self->current_sender());
         self->monitor(handle);
+        if (late) {
+          j.set_rank(st.next_rank++);
+          st.late.push_back(j.rank());
+          st.members[j.rank()] = member{j, handle, clock_type::now(), true};
+          log::info("supervisor: rank {} joined the running group late (pid {} on {}, {}); {} of {} open slot(s) used",
+                    j.rank(), j.pid(), j.host(), j.device(), late_alive + 1, st.o.open_slots);
+          reply.set_accepted(true);
+          reply.set_rank(j.rank());
+          self->send(self, late_join_atom::value, j.rank());  // after the reply: its group and command
+          return reply;
+        }
         st.members[j.rank()] = member{j, handle, clock_type::now(), true};
         log::info("supervisor: rank {} joined (pid {} on {}, {}); {} of {}", j.rank(), j.pid(), j.host(), j.device(),
                   st.members.size(), st.o.world_size);
         reply.set_accepted(true);
+        reply.set_rank(j.rank());
         if (static_cast<int>(st.members.size()) == st.o.world_size) {
           // Reply first so the worker knows it is in before the group message arrives.
           self->send(self, wait_group_atom::value, true);
@@ -253,6 +299,56 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         return reply;
       },
       [=](wait_group_atom, bool) { form_group(self); },
+      [=](late_join_atom, int rank) {
+        auto& st = self->state;
+        auto it = st.members.find(rank);
+        if (it == st.members.end() || !it->second.alive || st.failed) return;
+        control::Scale s;
+        s.set_epoch(st.epoch);
+        for (int r : everyone(st)) {
+          s.add_members(r);
+          if (r == rank) break;
+        }
+        s.set_reason("joined the running group");
+        self->send(it->second.handle, s);
+        if (st.cmd.active) self->send(it->second.handle, st.cmd.cmd);
+      },
+      [=](control::Publish& p) {  // invariant 9
+        auto& st = self->state;
+        const int r = sender_rank(self);
+        if (r < 0) return;
+        st.published[p.key()][r] = p.blob();
+        control::Published out;
+        out.set_key(p.key());
+        out.set_rank(r);
+        out.set_blob(p.blob());
+        if (auto it = st.lookups.find({p.key(), r}); it != st.lookups.end()) {
+          for (auto& w : it->second) w.deliver(out);
+          st.lookups.erase(it);
+        }
+        for (const auto& [rank, m] : st.members)
+          if (m.alive && rank != r) self->send(m.handle, out);
+      },
+      [=](control::Lookup& l) -> caf::result<control::Published> {
+        auto& st = self->state;
+        if (sender_rank(self) < 0) return failure_error("lookup from a non-member");
+        const auto m = st.members.find(l.rank());
+        if (m == st.members.end() && l.rank() < st.next_rank && st.epoch != 0)
+          return failure_error(fmt::format("lookup '{}': rank {} never joined", l.key(), l.rank()));
+        if (m != st.members.end() && !m->second.alive)
+          return failure_error(fmt::format("lookup '{}': {} was lost", l.key(), describe(st, l.rank())));
+        if (auto k = st.published.find(l.key()); k != st.published.end())
+          if (auto b = k->second.find(l.rank()); b != k->second.end()) {
+            control::Published out;
+            out.set_key(l.key());
+            out.set_rank(l.rank());
+            out.set_blob(b->second);
+            return out;
+          }
+        auto rp = self->make_response_promise();
+        st.lookups[{l.key(), l.rank()}].push_back(rp);
+        return rp;
+      },
       [=](control::Heartbeat& h) {
         const int r = sender_rank(self);
         if (r < 0 || r != h.rank()) return;

@@ -32,6 +32,16 @@
 //      nothing: the group keeps its epoch, every surviving member gets MemberLost{epoch, rank,
 //      reason} and rebuilds what it shared with that rank itself, the lost one gets Shutdown in
 //      case it comes back, and a command in flight completes with the survivors' reports.
+//   8. Late joins (keep_members and open_slots > 0): once the group formed, a Join with rank -1
+//      and the cluster token gets the next launcher rank never used (world_size, world_size + 1,
+//      ...) while fewer than open_slots late members are alive. The late member is monitored like
+//      any other and comes after the group in members order (its group rank is its place there),
+//      gets that group as a Scale of the current epoch and the running command; the group's
+//      members are not told (they learn of it through what it publishes, invariant 9). A late
+//      member takes part in no Exchange: it finds the others through Lookup.
+//   9. Publish{key, blob} from a member is kept per (key, rank) and forwarded to every other
+//      member alive as Published; Lookup{key, rank} is answered once that rank published the key,
+//      and fails when the rank is lost (or was never a member).
 #pragma once
 #include <caf/all.hpp>
 
@@ -51,6 +61,7 @@ struct supervisor_options {
   int join_timeout_ms = 60000;       // every rank must have joined by then
   int max_restarts = 0;              // group rebuilds allowed after losing members
   bool keep_members = false;         // invariant 7: a lost member leaves the group, which goes on
+  int open_slots = 0;                // invariant 8: late members alive at once (with keep_members)
   // Expert placement (invariant 6): decay of the load EMA, imbalance threshold (native per-rank
   // max/mean), patience and cooldown in steps, the improvement a change must promise.
   bool rebalance_experts = true;

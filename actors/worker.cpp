@@ -53,6 +53,7 @@ struct worker_shared {
   std::vector<int> loss_members;
   std::vector<runtime::communicator*> loss_comms;
   std::function<void(int, const std::string&)> on_lost;
+  std::function<void(const std::string&, int, const std::string&)> on_published;  // invariant 6
   void member_lost(const control::MemberLost& m) {
     std::lock_guard<std::mutex> g(mu);
     if (m.epoch() != epoch || std::find(lost.begin(), lost.end(), m.rank()) != lost.end()) return;
@@ -126,6 +127,7 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
             }
             {
               std::lock_guard<std::mutex> g(sh->mu);
+              if (sh->o.rank < 0) sh->o.rank = r.rank();  // invariant 7
               sh->state = worker_shared::phase::joined;
               sh->expert_load_decay = r.expert_load_decay();
               sh->cv.notify_all();
@@ -163,6 +165,18 @@ caf::behavior worker_actor(caf::event_based_actor* self, std::shared_ptr<worker_
       },
       [=](control::Scale& s) { sh->new_group(s); },
       [=](control::MemberLost& m) { sh->member_lost(m); },
+      [=](control::Published& p) {
+        std::lock_guard<std::mutex> g(sh->mu);
+        if (sh->on_published) sh->on_published(p.key(), p.rank(), p.blob());
+      },
+      [=](control::Publish& p) { self->send(sup, p); },
+      [=](control::Lookup& l, int timeout_ms) {
+        auto rp = self->make_response_promise();
+        self->request(sup, std::chrono::milliseconds(timeout_ms), std::move(l))
+            .then([rp](control::Published& r) mutable { rp.deliver(std::move(r)); },
+                  [rp](caf::error& err) mutable { rp.deliver(std::move(err)); });
+        return rp;
+      },
       [=](control::Shutdown& s) {
         sh->finish(s.exit_code(), s.reason());
         self->quit();
@@ -236,6 +250,7 @@ void compute_loop(std::shared_ptr<worker_shared> sh) {
     ctx.set_active(nullptr);
     ctx.set_loss_comms({}, {});
     ctx.on_member_lost(nullptr);
+    ctx.on_published(nullptr);
     fill_memory(sh->o.device, *rep.mutable_memory());
     (*rep.mutable_timings_s())["command"] =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -328,6 +343,32 @@ void worker_context::set_loss_comms(std::vector<int> members, std::vector<runtim
 void worker_context::on_member_lost(std::function<void(int rank, const std::string& reason)> callback) {
   std::lock_guard<std::mutex> g(shared_->mu);
   shared_->on_lost = std::move(callback);
+}
+
+void worker_context::publish(const std::string& key, const std::string& blob) {
+  control::Publish p;
+  p.set_key(key);
+  p.set_blob(blob);
+  caf::anon_send(shared_->actor, std::move(p));
+}
+
+std::string worker_context::lookup(const std::string& key, int of_rank, int timeout_ms) {
+  control::Lookup l;
+  l.set_key(key);
+  l.set_rank(of_rank);
+  caf::scoped_actor self{*shared_->system};
+  std::string out, err;
+  self->request(shared_->actor, std::chrono::milliseconds(timeout_ms + 1000), std::move(l), timeout_ms)
+      .receive([&](control::Published& p) { out = p.blob(); }, [&](caf::error& x) { err = render(*shared_->system, x); });
+  TROUPE_CHECK(err.empty(), errc::io, "rank {}: looking up '{}' of rank {} through the supervisor: {}", rank(), key,
+               of_rank, err);
+  return out;
+}
+
+void worker_context::on_published(
+    std::function<void(const std::string& key, int rank, const std::string& blob)> callback) {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  shared_->on_published = std::move(callback);
 }
 
 std::vector<int> worker_context::lost_members() const {
@@ -447,5 +488,10 @@ std::string worker::exit_reason() const {
 }
 
 caf::actor worker::handle() const { return shared_->actor; }
+
+int worker::rank() const {
+  std::lock_guard<std::mutex> g(shared_->mu);
+  return shared_->o.rank;
+}
 
 }  // namespace troupe::actors

@@ -27,6 +27,12 @@
 //      command's on_member_lost callback runs on the actor's thread (it must not block), then the
 //      communicators registered with set_loss_comms() whose members include it are aborted with
 //      the reason. Both registrations end with the command.
+//   6. Publish / Lookup (supervisor.h invariant 9): publish() never blocks; lookup() blocks until
+//      the rank published the key (or was lost, or the timeout passed: errc::io naming the key and
+//      rank); the command's on_published callback runs on the actor's thread for every value
+//      another member publishes (it must not block) and ends with the command.
+//   7. A worker made with rank -1 joins a running group late (supervisor.h invariant 8): rank() is
+//      the rank the supervisor gave it, from the JoinReply on.
 #pragma once
 #include <caf/all.hpp>
 
@@ -89,6 +95,10 @@ class worker_context {
   void set_loss_comms(std::vector<int> members, std::vector<runtime::communicator*> comms);
   void on_member_lost(std::function<void(int rank, const std::string& reason)> callback);
   std::vector<int> lost_members() const;  // launcher ranks lost while this group ran, in order
+  // Invariant 6.
+  void publish(const std::string& key, const std::string& blob);
+  std::string lookup(const std::string& key, int rank, int timeout_ms);
+  void on_published(std::function<void(const std::string& key, int rank, const std::string& blob)> callback);
   // This process's actor system (a command may spawn actors of its own, e.g. the serve scheduler).
   caf::actor_system& system() const;
 
@@ -116,6 +126,7 @@ class worker {
   int wait();
   std::string exit_reason() const;
   caf::actor handle() const;
+  int rank() const;  // the rank it joined as (invariant 7: given by the supervisor to a late join)
 
  private:
   std::shared_ptr<worker_shared> shared_;

@@ -7,7 +7,9 @@
 #include <fmt/ranges.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <functional>
 #include <thread>
 
@@ -81,7 +83,37 @@ void loss_command(const Command&, actors::worker_context& ctx, control::StatsRep
                             fmt::join(ctx.lost_members(), ","), aborted, ctx.epoch(), ctx.group_over()));
 }
 
+// Publishes "a<rank>" under "addr". The first members wait (up to 10 s) to hear rank 2 publish and
+// then look it up; rank 2, a late member, looks up ranks 0 and 1.
+void publish_command(const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
+  std::mutex mu;
+  std::vector<std::string> heard;
+  ctx.on_published([&](const std::string& key, int rank, const std::string& blob) {
+    std::lock_guard<std::mutex> g(mu);
+    heard.push_back(fmt::format("{}:{}={}", key, rank, blob));
+  });
+  ctx.publish("addr", fmt::format("a{}", ctx.rank()));
+  std::string looked;
+  if (ctx.rank() < 2) {
+    for (int i = 0; i < 2000; ++i) {
+      {
+        std::lock_guard<std::mutex> g(mu);
+        if (std::find(heard.begin(), heard.end(), "addr:2=a2") != heard.end()) break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    looked = ctx.lookup("addr", 2, 10000);
+  } else {
+    looked = ctx.lookup("addr", 0, 10000) + "," + ctx.lookup("addr", 1, 10000);
+  }
+  std::lock_guard<std::mutex> g(mu);
+  rep.add_lines(fmt::format("rank {} = {} of {} in epoch {}; heard rank 2: {}; looked up {}", ctx.rank(),
+                            ctx.group_rank(), ctx.group_size(), ctx.epoch(),
+                            std::find(heard.begin(), heard.end(), "addr:2=a2") != heard.end(), looked));
+}
+
 void register_handlers(actors::cluster_node& node) {
+  node.local_worker().on(Command::TRAIN, publish_command);
   node.local_worker().on(Command::RUN_SELFTEST, gather_command);
   node.local_worker().on(Command::SERVE, loss_command);
   node.local_worker().on(Command::COLLECTIVE_LOOP, slow_command);
@@ -273,6 +305,85 @@ TEST(ActorsCluster, WithKeepMembersALostRankIsNamedToTheSurvivorsAndTheGroupGoes
   EXPECT_EQ(sup.wait(), 0);
   for (auto& w : workers) w->t.join();
   EXPECT_EQ(workers[0]->code, 0);
+}
+
+// supervisor.h invariants 8 and 9: with open slots a process joins the group that is running
+// its command late, gets the next rank, the group and the command; values it publishes reach the
+// others, and it looks theirs up. A join past the open slots, or with the wrong token, is refused.
+TEST(ActorsCluster, WithOpenSlotsAProcessJoinsTheRunningGroupLateAndFindsTheOthers) {
+  auto o = opts(0, 2, 0);
+  o.keep_members = true;
+  o.open_slots = 1;
+  actors::cluster_node sup(o);
+  register_handlers(sup);
+  auto workers = start_workers(2, sup.supervisor_port());
+  sup.start();
+  sup.driver().wait_for_group(20000);
+  const int port = sup.supervisor_port();
+  std::atomic<int> late_code{-1}, late_rank{-1};
+  std::thread late([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the command is running by then
+    auto lo = opts(0, 0, port);
+    lo.late_join = true;
+    actors::cluster_node node(lo);
+    register_handlers(node);
+    node.start();
+    late_rank = node.rank();
+    late_code = node.wait();
+  });
+  std::string refused_slot, refused_token;
+  std::thread refused([&] {
+    while (late_rank < 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    for (const std::string token : {"s3cret-token", "wrong"}) {
+      auto lo = opts(0, 0, port, token);
+      lo.late_join = true;
+      actors::cluster_node node(lo);
+      try {
+        node.start();
+      } catch (const runtime::error& e) {
+        (token == "wrong" ? refused_token : refused_slot) = e.what();
+      }
+    }
+  });
+  Command c;
+  c.set_id(4);
+  c.set_kind(Command::TRAIN);
+  const auto reports = sup.driver().run(c, 30000);
+  refused.join();
+  ASSERT_EQ(reports.size(), 3u);
+  for (const auto& rep : reports) ASSERT_TRUE(rep.ok()) << rep.error();
+  EXPECT_EQ(reports[0].lines(0), "rank 0 = 0 of 2 in epoch 1; heard rank 2: true; looked up a2");
+  EXPECT_EQ(reports[1].lines(0), "rank 1 = 1 of 2 in epoch 1; heard rank 2: true; looked up a2");
+  EXPECT_EQ(reports[2].rank(), 2);
+  EXPECT_EQ(reports[2].lines(0), "rank 2 = 2 of 3 in epoch 1; heard rank 2: false; looked up a0,a1");
+  EXPECT_NE(refused_slot.find("all 1 open slot(s) are taken"), std::string::npos) << refused_slot;
+  EXPECT_NE(refused_token.find("wrong cluster token"), std::string::npos) << refused_token;
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
+  for (auto& w : workers) w->t.join();
+  late.join();
+  EXPECT_EQ(late_rank, 2);
+  EXPECT_EQ(late_code, 0);
+}
+
+TEST(ActorsCluster, AGroupWithoutOpenSlotsRefusesALateJoin) {
+  auto o = opts(0, 1, 0);
+  o.keep_members = true;
+  actors::cluster_node sup(o);
+  sup.start();
+  sup.driver().wait_for_group(20000);
+  auto lo = opts(0, 0, sup.supervisor_port());
+  lo.late_join = true;
+  actors::cluster_node node(lo);
+  try {
+    node.start();
+    FAIL() << "a late join was accepted";
+  } catch (const runtime::error& e) {
+    EXPECT_NE(std::string(e.what()).find("takes no late joins (troupe-launch --open-slots N"), std::string::npos)
+        << e.what();
+  }
+  sup.driver().shutdown("test done", 0);
+  EXPECT_EQ(sup.wait(), 0);
 }
 
 namespace {

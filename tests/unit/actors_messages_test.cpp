@@ -137,7 +137,13 @@ auto one_of_each() {
   el.add_ema(40.5), el.add_ema(0.0), el.add_ema(3.25), el.add_loads(41), el.add_loads(0), el.add_loads(3);
   control::MemberLost ml;
   ml.set_epoch(1), ml.set_rank(2), ml.set_reason("connection lost");
-  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr, el, ml);
+  control::Publish pu;
+  pu.set_key("ucx.pool"), pu.set_blob(std::string("\0addr\xff", 6));
+  control::Lookup lk;
+  lk.set_key("ucx.pool"), lk.set_rank(5);
+  control::Published pd;
+  pd.set_key("serve.standby"), pd.set_rank(5), pd.set_blob("1");
+  return std::make_tuple(j, jr, h, c, s, p, sc, sd, e, er, pr, el, ml, pu, lk, pd);
 }
 
 }  // namespace
@@ -151,8 +157,8 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
   auto remote = sys.middleman().remote_actor("127.0.0.1", child.port);
   ASSERT_TRUE(remote) << sys.render(remote.error());
   const auto all = one_of_each();
-  static_assert(std::tuple_size_v<decltype(all)> == 13);
-  ASSERT_EQ(actors::control_message_names().size(), 13u);
+  static_assert(std::tuple_size_v<decltype(all)> == 16);
+  ASSERT_EQ(actors::control_message_names().size(), 16u);
   int checked = 0;
   std::apply(
       [&](const auto&... msg) {
@@ -167,7 +173,7 @@ TEST(ActorsMessages, EveryControlMessageCrossesTheMiddlemanAndComesBackEqual) {
         (one(msg), ...);
       },
       all);
-  EXPECT_EQ(checked, 13);
+  EXPECT_EQ(checked, 16);
 }
 
 TEST(ActorsMessages, AnUnregisteredTypeWorksLocallyButNotAcrossTheNetwork) {
