@@ -67,8 +67,11 @@ std::vector<std::string> available_backends(const std::string& request) {
 }
 
 actors::cluster_options cluster_options_for(const rank_info& r, const cluster_setup_options& o) {
+  TROUPE_CHECK(!r.late_join || o.late_join_ok, errc::invalid_argument,
+               "TROUPE_JOIN=1 (troupe-launch --join): only troupe serve joins a running group");
   start_mpi_if_launched(r);
   actors::cluster_options co;
+  co.late_join = r.late_join;
   co.rank = r.rank;
   co.world_size = r.world_size;
   co.host = this_hostname();

@@ -36,6 +36,7 @@ struct cluster_setup_options {
   int heartbeat_timeout_ms = 5000;
   int join_timeout_ms = 60000;
   int max_restarts = 0;
+  bool late_join_ok = false;  // the command can join a running group (rank_env.h invariant 4): serve
   std::vector<std::string> backends;  // offered by this process (see available_backends)
 };
 

@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -85,6 +86,7 @@ struct serve_options {
   int heartbeat_timeout_ms = 10000;
   int min_ranks = 1;  // an elastic group's least size (TROUPE_MIN_RANKS from troupe-launch)
   bool elastic = false;  // more processes than engine.ranks, or started by troupe-launch --max-ranks
+  int open_slots = 0;    // processes that may join from outside (TROUPE_OPEN_SLOTS: troupe-launch --open-slots)
 };
 
 // A quarter of MemAvailable (/proc/meminfo), at most 4 GiB, shared by the ranks on this host: the
@@ -145,6 +147,7 @@ struct serving {
   elastic::dp_leader* elastic = nullptr;  // an elastic group's leader: /admin/scale
   int min_ranks = 1;                      // ... and the least size its autoscaler may choose
   std::function<void(int)> on_lost;       // ... and what a lost member (launcher rank) means to it
+  int open_slots = 0;                     // ... and how many processes may join it from outside
 };
 
 // /admin/scale over the data-parallel group's leader.
@@ -216,7 +219,7 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
   if (sv.elastic && as.enabled()) {
     elastic::autoscale_options ao;
     ao.min_ranks = sv.min_ranks;
-    ao.max_ranks = sv.elastic->scale_status().pool_ranks;
+    ao.max_ranks = sv.elastic->scale_status().pool_ranks + sv.open_slots;  // bounded by obs.able as well
     ao.ttft_slo_s = static_cast<double>(as.ttft_slo_ms()) / 1000.0;
     ao.queue_per_rank = as.queue_per_rank();
     ao.shrink_below = as.shrink_below();
@@ -272,6 +275,7 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
         obs.now_ms = now_ms;
         obs.ranks = st.ranks;
         obs.changing = st.state == "pending" || st.state == "moving";
+        obs.able = st.pool_ranks;
         obs.waiting = sum.gauges.waiting;
         obs.kv_usage = sum.gauges.kv_usage;
         obs.ttft = sum.ttft;
@@ -317,21 +321,59 @@ void lead(actors::worker_context& ctx, control::StatsReport& rep, const serve::S
 
 constexpr int tag_group_boot = 20113;  // a new layout's communicator addresses, over the pool
 
-// An elastic group (more processes than engine.ranks): the pool of every process over UCX, each
-// rank's dp_member, standby ranks waiting to be taken in (dp_member.h).
+// What the pool's members publish through the supervisor (actors/supervisor.h invariant 9), so that a
+// process joining from outside finds them and rank 0 learns it may take it in.
+constexpr const char* key_pool = "serve.pool";        // a member's two pool worker addresses
+constexpr const char* key_blocks = "serve.kv_blocks";  // rank 0: KV blocks per rank in this group
+constexpr const char* key_standby = "serve.standby";   // a joined process waits as standby
+
+std::string pack_addresses(const std::string& a, const std::string& b) {
+  return fmt::format("{}:", a.size()) + a + b;
+}
+std::string unpack_address(const std::string& blob, int which, int rank) {
+  const size_t colon = blob.find(':');
+  size_t n = 0;
+  const bool ok = colon != std::string::npos && colon > 0 &&
+                  std::from_chars(blob.data(), blob.data() + colon, n).ec == std::errc() && colon + 1 + n <= blob.size();
+  TROUPE_CHECK(ok, errc::io, "rank {}'s pool addresses are malformed ({} bytes)", rank, blob.size());
+  return which == 0 ? blob.substr(colon + 1, n) : blob.substr(colon + 1 + n);
+}
+
+// An elastic group (more processes than engine.ranks, or open to processes joining from outside):
+// the pool of every process over UCX, each rank's dp_member, standby ranks waiting to be taken in
+// (dp_member.h). Pool rank = launcher rank: a group that keeps its members is never renumbered, and a
+// process that joins late gets the next rank (actors/supervisor.h invariant 8).
 void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, const serve::ServeSpec& spec,
-                       const rank_info& r, const parallel::text_tokenizer& tok, int min_ranks) {
-  const int rank = ctx.group_rank(), pool_n = ctx.group_size();
+                       const rank_info& r, const parallel::text_tokenizer& tok, const serve_options& opts) {
+  const int rank = ctx.rank();
+  const bool late = r.late_join;
+  if (late) runtime::log::set_rank(rank);
+  TROUPE_CHECK(ctx.group_rank() == rank, errc::internal, "rank {} is group rank {}: an elastic pool is never renumbered",
+               rank, ctx.group_rank());
   const int first = static_cast<int>(spec.engine().ranks());
-  std::vector<int> all(static_cast<size_t>(pool_n));
-  for (int i = 0; i < pool_n; ++i) all[static_cast<size_t>(i)] = i;
+  const int min_ranks = opts.min_ranks;
   // The pool waits as long as the service lives (a standby rank may wait days); a lost process is
-  // found by the supervisor's heartbeats, which abort it.
-  std::unique_ptr<runtime::communicator> pool =
-      make_subgroup_comm("ucx", ctx, all, 0, "pool", std::numeric_limits<int>::max(), /*sleep_when_idle=*/true);
-  // The weights of a change move on a second one, on a thread of their own, while the rank serves
-  // (used only during a change, so it may spin: UCX keeps its fastest transports, e.g. cma).
-  std::unique_ptr<runtime::communicator> xfer = make_subgroup_comm("ucx", ctx, all, 0, "pool_moves", 300000);
+  // found by the supervisor's heartbeats, which abort it. The weights of a change move on a second
+  // one, on a thread of their own, while the rank serves (used only during a change, so it may spin:
+  // UCX keeps its fastest transports, e.g. cma). A process that joined later is met through what it
+  // published (runtime/communicator_ucx.h invariant 9).
+  auto make_pool = [&](const std::string& name, int which, int timeout_ms, bool sleep_when_idle) {
+    runtime::ucx_options uo;
+    uo.timeout_ms = timeout_ms;
+    uo.sleep_when_idle = sleep_when_idle;
+    uo.resolve_peer = [&ctx, which](int peer) {
+      return unpack_address(ctx.lookup(key_pool, peer, 60000), which, peer);
+    };
+    if (late) return runtime::make_ucx_joining_communicator(rank, uo);
+    std::vector<int> all(static_cast<size_t>(ctx.group_size()));
+    for (int i = 0; i < ctx.group_size(); ++i) all[static_cast<size_t>(i)] = i;
+    auto world = ctx.bootstrap(name);
+    auto boot = runtime::make_subgroup_bootstrap(*world, all);
+    return runtime::make_ucx_communicator(*boot, uo);
+  };
+  std::unique_ptr<runtime::ucx_communicator> pool =
+      make_pool("pool", 0, std::numeric_limits<int>::max(), /*sleep_when_idle=*/true);
+  std::unique_ptr<runtime::ucx_communicator> xfer = make_pool("pool_moves", 1, 300000, false);
   elastic::dp_comm_factory factory = [&xfer](const std::vector<int>& members, const std::string& name) {
     auto boot = runtime::make_comm_bootstrap(*xfer, members, tag_group_boot);
     runtime::ucx_options uo;
@@ -349,33 +391,47 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
     std::vector<runtime::communicator*> cs{pool.get(), xfer.get()};
     if (m.active()) cs.push_back(&m.comm());
     ctx.set_active(cs);
-    std::vector<int> group;  // the launcher ranks the serving communicators connect
-    for (int p : m.members()) group.push_back(ctx.members()[static_cast<size_t>(p)]);
-    ctx.set_loss_comms(m.active() ? group : std::vector<int>{}, m.group_comms());
+    ctx.set_loss_comms(m.active() ? m.members() : std::vector<int>{}, m.group_comms());
   };
   register_active();
   // A lost process (the supervisor keeps the group: actors/supervisor.h invariant 7) is never taken in
   // again; when it served, the group's communicators are aborted and the survivors rebuild the group
-  // (dp_group.h invariant 8). Pool rank i is launcher rank ctx.members()[i].
-  const std::vector<int> launcher = ctx.members();
-  auto pool_rank_of = [launcher](int launcher_rank) {
-    const auto it = std::find(launcher.begin(), launcher.end(), launcher_rank);
-    return it == launcher.end() ? -1 : static_cast<int>(it - launcher.begin());
-  };
-  struct lost_guard {  // cleared before the member goes
+  // (dp_group.h invariant 8). A process that joined from outside is taken in once it says it waits.
+  struct hooks_guard {  // cleared before the member goes
     actors::worker_context& ctx;
-    ~lost_guard() {
+    ~hooks_guard() {
       ctx.on_member_lost(nullptr);
+      ctx.on_published(nullptr);
       ctx.set_loss_comms({}, {});
     }
-  } lost_hook{ctx};
-  ctx.on_member_lost([&m, pool_rank_of](int rank, const std::string&) { m.mark_lost(pool_rank_of(rank)); });
+  } hooks{ctx};
+  ctx.on_member_lost([&m](int lost, const std::string&) { m.mark_lost(lost); });
+  if (rank == 0)
+    ctx.on_published([&m](const std::string& key, int from, const std::string&) {
+      if (key == key_standby) {
+        m.add_standby(from);
+        runtime::log::info("serve: rank {} joined from outside and waits as standby ({} processes able to serve)",
+                           from, m.pool_alive());
+      }
+    });
+  ctx.publish(key_pool, pack_addresses(pool->address(), xfer->address()));
   const runtime::model_config mc = runtime::load_hf_config(spec.model() + "/config.json");
   const int64_t kv = runtime::serve_kv_cache_bytes(spec);
   const size_t kv_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes(r.local_world_size);
   const int64_t bs = spec.engine().block_size();
-  // Every process of the pool may serve: the group's KV cache is the pool's minimum.
-  const int64_t blocks = elastic::agree_num_blocks(*pool, parallel::paged_kv_store::blocks_for_budget(mc, bs, kv_bytes));
+  const int64_t mine = parallel::paged_kv_store::blocks_for_budget(mc, bs, kv_bytes);
+  int64_t blocks = 0;
+  if (late) {  // the group's ranks all hold as many blocks; this process must hold as many
+    const std::string b = ctx.lookup(key_blocks, 0, 60000);
+    blocks = std::atoll(b.c_str());
+    TROUPE_CHECK(mine >= blocks, errc::invalid_argument,
+                 "rank {}: its KV cache budget ({} bytes) holds {} blocks of {} tokens, but every rank of the group "
+                 "holds {}: raise engine.kv_cache_memory on this host",
+                 rank, kv_bytes, mine, bs, blocks);
+  } else {  // every process of the pool may serve: the group's KV cache is the pool's minimum
+    blocks = elastic::agree_num_blocks(*pool, mine);
+    if (rank == 0) ctx.publish(key_blocks, std::to_string(blocks));
+  }
   TROUPE_CHECK(blocks >= 1, errc::invalid_argument,
                "rank {}: some rank's KV cache budget holds no block of {} tokens; raise engine.kv_cache_memory", rank,
                bs);
@@ -390,24 +446,33 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
     check(ranks);
   };
   m.on_layout = register_active;  // each switch registers the new communicators before the old ones go
-  if (rank >= first) m.start_standby_from(spec.model(), mc);
+  if (late || rank >= first) m.start_standby_from(spec.model(), mc);
   else m.load(spec.model(), first);
   register_active();
+  if (late) ctx.publish(key_standby, "");
   if (rank != 0) {
     const auto sum = elastic::dp_serve_follower(m, tok, eo, blocks, el);
-    rep.add_lines(fmt::format("rank {}: {} lockstep iterations, taken in {} time(s) from standby", rank, sum.steps,
-                              sum.joins));
+    rep.add_lines(fmt::format("rank {}: {} lockstep iterations, taken in {} time(s) from standby{}", rank, sum.steps,
+                              sum.joins, late ? " (joined from outside)" : ""));
     return;
   }
   elastic::local_executor exec(m.decoder(), blocks, bs);
   elastic::engine eng(exec, tok, eo);
   elastic::dp_leader leader(eng, m.comm(), elastic::make_dp_dispatch(spec.engine().dispatch(), first, bs), {}, el);
-  lead(ctx, rep, spec, m.weights(), tok,
-       {eng, leader, [&] { return leader.metrics_text(); },
-        [&] { return leader.broken() ? leader.broken_reason() : std::string(); }, first,
-        fmt::format("data-parallel attention, dispatch {}, elastic: {} processes, at least {} serving",
-                    leader.policy().name(), pool_n, min_ranks),
-        &leader, min_ranks, [&m, pool_rank_of](int rank) { m.mark_lost(pool_rank_of(rank)); }});
+  serving sv{eng,
+             leader,
+             [&] { return leader.metrics_text(); },
+             [&] { return leader.broken() ? leader.broken_reason() : std::string(); },
+             first,
+             fmt::format("data-parallel attention, dispatch {}, elastic: {} processes{}, at least {} serving",
+                         leader.policy().name(), ctx.group_size(),
+                         opts.open_slots > 0 ? fmt::format(" + {} open slot(s)", opts.open_slots) : std::string(),
+                         min_ranks),
+             &leader,
+             min_ranks,
+             [&m](int lost) { m.mark_lost(lost); },
+             opts.open_slots};
+  lead(ctx, rep, spec, m.weights(), tok, sv);
   const auto st = leader.scale_status();
   rep.add_lines(fmt::format("rank 0: {} scale-ups, {} scale-downs, {} samples moved", st.scale_ups, st.scale_downs,
                             st.moved_samples));
@@ -424,7 +489,7 @@ void run_serve(actors::worker_context& ctx, control::StatsReport& rep, const ser
   std::unique_ptr<parallel::text_tokenizer> tok =
       parallel::load_tokenizer(spec.tokenizer().empty() ? spec.model() : spec.tokenizer());
   if (o.elastic) {
-    run_serve_elastic(ctx, rep, spec, r, *tok, o.min_ranks);
+    run_serve_elastic(ctx, rep, spec, r, *tok, o);
     return;
   }
   // The MoE layers' tokens (and the steps from rank 0) on one communicator, borrowed expert weights
@@ -567,7 +632,7 @@ int serve(const serve_options& o) {
                  "{}: engine.ranks = {} does not divide the model's {} experts; pick a divisor of {}", o.spec,
                  spec.engine().ranks(), mc.n_experts, mc.n_experts);
   }
-  TROUPE_CHECK(spec.engine().ranks() <= r.world_size, errc::invalid_argument,
+  TROUPE_CHECK(r.late_join || spec.engine().ranks() <= r.world_size, errc::invalid_argument,
                "{}: engine.ranks = {}, but troupe serve was launched on {} rank(s) (use troupe-launch -n {} or "
                "mpirun -np {}, or --set engine.ranks={})",
                o.spec, spec.engine().ranks(), r.world_size, spec.engine().ranks(), spec.engine().ranks(),
@@ -575,7 +640,9 @@ int serve(const serve_options& o) {
   serve_options opts = o;
   if (const char* m = std::getenv("TROUPE_MIN_RANKS"); m != nullptr && *m != '\0') opts.min_ranks = std::atoi(m);
   const char* max_ranks = std::getenv("TROUPE_MAX_RANKS");
-  opts.elastic = spec.engine().ranks() < r.world_size || (r.world_size > 1 && max_ranks != nullptr && *max_ranks != '\0');
+  if (const char* s = std::getenv("TROUPE_OPEN_SLOTS"); s != nullptr && *s != '\0') opts.open_slots = std::atoi(s);
+  opts.elastic = r.late_join || spec.engine().ranks() < r.world_size ||
+                 (max_ranks != nullptr && *max_ranks != '\0' && (r.world_size > 1 || opts.open_slots > 0));
   if (opts.elastic) {  // the processes beyond engine.ranks wait as standby; a lost rank is survived
     TROUPE_CHECK(spec.engine().attention() == "data_parallel", errc::invalid_argument,
                  "{}: {} processes for engine.ranks = {}: the group can grow into the others only with "
@@ -589,9 +656,11 @@ int serve(const serve_options& o) {
     TROUPE_CHECK(o.backend == "auto" || o.backend == "ucx", errc::invalid_argument,
                  "--backend {}: a group that changes size runs over UCX", o.backend);
   }
-  TROUPE_CHECK(!spec.engine().autoscale().enabled() || spec.engine().ranks() < r.world_size, errc::invalid_argument,
+  TROUPE_CHECK(!spec.engine().autoscale().enabled() || spec.engine().ranks() < r.world_size || opts.open_slots > 0 ||
+                   r.late_join,
+               errc::invalid_argument,
                "{}: engine.autoscale needs an elastic group: start more processes than engine.ranks "
-               "(troupe-launch --min-ranks 1 --max-ranks N)",
+               "(troupe-launch --min-ranks 1 --max-ranks N, or --open-slots N)",
                o.spec);
   if (o.threads > 0) runtime::set_num_threads(o.threads);
   else if (std::getenv("TROUPE_NUM_THREADS") == nullptr)
@@ -599,6 +668,7 @@ int serve(const serve_options& o) {
   cluster_setup_options so;
   so.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
   so.join_timeout_ms = o.join_timeout_ms;
+  so.late_join_ok = true;  // troupe-launch --join: a standby rank of a running elastic group
   group_command g;
   g.kind = Command::SERVE;
   g.what = "serving";
@@ -609,6 +679,7 @@ int serve(const serve_options& o) {
   };
   return run_group_command(r, so, [&](actors::cluster_options& co) {
     co.keep_members = opts.elastic;  // the group outlives a lost rank (dp_group.h invariant 8)
+    co.open_slots = opts.elastic ? opts.open_slots : 0;  // processes may join it (actors/supervisor.h invariant 8)
     co.rebalance_experts = spec.engine().ranks() > 1 && spec.expert().rebalance().enabled();
     co.experts = parallel::ep::ep_rebalance_options_from(spec.expert());
   }, g);

@@ -50,17 +50,18 @@ void write_all(int fd, const std::string& s) {
 }
 
 // Emits every complete line of buf to fd with the rank prefix; keeps the rest.
-void flush_lines(std::string& buf, int fd, int rank, bool prefix, bool final) {
+void flush_lines(std::string& buf, int fd, int rank, bool prefix, bool final, bool joining = false) {
   size_t start = 0, nl;
   std::string out;
+  const char* label = joining ? "join" : "rank";
   while ((nl = buf.find('\n', start)) != std::string::npos) {
-    if (prefix) out += fmt::format("[rank {}] ", rank);
+    if (prefix) out += fmt::format("[{} {}] ", label, rank);
     out.append(buf, start, nl - start + 1);
     start = nl + 1;
   }
   buf.erase(0, start);
   if (final && !buf.empty()) {
-    if (prefix) out += fmt::format("[rank {}] ", rank);
+    if (prefix) out += fmt::format("[{} {}] ", label, rank);
     out += buf + "\n";
     buf.clear();
   }
@@ -104,8 +105,14 @@ pid_t spawn(const launch_options& o, int rank, const std::string& supervisor, co
   ::close(out_w);
   ::close(err_w);
   const std::string n = std::to_string(o.nprocs), r = std::to_string(rank);
-  ::setenv("TROUPE_RANK", r.c_str(), 1);
-  ::setenv("TROUPE_WORLD_SIZE", n.c_str(), 1);
+  if (o.join.empty()) {
+    ::setenv("TROUPE_RANK", r.c_str(), 1);
+    ::setenv("TROUPE_WORLD_SIZE", n.c_str(), 1);
+  } else {  // invariant 6
+    ::unsetenv("TROUPE_RANK");
+    ::unsetenv("TROUPE_WORLD_SIZE");
+    ::setenv("TROUPE_JOIN", "1", 1);
+  }
   ::setenv("TROUPE_LOCAL_RANK", r.c_str(), 1);
   ::setenv("TROUPE_LOCAL_WORLD_SIZE", n.c_str(), 1);
   ::setenv("TROUPE_SUPERVISOR", supervisor.c_str(), 1);
@@ -113,6 +120,7 @@ pid_t spawn(const launch_options& o, int rank, const std::string& supervisor, co
   if (o.max_ranks > 0) {
     ::setenv("TROUPE_MIN_RANKS", std::to_string(o.min_ranks).c_str(), 1);
     ::setenv("TROUPE_MAX_RANKS", std::to_string(o.max_ranks).c_str(), 1);
+    ::setenv("TROUPE_OPEN_SLOTS", std::to_string(o.open_slots).c_str(), 1);
   }
   std::vector<char*> argv;
   for (const auto& a : o.command) argv.push_back(const_cast<char*>(a.c_str()));
@@ -201,8 +209,22 @@ std::vector<std::string> mpirun_command(const launch_options& o, const std::vect
 launch_result run_local(const launch_options& o) {
   TROUPE_CHECK(o.nprocs >= 1, errc::invalid_argument, "troupe-launch: -n {} must be >= 1", o.nprocs);
   TROUPE_CHECK(!o.command.empty(), errc::invalid_argument, "troupe-launch: no command given (usage: -n N -- CMD ...)");
-  const std::string supervisor = o.supervisor.empty() ? fmt::format("127.0.0.1:{}", pick_free_port()) : o.supervisor;
-  const std::string token = o.cluster_token.empty() ? random_token() : o.cluster_token;
+  const char* env_token = std::getenv("TROUPE_CLUSTER_TOKEN");
+  const std::string given = !o.cluster_token.empty() ? o.cluster_token : env_token ? env_token : "";  // invariant 7
+  TROUPE_CHECK(o.join.empty() || !given.empty(), errc::invalid_argument,
+               "troupe-launch --join {}: set TROUPE_CLUSTER_TOKEN to the running group's cluster token", o.join);
+  TROUPE_CHECK(o.join.empty() || o.max_ranks == 0, errc::invalid_argument,
+               "troupe-launch: --join adds processes to a running group; --max-ranks belongs to the launcher that "
+               "started it");
+  const std::string supervisor = !o.join.empty()        ? o.join
+                                 : o.supervisor.empty() ? fmt::format("127.0.0.1:{}", pick_free_port())
+                                                        : o.supervisor;
+  const std::string token = given.empty() ? random_token() : given;
+  if (o.open_slots > 0)
+    write_all(STDERR_FILENO,
+              fmt::format("troupe-launch: {} open slot(s): add processes with\n  TROUPE_CLUSTER_TOKEN={} troupe-launch "
+                          "--join {} -n N -- <the same command>\n",
+                          o.open_slots, given.empty() ? token : "<the token you set>", supervisor));
 
   struct sigaction sa{}, old_int{}, old_term{}, old_hup{};
   sa.sa_handler = on_signal;
@@ -248,7 +270,7 @@ launch_result run_local(const launch_options& o) {
       const bool is_out = owner[i].second;
       std::string& buf = is_out ? c.out_buf : c.err_buf;
       const bool open = drain(fds[i].fd, buf);
-      flush_lines(buf, is_out ? STDOUT_FILENO : STDERR_FILENO, c.rank, o.prefix_output, !open);
+      flush_lines(buf, is_out ? STDOUT_FILENO : STDERR_FILENO, c.rank, o.prefix_output, !open, !o.join.empty());
       if (!open) {
         ::close(fds[i].fd);
         (is_out ? c.out_fd : c.err_fd) = -1;
@@ -271,10 +293,11 @@ launch_result run_local(const launch_options& o) {
       c.exit.code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
       c.exit.signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
       const bool failed = !c.exit.exited || c.exit.code != 0;
-      if (failed && o.max_ranks > 0 && c.rank != 0 && res.first_failed < 0 && !res.interrupted) {
-        res.lost.push_back(c.rank);  // invariant 5
-        write_all(STDERR_FILENO, fmt::format("troupe-launch: rank {} lost: {}; the elastic group goes on without it\n",
-                                             c.rank, c.exit.reason()));
+      if (failed && (o.max_ranks > 0 || !o.join.empty()) && (c.rank != 0 || !o.join.empty()) &&
+          res.first_failed < 0 && !res.interrupted) {
+        res.lost.push_back(c.rank);  // invariants 5 and 6
+        write_all(STDERR_FILENO, fmt::format("troupe-launch: {} {} lost: {}; the elastic group goes on without it\n",
+                                             o.join.empty() ? "rank" : "joined process", c.rank, c.exit.reason()));
       } else if (failed && res.first_failed < 0 && !res.interrupted) {
         res.first_failed = c.rank;
         if (remaining == 0) {
@@ -311,8 +334,8 @@ launch_result run_local(const launch_options& o) {
     // Output still buffered in closed pipes was flushed above; flush partial lines.
     if (c.out_fd >= 0) drain(c.out_fd, c.out_buf), ::close(c.out_fd);
     if (c.err_fd >= 0) drain(c.err_fd, c.err_buf), ::close(c.err_fd);
-    flush_lines(c.out_buf, STDOUT_FILENO, c.rank, o.prefix_output, true);
-    flush_lines(c.err_buf, STDERR_FILENO, c.rank, o.prefix_output, true);
+    flush_lines(c.out_buf, STDOUT_FILENO, c.rank, o.prefix_output, true, !o.join.empty());
+    flush_lines(c.err_buf, STDERR_FILENO, c.rank, o.prefix_output, true, !o.join.empty());
     res.ranks.push_back(c.exit);
   }
   ::sigaction(SIGINT, &old_int, nullptr);

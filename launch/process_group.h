@@ -22,7 +22,13 @@
 //   4. Nothing outlives run_local(): every child is reaped before it returns.
 //   5. Elastic (max_ranks > 0): a rank other than 0 that fails is lost, not fatal: it is reported
 //      and recorded (lost), and the others go on (the serving group survives it); rank 0 failing
-//      tears the group down as invariant 3 says.
+//      tears the group down as invariant 3 says. open_slots (elastic) lets that many more processes
+//      join the group from outside (TROUPE_OPEN_SLOTS); the launcher prints the address and how.
+//   6. join (host:port of a running group's rank 0): the nprocs processes get TROUPE_JOIN=1,
+//      TROUPE_SUPERVISOR and the cluster token instead of ranks (the supervisor gives them theirs);
+//      each is on its own, so one that fails is reported as lost and the others go on.
+//   7. The cluster token is cluster_token, else TROUPE_CLUSTER_TOKEN from the environment, else
+//      random (not with join: a joiner must know the group's token).
 #pragma once
 #include <string>
 #include <vector>
@@ -41,6 +47,8 @@ struct launch_options {
   // min_ranks (TROUPE_MIN_RANKS / TROUPE_MAX_RANKS in every rank's environment; 0 = not elastic).
   int min_ranks = 0;
   int max_ranks = 0;
+  int open_slots = 0;       // invariant 5
+  std::string join;         // invariant 6: host:port of the running group's supervisor
 };
 
 struct rank_exit {

@@ -49,7 +49,22 @@ bool read_source(const env_map& env, rank_info& r, const char* source, const cha
 
 rank_info discover_rank(const env_map& env) {
   rank_info r;
-  bool found = read_source(env, r, "troupe", "TROUPE_RANK", "TROUPE_WORLD_SIZE", "TROUPE_LOCAL_RANK",
+  if (const std::string* join = find(env, "TROUPE_JOIN"); join != nullptr && *join != "0" && !join->empty()) {
+    // Invariant 4: a process joining a running group; the supervisor gives its rank.
+    TROUPE_CHECK(*join == "1", errc::invalid_argument, "environment: TROUPE_JOIN={:?} must be 1 or 0", *join);
+    TROUPE_CHECK(find(env, "TROUPE_RANK") == nullptr, errc::invalid_argument,
+                 "environment: TROUPE_JOIN=1 with TROUPE_RANK: a process that joins a running group gets its rank "
+                 "from the supervisor");
+    TROUPE_CHECK(find(env, "TROUPE_SUPERVISOR") != nullptr, errc::invalid_argument,
+                 "environment: TROUPE_JOIN=1 needs TROUPE_SUPERVISOR (host:port of the running group's rank 0)");
+    r.late_join = true;
+    r.rank = -1;
+    r.world_size = 0;
+    r.source = "join";
+    if (find(env, "TROUPE_LOCAL_RANK")) r.local_rank = parse_int(env, "TROUPE_LOCAL_RANK", 0);
+    if (find(env, "TROUPE_LOCAL_WORLD_SIZE")) r.local_world_size = parse_int(env, "TROUPE_LOCAL_WORLD_SIZE", 1);
+  }
+  bool found = r.late_join || read_source(env, r, "troupe", "TROUPE_RANK", "TROUPE_WORLD_SIZE", "TROUPE_LOCAL_RANK",
                            "TROUPE_LOCAL_WORLD_SIZE") ||
                read_source(env, r, "openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                            "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE") ||

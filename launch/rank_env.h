@@ -14,6 +14,9 @@
 //      without a world size, a supervisor that is not host:port) throws
 //      errc::invalid_argument naming the variable and its value.
 //   3. TROUPE_SUPERVISOR (host:port) applies whatever the rank source is.
+//   4. TROUPE_JOIN=1 (troupe-launch --join): the process joins a group that already serves; it has
+//      no rank yet (rank -1, world size 0, late_join) — the supervisor gives it one. It needs
+//      TROUPE_SUPERVISOR and must not have TROUPE_RANK.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -28,7 +31,8 @@ struct rank_info {
   int world_size = 1;
   int local_rank = 0;
   int local_world_size = 1;
-  std::string source = "default";      // "troupe", "openmpi", "pmix", "pmi", "default"
+  std::string source = "default";      // "troupe", "openmpi", "pmix", "pmi", "join", "default"
+  bool late_join = false;              // invariant 4
   std::string supervisor_host;         // empty when not given
   int supervisor_port = 0;
   bool has_supervisor() const { return !supervisor_host.empty(); }

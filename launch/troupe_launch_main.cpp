@@ -4,6 +4,8 @@
 //   troupe-launch -n 8 --hosts a,b -- troupe train job.yaml     # wraps mpirun
 //   troupe-launch --min-ranks 1 --max-ranks 4 -- troupe serve serve.yaml   # 4 processes: the serving
 //                                                # group and standby ranks it grows into (troupe scale)
+//   troupe-launch --min-ranks 1 --max-ranks 2 --open-slots 4 --supervisor HOST:7000 -- troupe serve serve.yaml
+//   TROUPE_CLUSTER_TOKEN=... troupe-launch --join HOST:7000 -n 2 -- troupe serve serve.yaml  # from elsewhere
 //
 // Exits 0 when every rank exits 0; otherwise with the first failing rank's exit code
 // (128 + signal when it was killed), after printing which rank failed and why.
@@ -30,6 +32,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 4096))
       ->needs(max_opt);
   n_opt->excludes(max_opt);
+  app.add_option("--open-slots", o.open_slots,
+                 "elastic serving: this many more processes may join the group from outside (troupe-launch --join)")
+      ->check(CLI::Range(1, 4096))
+      ->needs(max_opt);
+  auto* join_opt = app.add_option("--join", o.join,
+                                  "host:port of a running elastic group's supervisor: the -n processes join it as "
+                                  "standby ranks (TROUPE_CLUSTER_TOKEN must hold its token)");
+  join_opt->excludes(max_opt);
   app.add_option("--hosts", hosts, "comma-separated hosts: run through mpirun -H instead of local processes");
   app.add_option("--supervisor", o.supervisor, "host:port of the supervisor (default 127.0.0.1:<free port>)");
   app.add_option("--settle-ms", o.settle_ms,
@@ -78,6 +88,7 @@ int main(int argc, char** argv) {
     }
     launch_result r = run_local(o);
     if (!r.ok()) troupe::runtime::log::error("troupe-launch: {}", r.summary);
+    else if (!r.lost.empty()) troupe::runtime::log::warn("troupe-launch: {}", r.summary);
     return r.exit_code();
   } catch (const std::exception& e) {
     troupe::runtime::log::error("{}", e.what());

@@ -19,8 +19,9 @@ dp_autoscaler::dp_autoscaler(autoscale_options o, std::function<bool(int)> valid
   if (!valid_) valid_ = [](int) { return true; };
 }
 
-int dp_autoscaler::next_size(int ranks, int step) const {
-  for (int r = ranks + step; r >= o_.min_ranks && r <= o_.max_ranks; r += step)
+int dp_autoscaler::next_size(int ranks, int step, int able) const {
+  const int top = able > 0 ? std::min(o_.max_ranks, able) : o_.max_ranks;
+  for (int r = ranks + step; r >= o_.min_ranks && r <= top; r += step)
     if (valid_(r)) return r;
   return 0;
 }
@@ -48,10 +49,10 @@ std::optional<autoscale_decision> dp_autoscaler::observe(const autoscale_observa
   if (last_change_ms_ && obs.now_ms - *last_change_ms_ < o_.cooldown_ms) return std::nullopt;
   autoscale_decision d;
   if (up_streak_ >= o_.patience) {
-    d.ranks = next_size(ranks, +1);
+    d.ranks = next_size(ranks, +1, obs.able);
     d.reason = up_reason_;
   } else if (down_streak_ >= o_.patience) {
-    d.ranks = next_size(ranks, -1);
+    d.ranks = next_size(ranks, -1, obs.able);
     d.reason = "idle";
   }
   if (d.ranks == 0) return std::nullopt;

@@ -12,7 +12,8 @@
 //      shrink when, as long, nothing waits, the KV use is below shrink_below and that TTFT p90 (if
 //      any) is below half the SLO. Any other look starts the count again.
 //   2. A change goes to the next size up (or down) that `valid` accepts within [min_ranks,
-//      max_ranks]; none there: no change. Never while a change is under way (obs.changing), and
+//      max_ranks] and not above obs.able (the processes able to serve, when given: the pool grows
+//      as processes join from outside); none there: no change. Never while a change is under way (obs.changing), and
 //      not within cooldown_ms of the last change decided.
 //   3. Every decision says why ("queue", "ttft", "idle") and is counted (metrics_text).
 #pragma once
@@ -41,6 +42,7 @@ struct autoscale_observation {
   int64_t now_ms = 0;           // a monotonic clock
   int ranks = 1;
   bool changing = false;        // a change is under way
+  int able = 0;                 // processes able to serve now; 0 = only max_ranks bounds a change
   int64_t waiting = 0;          // requests waiting, the whole group
   double kv_usage = 0;          // the group's share of KV blocks in use
   latency_histogram ttft{serving_latency_bounds()};  // cumulative: the group's TTFT histogram
@@ -59,7 +61,7 @@ class dp_autoscaler {
   std::string metrics_text() const;
 
  private:
-  int next_size(int ranks, int step) const;
+  int next_size(int ranks, int step, int able) const;
   autoscale_options o_;
   std::function<bool(int)> valid_;
   std::vector<int64_t> last_counts_;

@@ -277,9 +277,12 @@ void dp_leader::request_scale(int target) {
   if (scale_.state == "pending" || scale_.state == "moving")
     throw dp_scale_refused(409, fmt::format("a change to {} ranks is under way; wait for it (GET /admin/scale)",
                                             scale_.target));
-  if (target < 1 || target > elastic_.pool_ranks)
-    throw dp_scale_refused(400, fmt::format("ranks: {} is outside [1, {}] (the processes this server was started with)",
-                                            target, elastic_.pool_ranks));
+  const int able = elastic_.pool_alive ? elastic_.pool_alive() : elastic_.pool_ranks;
+  if (target < 1 || target > able)
+    throw dp_scale_refused(400, fmt::format("ranks: {} is outside [1, {}] (the processes able to serve{})", target,
+                                            able, elastic_.lost && !elastic_.lost().empty()
+                                                      ? fmt::format(", {} lost", elastic_.lost().size())
+                                                      : std::string()));
   if (target == scale_.ranks)
     throw dp_scale_refused(400, fmt::format("ranks: the group has {} ranks already", target));
   if (elastic_.check) {

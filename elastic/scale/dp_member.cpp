@@ -71,6 +71,7 @@ dp_member::dp_member(runtime::communicator& pool, runtime::communicator& xfer, d
     : pool_(pool), xfer_(xfer), make_comm_(std::move(make_comm)), ep_(ep), memory_(memory) {
   TROUPE_CHECK(pool.size() == xfer.size() && pool.rank() == xfer.rank(), errc::invalid_argument,
                "dp_member: the pool ({} ranks) and its transfer communicator ({}) differ", pool.size(), xfer.size());
+  for (int r = 0; r < pool.size(); ++r) pool_members_.push_back(r);
 }
 
 dp_member::~dp_member() {
@@ -88,9 +89,10 @@ dp_member::~dp_member() {
 
 void dp_member::check_ranks(int ranks) const {
   const int alive = pool_alive();
+  const int known = static_cast<int>(pool_members().size());
   TROUPE_CHECK(ranks >= 1 && ranks <= alive, errc::invalid_argument,
                "{} ranks: the pool has {} processes able to serve{}", ranks, alive,
-               alive < pool_.size() ? fmt::format(" ({} lost)", pool_.size() - alive) : std::string());
+               alive < known ? fmt::format(" ({} lost)", known - alive) : std::string());
   TROUPE_CHECK(!config_.is_moe() || config_.n_experts % ranks == 0, errc::invalid_argument,
                "{} ranks do not divide the model's {} experts (each rank holds as many)", ranks, config_.n_experts);
 }
@@ -128,17 +130,30 @@ void dp_member::start_standby_from(const std::string& dir, const runtime::model_
 }
 
 int dp_member::pool_alive() const {
-  std::lock_guard<std::mutex> g(lost_mu_);
-  return pool_.size() - static_cast<int>(lost_.size());
+  std::lock_guard<std::mutex> g(pool_mu_);
+  int alive = 0;
+  for (int r : pool_members_) alive += index_of(lost_, r) < 0 ? 1 : 0;
+  return alive;
+}
+
+std::vector<int> dp_member::pool_members() const {
+  std::lock_guard<std::mutex> g(pool_mu_);
+  return pool_members_;
+}
+
+void dp_member::add_standby(int pool_rank) {
+  std::lock_guard<std::mutex> g(pool_mu_);
+  if (pool_rank < 0 || index_of(pool_members_, pool_rank) >= 0) return;
+  pool_members_.insert(std::upper_bound(pool_members_.begin(), pool_members_.end(), pool_rank), pool_rank);
 }
 
 void dp_member::mark_lost(int pool_rank) {
-  std::lock_guard<std::mutex> g(lost_mu_);
-  if (pool_rank >= 0 && pool_rank < pool_.size() && index_of(lost_, pool_rank) < 0) lost_.push_back(pool_rank);
+  std::lock_guard<std::mutex> g(pool_mu_);
+  if (pool_rank >= 0 && index_of(lost_, pool_rank) < 0) lost_.push_back(pool_rank);
 }
 
 std::vector<int> dp_member::lost() const {
-  std::lock_guard<std::mutex> g(lost_mu_);
+  std::lock_guard<std::mutex> g(pool_mu_);
   return lost_;
 }
 
@@ -148,12 +163,13 @@ serve::DpScale dp_member::plan(int target) const {
   serve::DpScale p;
   p.set_from_ranks(P);
   p.set_to_ranks(target);
-  p.set_pool_ranks(pool_.size());
+  const std::vector<int> pool = pool_members();
+  p.set_pool_ranks(static_cast<int>(pool.size()));
   for (int m : members_) p.add_from_members(m);
   for (int i = 0; i < std::min(P, target); ++i) p.add_to_members(members_[static_cast<size_t>(i)]);
   const std::vector<int> gone = lost();
-  for (int r = 0; r < pool_.size() && p.to_members_size() < target; ++r)  // joiners: the lowest standby ranks
-    if (index_of(members_, r) < 0 && index_of(gone, r) < 0) p.add_to_members(r);
+  for (size_t k = 0; k < pool.size() && p.to_members_size() < target; ++k)  // joiners: the lowest standby ranks
+    if (index_of(members_, pool[k]) < 0 && index_of(gone, pool[k]) < 0) p.add_to_members(pool[k]);
   TROUPE_CHECK(p.to_members_size() == target, errc::invalid_argument,
                "{} ranks: only {} processes of the pool are alive", target, p.to_members_size());
   if (config_.is_moe()) {
@@ -165,7 +181,7 @@ serve::DpScale dp_member::plan(int target) const {
 
 serve::DpScale dp_member::plan_recovery(const std::vector<int>& lost_ranks) const {
   serve::DpScale p;
-  p.set_pool_ranks(pool_.size());
+  p.set_pool_ranks(static_cast<int>(pool_members().size()));
   for (int m : members_) p.add_from_members(m);
   for (int m : members_)
     if (index_of(lost_ranks, m) < 0) p.add_to_members(m);
@@ -364,7 +380,7 @@ void dp_member::check_plan(const serve::DpScale& plan) const {
             (!config_.is_moe() || plan.placement_size() == config_.n_experts) &&
             (index_of(F, me) >= 0 || index_of(T, me) >= 0);
   for (int p : plan.placement()) ok = ok && p >= 0 && p < T.size();
-  for (int m : T) ok = ok && m >= 0 && m < pool_.size();
+  for (int m : T) ok = ok && m >= 0;  // a rank this one has not met yet is met when it is first sent to
   if (config_.is_moe()) ok = ok && plan.from_placement_size() == config_.n_experts;
   for (int p : plan.from_placement()) ok = ok && p >= 0 && p < F.size();
   if (index_of(F, me) >= 0)
@@ -567,8 +583,8 @@ void dp_member::announce(const serve::DpScale& plan) {
 
 void dp_member::end_standby() {
   const std::vector<int> gone = lost();
-  for (int j = 1; j < pool_.size(); ++j)
-    if (index_of(members_, j) < 0 && index_of(gone, j) < 0)
+  for (int j : pool_members())
+    if (j != pool_.rank() && index_of(members_, j) < 0 && index_of(gone, j) < 0)
       pool_.send(tensor::from_vector(std::vector<int64_t>{plan_end, 0}, {2}), j, tag_plan);
 }
 
@@ -589,7 +605,7 @@ std::optional<serve::DpScale> dp_member::wait_standby() {
 
 dp_elastic dp_member::elastic() {
   dp_elastic el;
-  el.pool_ranks = pool_.size();
+  el.pool_ranks = static_cast<int>(pool_members().size());
   el.plan = [this](int target) { return plan(target); };
   el.plan_recovery = [this](const std::vector<int>& l) { return plan_recovery(l); };
   el.recover = [this](const serve::DpScale& p) { return recover(p); };

@@ -56,6 +56,10 @@
 //      reallocate (the baseline a benchmark compares with): bytes, and at the commit every expert a
 //      rank keeps is copied into a new buffer, as a layout change that reallocates its expert
 //      buffers would.
+//  10. The pool is the pool communicator's ranks at construction, plus every rank add_standby()
+//      names later: a process that joined the running service from outside (a pool that grows:
+//      runtime/communicator_ucx.h invariant 9). Planning takes standby ranks from it, lowest first;
+//      a rank that joined is met by the others when they first send to it.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -125,6 +129,9 @@ class dp_member {
   void mark_lost(int pool_rank);
   std::vector<int> lost() const;
   int pool_alive() const;
+  // Invariant 10 (any thread): a process that joined the pool later and waits as standby.
+  void add_standby(int pool_rank);
+  std::vector<int> pool_members() const;  // ascending, lost ones included
   runtime::communicator* recover(const serve::DpScale& plan);
   // Invariant 3. prepare: the moves start beside serving; ready: they are done (or failed); commit:
   // waits for them, rethrows their failure, switches, and returns the new group's serving
@@ -142,7 +149,8 @@ class dp_member {
   // A standby rank: the next change that takes it into the group, or nothing when the service ended.
   std::optional<serve::DpScale> wait_standby();
 
-  // The dp_elastic of this member for dp_leader / dp_follow (pool_ranks = the pool's size).
+  // The dp_elastic of this member for dp_leader / dp_follow (pool_ranks = the pool's size when made;
+  // pool_alive follows it as it grows).
   dp_elastic elastic();
 
   bool active() const {
@@ -198,7 +206,8 @@ class dp_member {
   std::vector<int> placement_;  // expert -> group rank (invariant 2)
   std::string dir_;             // the checkpoint (a recovery's lost experts)
   std::shared_ptr<const parallel::model_weights> source_;  // or the weights a test loaded from
-  mutable std::mutex lost_mu_;
+  mutable std::mutex pool_mu_;
+  std::vector<int> pool_members_;  // pool ranks able to serve, ascending (invariant 10)
   std::vector<int> lost_;       // pool ranks
   int64_t layout_ = 0;
   dp_transfer_stats stats_, total_;

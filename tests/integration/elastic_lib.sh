@@ -2,7 +2,8 @@
 # serve_elastic_kill.sh): an elastic `troupe serve` group of the MoE fixture under troupe-launch on a
 # free port, the clients that load it, and the check of their answers against `troupe generate`.
 #   troupe=...; source elastic_lib.sh
-#   start_elastic RANKS MAX_RANKS           # sets $pid, $port, $url; the log is $tmp/server.log
+#   start_elastic RANKS MAX_RANKS [ARGS]    # sets $pid, $port, $url; the log is $tmp/server.log; ARGS go to
+#                                           # troupe-launch
 #   start_clients; ...; stop_clients         # 6 threads, greedy 48 tokens, half streamed -> $tmp/answers.jsonl
 #   check_answers                            # fails unless every answer is a 200 equal to troupe generate
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,10 +26,12 @@ command -v curl >/dev/null || { echo "SKIP: no curl"; exit 77; }
 command -v python3 >/dev/null || { echo "SKIP: no python3"; exit 77; }
 export TROUPE_NUM_THREADS=1
 
-start_elastic() {  # start_elastic RANKS MAX_RANKS
+start_elastic() {  # start_elastic RANKS MAX_RANKS [troupe-launch ARGS]
+  local ranks="$1" max="$2"
+  shift 2
   printf 'model: %s\nserver: {port: 0, api_key: "sk-test", admin_key: "adm-test"}\nengine: {ranks: %s, block_size: 4, kv_cache_memory: 4MiB, dispatch: round_robin}\nexpert: {mode: llep}\n' \
-    "$fixtures/mixtral_moe" "$1" >"$tmp/serve.yaml"
-  "$launch" --min-ranks 1 --max-ranks "$2" -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
+    "$fixtures/mixtral_moe" "$ranks" >"$tmp/serve.yaml"
+  "$launch" --min-ranks 1 --max-ranks "$max" "$@" -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/server.log" 2>&1 &
   pid=$!
   port=""
   for _ in $(seq 1 300); do

@@ -105,4 +105,19 @@ TEST(DpAutoscaler, NothingDuringAChangeOrTheCooldownOrAtTheLargestSize) {
   for (int t = 30; t < 40; ++t) EXPECT_FALSE(a.observe(busy(t * 1000, 4, false))) << "at the largest size";
 }
 
+// Processes join a running group from outside: max_ranks counts the open slots, and a change never
+// goes past the processes able to serve now (obs.able).
+TEST(DpAutoscaler, AGrowthStopsAtTheProcessesAbleToServe) {
+  dp_autoscaler a(opts(), nullptr);  // max 4
+  auto busy = [](int64_t t, int able) {
+    auto o = look(t, 2, 100);
+    o.able = able;
+    return o;
+  };
+  for (int t = 0; t < 5; ++t) EXPECT_FALSE(a.observe(busy(t * 1000, 2))) << "only 2 processes at " << t;
+  const auto d = a.observe(busy(5000, 3));  // a third process joined
+  ASSERT_TRUE(d);
+  EXPECT_EQ(d->ranks, 3);
+}
+
 }  // namespace

@@ -70,6 +70,24 @@ TEST(RankEnv, PmixAndPmi) {
   EXPECT_EQ(p.world_size, 2);
 }
 
+TEST(RankEnv, AJoinerHasNoRankUntilTheSupervisorGivesIt) {
+  auto r = discover_rank(env_map{{"TROUPE_JOIN", "1"}, {"TROUPE_SUPERVISOR", "node-a:7000"},
+                                 {"TROUPE_LOCAL_RANK", "1"}, {"TROUPE_LOCAL_WORLD_SIZE", "2"}});
+  EXPECT_TRUE(r.late_join);
+  EXPECT_EQ(r.rank, -1);
+  EXPECT_EQ(r.world_size, 0);
+  EXPECT_EQ(r.source, "join");
+  EXPECT_EQ(r.local_rank, 1);
+  EXPECT_EQ(r.local_world_size, 2);
+  EXPECT_EQ(r.supervisor_host, "node-a");
+  EXPECT_FALSE(discover_rank(env_map{{"TROUPE_JOIN", "0"}}).late_join);
+  expect_rejected(env_map{{"TROUPE_JOIN", "1"}}, "needs TROUPE_SUPERVISOR");
+  expect_rejected(env_map{{"TROUPE_JOIN", "1"}, {"TROUPE_SUPERVISOR", "a:1"}, {"TROUPE_RANK", "0"},
+                     {"TROUPE_WORLD_SIZE", "2"}},
+             "gets its rank from the supervisor");
+  expect_rejected(env_map{{"TROUPE_JOIN", "yes"}, {"TROUPE_SUPERVISOR", "a:1"}}, "must be 1 or 0");
+}
+
 TEST(RankEnv, BadValuesNameTheVariable) {
   expect_rejected({{"TROUPE_RANK", "one"}, {"TROUPE_WORLD_SIZE", "4"}}, "TROUPE_RANK");
   expect_rejected({{"TROUPE_RANK", "4"}, {"TROUPE_WORLD_SIZE", "4"}}, "is not below TROUPE_WORLD_SIZE=4");
