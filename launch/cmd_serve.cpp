@@ -18,7 +18,9 @@
 // group starts on ranks [0, engine.ranks) and the other processes wait as standby; POST
 // /admin/scale (server.admin_key) or `troupe scale URL --ranks M` grows or shrinks it while it
 // serves (elastic/scale/dp_group.h invariant 7, dp_member.h): weights move peer-to-peer over UCX,
-// a rank that leaves is standby again. Every communicator is UCX then.
+// a rank that leaves is standby again. Every communicator is UCX then. With troupe-launch
+// --open-slots N, processes started elsewhere (troupe-launch --join HOST:PORT, the cluster token)
+// join the running group and wait as standby too (dp_member.h invariant 10).
 //
 // Signals: rank 0 stops on SIGINT / SIGTERM (the HTTP server first, then the scheduler: requests
 // left end with "abort", the other ranks are told to stop and return). The other ranks wait for
