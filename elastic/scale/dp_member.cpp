@@ -74,7 +74,14 @@ dp_member::dp_member(runtime::communicator& pool, runtime::communicator& xfer, d
   for (int r = 0; r < pool.size(); ++r) pool_members_.push_back(r);
 }
 
+void dp_member::release_later(std::vector<tensor> given) {
+  if (releasing_.joinable()) releasing_.join();
+  if (given.empty()) return;
+  releasing_ = std::thread([v = std::move(given)]() mutable { v.clear(); });
+}
+
 dp_member::~dp_member() {
+  if (releasing_.joinable()) releasing_.join();
   if (moving_.joinable()) {
     pool_.abort("the serving process is stopping");  // a move still waiting on a peer fails now
     xfer_.abort("the serving process is stopping");
@@ -278,97 +285,141 @@ void dp_member::install(const std::vector<int>& members, const std::vector<int>&
   if (on_layout) on_layout();  // the new communicators are registered before the old ones go
 }
 
-// Invariant 3: every tensor the change moves, in one global order. Each goes as a header (its shared
-// memory's handle, when it has one: invariant 9); the receiver answers whether it mapped the pages,
-// and when it did not the checksum and the bytes follow.
+// Invariant 3: every tensor the change moves, in one global order, grouped by (sender, receiver) pair in
+// the order each pair first appears. A pair is one exchange: the sender's headers for all its tensors
+// (each with its shared memory's handle, when it has one: invariant 9), the receiver's answer of which it
+// mapped, then the checksums and bytes of the others, in order.
 void dp_member::move_weights(const serve::DpScale& plan) {
   const int me = pool_.rank();
   const auto& F = plan.from_members();
   const auto& T = plan.to_members();
-  auto send = [&](const tensor& t, int peer) {
-    std::vector<int64_t> head(8, 0);
-    if (memory_ == dp_weight_memory::shared)
-      if (const auto h = runtime::shared_weights_handle(t))
-        head = {1, static_cast<int64_t>(h->boot[0]), static_cast<int64_t>(h->boot[1]), h->pid, h->fd, h->bytes,
-                h->dev, h->ino};
-    xfer_.send(tensor::from_vector(head, {8}), peer, tag_weights);
-    if (head[0] == 1) {
-      tensor mapped = tensor::zeros({1}, runtime::dtype::i64);
-      xfer_.recv(mapped, peer, tag_weights);
-      if (mapped.data<int64_t>()[0] == 1) return;
-    }
-    xfer_.send(tensor::from_vector(std::vector<int64_t>{checksum_of(t)}, {1}), peer, tag_weights);
-    xfer_.send(t, peer, tag_weights);
-    stats_.bytes_sent += t.nbytes();
+  struct item {
+    int src, dst;
+    tensor* value;            // the sender's tensor, or the receiver's slot (may be undefined)
+    runtime::shape_t shape;   // what the receiver expects
+    std::string name;
+    int64_t layer = -1, expert = -1;
+    size_t set = 0;           // a moved expert's gate, up or down
   };
-  // t: the receiving buffer, or undefined (made only when the bytes come).
-  auto recv = [&](tensor& t, const runtime::shape_t& shape, int peer, const std::string& name) {
-    tensor head = tensor::zeros({8}, runtime::dtype::i64), crc = tensor::zeros({1}, runtime::dtype::i64);
-    xfer_.recv(head, peer, tag_weights);
-    const int64_t* h = head.data<int64_t>();
-    if (h[0] == 1) {
-      std::optional<tensor> m;
-      if (memory_ == dp_weight_memory::shared) {
-        runtime::shared_weights_handle_t sh;
-        sh.boot[0] = static_cast<uint64_t>(h[1]);
-        sh.boot[1] = static_cast<uint64_t>(h[2]);
-        sh.pid = h[3];
-        sh.fd = h[4];
-        sh.bytes = h[5];
-        sh.dev = h[6];
-        sh.ino = h[7];
-        m = runtime::shared_weights_map(sh, shape, runtime::dtype::f32);  // the sender's very pages, or none
-      }
-      xfer_.send(tensor::from_vector(std::vector<int64_t>{m ? 1 : 0}, {1}), peer, tag_weights);
-      if (m) {
-        t = std::move(*m);
-        stats_.bytes_mapped += t.nbytes();
-        ++stats_.tensors_mapped;
-        ++stats_.tensors_received;
-        return;
-      }
-    }
-    xfer_.recv(crc, peer, tag_weights);
-    const int64_t want = crc.data<int64_t>()[0];
-    if (!t.defined()) t = tensor::empty(shape);
-    xfer_.recv(t, peer, tag_weights);
-    const int64_t got = checksum_of(t);
-    TROUPE_CHECK(want == got, errc::io, "{} from rank {} to rank {}: checksum (XXH3-64) {:016x} received, {:016x} computed",
-                 name, peer, me, static_cast<uint64_t>(want), static_cast<uint64_t>(got));
-    if (memory_ == dp_weight_memory::shared) t = runtime::shared_weights_copy(t);  // shareable onwards
-    stats_.bytes_received += t.nbytes();
-    ++stats_.tensors_received;
-  };
+  std::vector<item> items;
   // Dense parameters, to each joining rank (a joining rank's parameters() lists exactly those).
   for (int k = F.size(); k < T.size(); ++k) {
     const int j = T[k], src = F[(k - F.size()) % F.size()];
     if (me != src && me != j) continue;
     for (auto& p : w_.parameters()) {
       if (ep::ep_is_expert_param(p.name)) continue;
-      if (me == src) send(p.value, j);
-      else recv(p.value, p.value.shape(), src, p.name);
+      items.push_back({src, j, &p.value, p.value.shape(), p.name});
     }
   }
-  if (!config_.is_moe()) return;
-  const int64_t E = config_.n_experts;
-  for (size_t l = 0; l < w_.layers.size(); ++l) {
-    parallel::layer_params& L = w_.layers[l];
-    if (!L.is_moe) continue;
-    auto sets = ep::ep_expert_sets(L, config_);
-    for (int64_t e = 0; e < E; ++e) {
-      const int o = F[plan.from_placement(static_cast<int>(e))], n = T[plan.placement(static_cast<int>(e))];
-      if (o == n || (me != o && me != n)) continue;
-      for (size_t k = 0; k < sets.size(); ++k) {
-        if (me == o) {
-          send((*sets[k].tensors)[static_cast<size_t>(e)], n);  // read while the rank serves with it
-        } else {
-          tensor t;
-          recv(t, sets[k].shape, o, fmt::format("layer {} expert {} ({})", l, e, k == 0 ? "gate" : k == 1 ? "up" : "down"));
-          incoming_.push_back({l, e, k, std::move(t)});
+  std::vector<tensor> expert_slots;  // the receiver's buffers for experts, kept until incoming_ takes them
+  if (config_.is_moe()) {
+    const int64_t E = config_.n_experts;
+    size_t receiving = 0;
+    for (int pass = 0; pass < 2; ++pass) {  // count, then fill (expert_slots must not move once pointed at)
+      if (pass == 1) expert_slots.resize(receiving);
+      size_t slot = 0;
+      for (size_t l = 0; l < w_.layers.size(); ++l) {
+        parallel::layer_params& L = w_.layers[l];
+        if (!L.is_moe) continue;
+        auto sets = ep::ep_expert_sets(L, config_);
+        for (int64_t e = 0; e < E; ++e) {
+          const int o = F[plan.from_placement(static_cast<int>(e))], n = T[plan.placement(static_cast<int>(e))];
+          if (o == n || (me != o && me != n)) continue;
+          for (size_t k = 0; k < sets.size(); ++k) {
+            if (me == n && pass == 0) ++receiving;
+            if (pass == 0) continue;
+            tensor* v = me == o ? &(*sets[k].tensors)[static_cast<size_t>(e)] : &expert_slots[slot++];
+            items.push_back({o, n, v, sets[k].shape,
+                             fmt::format("layer {} expert {} ({})", l, e, k == 0 ? "gate" : k == 1 ? "up" : "down"),
+                             static_cast<int64_t>(l), e, k});
+          }
         }
       }
     }
   }
+  std::vector<std::pair<int, int>> pairs;  // in the order each first appears
+  for (const auto& it : items)
+    if (std::find(pairs.begin(), pairs.end(), std::make_pair(it.src, it.dst)) == pairs.end())
+      pairs.emplace_back(it.src, it.dst);
+  for (const auto& [src, dst] : pairs) {
+    std::vector<item*> mine;
+    for (auto& it : items)
+      if (it.src == src && it.dst == dst) mine.push_back(&it);
+    const int64_t n = static_cast<int64_t>(mine.size());
+    tensor heads = tensor::zeros({n, 8}, runtime::dtype::i64), mapped = tensor::zeros({n}, runtime::dtype::i64);
+    int64_t* h = heads.data<int64_t>();
+    int64_t* m = mapped.data<int64_t>();
+    if (me == src) {
+      bool any = false;
+      for (int64_t i = 0; i < n; ++i)
+        if (memory_ == dp_weight_memory::shared)
+          if (const auto sh = runtime::shared_weights_handle(*mine[static_cast<size_t>(i)]->value)) {
+            const int64_t row[8] = {1, static_cast<int64_t>(sh->boot[0]), static_cast<int64_t>(sh->boot[1]), sh->pid,
+                                    sh->fd, sh->bytes, sh->dev, sh->ino};
+            std::copy(row, row + 8, h + 8 * i);
+            any = true;
+          }
+      xfer_.send(heads, dst, tag_weights);
+      if (any) xfer_.recv(mapped, dst, tag_weights);
+      std::vector<int64_t> sums;
+      for (int64_t i = 0; i < n; ++i)
+        if (m[i] != 1) sums.push_back(checksum_of(*mine[static_cast<size_t>(i)]->value));
+      if (!sums.empty()) xfer_.send(tensor::from_vector(sums, {static_cast<int64_t>(sums.size())}), dst, tag_weights);
+      for (int64_t i = 0; i < n; ++i) {
+        if (m[i] == 1) continue;
+        const tensor& t = *mine[static_cast<size_t>(i)]->value;  // read while the rank serves with it
+        xfer_.send(t, dst, tag_weights);
+        stats_.bytes_sent += t.nbytes();
+      }
+      continue;
+    }
+    xfer_.recv(heads, src, tag_weights);
+    bool any = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* r = h + 8 * i;
+      if (r[0] != 1) continue;
+      any = true;
+      if (memory_ != dp_weight_memory::shared) continue;
+      runtime::shared_weights_handle_t sh;
+      sh.boot[0] = static_cast<uint64_t>(r[1]);
+      sh.boot[1] = static_cast<uint64_t>(r[2]);
+      sh.pid = r[3];
+      sh.fd = r[4];
+      sh.bytes = r[5];
+      sh.dev = r[6];
+      sh.ino = r[7];
+      item& it = *mine[static_cast<size_t>(i)];
+      if (auto got = runtime::shared_weights_map(sh, it.shape, runtime::dtype::f32)) {  // the sender's very pages
+        *it.value = std::move(*got);
+        m[i] = 1;
+        stats_.bytes_mapped += it.value->nbytes();
+        ++stats_.tensors_mapped;
+        ++stats_.tensors_received;
+      }
+    }
+    if (any) xfer_.send(mapped, src, tag_weights);
+    int64_t unmapped = 0;
+    for (int64_t i = 0; i < n; ++i) unmapped += m[i] == 1 ? 0 : 1;
+    tensor sums = tensor::zeros({std::max<int64_t>(unmapped, 1)}, runtime::dtype::i64);
+    if (unmapped > 0) xfer_.recv(sums, src, tag_weights);
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (m[i] == 1) continue;
+      item& it = *mine[static_cast<size_t>(i)];
+      tensor& t = *it.value;
+      if (!t.defined()) t = tensor::empty(it.shape);
+      xfer_.recv(t, src, tag_weights);
+      const int64_t want = sums.data<int64_t>()[k++], got = checksum_of(t);
+      TROUPE_CHECK(want == got, errc::io,
+                   "{} from rank {} to rank {}: checksum (XXH3-64) {:016x} received, {:016x} computed", it.name, src,
+                   me, static_cast<uint64_t>(want), static_cast<uint64_t>(got));
+      if (memory_ == dp_weight_memory::shared) t = runtime::shared_weights_copy(t);  // shareable onwards
+      stats_.bytes_received += t.nbytes();
+      ++stats_.tensors_received;
+    }
+  }
+  for (auto& it : items)
+    if (it.dst == me && it.expert >= 0) incoming_.push_back({static_cast<size_t>(it.layer), it.expert, it.set, std::move(*it.value)});
 }
 
 // The plan's members and placement are consistent with each other and with this member's layout.
@@ -402,9 +453,11 @@ void dp_member::prepare(const serve::DpScale& plan) {
   incoming_.clear();
   error_ = nullptr;
   done_ = false;
-  if (index_of(plan.from_members(), me) < 0)  // a joining rank: room for the dense weights (invariant 3 fills
-    w_ = parallel::model_weights::allocate(  // them, then its experts), untouched: mapped pages may replace it
+  if (index_of(plan.from_members(), me) < 0) {  // a joining rank: room for the dense weights (invariant 3 fills
+    w_ = parallel::model_weights::allocate(    // them, then its experts), untouched: mapped pages may replace it
         config_, [](const std::string& name) { return !ep::ep_is_expert_param(name); }, /*zero_fill=*/false);
+    dec_ = std::make_unique<parallel::decoder>(w_);  // so that its executor can be made while the weights move
+  }
   const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
   moving_ = std::thread([this, plan, to, me, layout = plan.epoch()] {
     const auto t0 = std::chrono::steady_clock::now();
@@ -464,6 +517,7 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
               stats_.bytes_sent);
     return nullptr;
   }
+  std::vector<tensor> given;  // experts given away: unmapped off the serving thread, after the switch
   if (config_.is_moe()) {  // experts in and out by handle (invariant 4)
     const int64_t E = config_.n_experts;
     const auto& F = plan.from_members();
@@ -473,7 +527,7 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
       auto sets = ep::ep_expert_sets(L, config_);
       for (int64_t e = 0; e < E; ++e)
         if (F[plan.from_placement(static_cast<int>(e))] == me && to[static_cast<size_t>(plan.placement(static_cast<int>(e)))] != me)
-          for (auto& st : sets) (*st.tensors)[static_cast<size_t>(e)] = tensor();
+          for (auto& st : sets) given.push_back(std::move((*st.tensors)[static_cast<size_t>(e)]));
     }
     if (memory_ == dp_weight_memory::reallocate)  // the baseline: every expert kept gets a new buffer
       for (size_t l = 0; l < w_.layers.size(); ++l) {
@@ -489,6 +543,7 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
     incoming_.clear();
   }
   install(to, std::vector<int>(plan.placement().begin(), plan.placement().end()), plan.epoch());
+  release_later(std::move(given));
   log::debug("rank {}: layout {} on {} ranks; {} bytes sent, {} received ({} tensors checked) in {:.3f} s", me,
              plan.epoch(), to.size(), stats_.bytes_sent, stats_.bytes_received, stats_.tensors_received,
              stats_.seconds);
@@ -640,7 +695,8 @@ dp_follower_summary dp_serve_follower(dp_member& m, const parallel::text_tokeniz
   while (standby) {
     const auto plan = m.wait_standby();
     if (!plan) break;
-    el.prepare(*plan);  // nothing to serve meanwhile: wait for the moves
+    el.prepare(*plan);  // nothing to serve meanwhile: its KV cache is made while the weights move
+    auto exec = std::make_unique<local_executor>(m.decoder(), plan->num_blocks(), opts.block_size);
     runtime::communicator* c = el.commit(*plan);
     TROUPE_CHECK(c != nullptr, errc::internal, "a standby rank taken into a group of {} ranks got no communicator",
                  plan->to_ranks());
@@ -649,8 +705,7 @@ dp_follower_summary dp_serve_follower(dp_member& m, const parallel::text_tokeniz
               "a rank of this host, {} tensors checked, in {:.3f} s",
               c->rank(), plan->epoch(), plan->to_ranks(), m.last_transfer().bytes_received,
               m.last_transfer().bytes_mapped, m.last_transfer().tensors_received, m.last_transfer().seconds);
-    local_executor exec(m.decoder(), plan->num_blocks(), opts.block_size);
-    engine eng(exec, tok, opts);
+    engine eng(*exec, tok, opts);
     const auto res = dp_follow(eng, *c, {}, el);
     out.steps += res.steps;
     standby = res.left;

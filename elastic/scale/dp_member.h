@@ -25,14 +25,18 @@
 //      prepare() starts the moves on a thread of their own over `xfer` while the rank goes on
 //      serving on the old layout (they only read its weights); commit() waits for them and
 //      switches. The moves run in one global order — every dense tensor to the k-th joining rank
-//      from old member k % P, then every expert whose owner changes, from its old owner — each a
-//      blocking pair, so no two ranks wait on each other. Each tensor's bytes come with their XXH3-64
-//      checksum; a mismatch is errc::io naming the tensor and both ranks. Nothing is read from
+//      from old member k % P, then every expert whose owner changes, from its old owner — grouped
+//      into one blocking exchange per (sender, receiver) pair in the order the pairs first appear,
+//      so no two ranks wait on each other: the sender's headers for all its tensors, the receiver's
+//      answer (which it mapped: invariant 9), then the others' XXH3-64 checksums and bytes in order;
+//      a mismatch is errc::io naming the tensor and both ranks. A joining rank's KV cache is made
+//      meanwhile (its decoder exists from prepare() on). Nothing is read from
 //      disk. Then the new group's ranks make its communicators (invariant 5), so once rank 0's moves
 //      are done (ready()) every rank's are: all the new ranks have received everything.
 //   4. Ranks that stay keep their dense weights and KV caches in place; experts they gain arrive in
 //      buffers of their own and, at commit, are swapped in by handle as those they lose are released
-//      (never all expert buffers again). A leaving rank releases its weights and is standby again.
+//      (never all expert buffers again) — freed on a thread of their own after the switch, so the
+//      pause does not include unmapping them. A leaving rank releases its weights and is standby again.
 //   5. The group's communicators (tokens and borrowed expert weights) are made by `make_comm` among
 //      the new group's members, once per layout; a group of one rank needs none (its MoE layers run
 //      alone, its serving communicator is a one-rank group).
@@ -161,7 +165,7 @@ class dp_member {
   const std::vector<int>& placement() const { return placement_; }  // expert -> group rank
   runtime::communicator& comm();               // the group's serving communicator (active ranks)
   std::vector<runtime::communicator*> group_comms();  // every communicator of the layout (none on standby)
-  parallel::decoder& decoder();                // active ranks
+  parallel::decoder& decoder();                // active ranks, and a joining one from prepare() on
   const parallel::model_weights& weights() const { return w_; }
   const runtime::model_config& config() const { return config_; }
   parallel::ep::ep_serve_runner* moe() { return moe_.get(); }
@@ -178,6 +182,7 @@ class dp_member {
   void make_comms(const std::vector<int>& members, int64_t layout);
   void install(const std::vector<int>& members, const std::vector<int>& placement, int64_t layout);
   void move_weights(const serve::DpScale& plan);
+  void release_later(std::vector<runtime::tensor> given);  // freed on a thread of their own (invariant 4)
   void reload_experts(const std::vector<std::pair<int64_t, int64_t>>& wanted);
 
   struct incoming_expert {
@@ -199,6 +204,7 @@ class dp_member {
   std::unique_ptr<runtime::communicator> tokens_, borrowed_;
   std::unique_ptr<runtime::communicator> next_tokens_, next_borrowed_;  // made by the moves' thread
   std::vector<incoming_expert> incoming_;
+  std::thread releasing_;  // frees the experts the last switch gave away
   std::thread moving_;
   std::atomic<bool> done_{false};
   std::exception_ptr error_;
