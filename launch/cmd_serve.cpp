@@ -177,6 +177,7 @@ class group_scale_admin final : public elastic::scale_admin {
                         {"scale_downs", s.scale_downs},
                         {"moved_samples", s.moved_samples},
                         {"recoveries", s.recoveries},
+                        {"abandoned", s.abandoned},
                         {"lost_ranks", s.lost_ranks},
                         {"last_recovery_seconds", s.last_recovery_seconds},
                         {"last_seconds",
@@ -376,15 +377,27 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
   std::unique_ptr<runtime::ucx_communicator> pool =
       make_pool("pool", 0, std::numeric_limits<int>::max(), /*sleep_when_idle=*/true);
   std::unique_ptr<runtime::ucx_communicator> xfer = make_pool("pool_moves", 1, 300000, false);
-  elastic::dp_comm_factory factory = [&xfer](const std::vector<int>& members, const std::string& name) {
-    auto boot = runtime::make_comm_bootstrap(*xfer, members, tag_group_boot);
+  elastic::dp_comm_factory factory = [](runtime::communicator& via, const std::vector<int>& members,
+                                        const std::string& name) {
+    auto boot = runtime::make_comm_bootstrap(via, members, tag_group_boot);
     runtime::ucx_options uo;
     uo.timeout_ms = 600000;
     uo.sleep_when_idle = name.rfind("serve.", 0) == 0;  // the serving group waits long when idle
     return std::unique_ptr<runtime::communicator>(runtime::make_ucx_communicator(*boot, uo));
   };
+  // A change's own communicator (dp_member.h invariant 11): each of its ranks makes it alone and
+  // publishes its address; the others look it up when they first send (a lost rank's lookup fails).
+  elastic::dp_moves_factory moves = [&ctx, rank](const std::string& name) {
+    runtime::ucx_options uo;
+    uo.timeout_ms = 300000;
+    const std::string key = "serve." + name;
+    uo.resolve_peer = [&ctx, key](int peer) { return ctx.lookup(key, peer, 60000); };
+    auto c = runtime::make_ucx_joining_communicator(rank, uo);
+    ctx.publish(key, c->address());
+    return std::unique_ptr<runtime::communicator>(std::move(c));
+  };
   elastic::dp_member m(*pool, *xfer, factory, parallel::ep::ep_options_from(spec.expert()),
-                       elastic::dp_weight_memory_from(spec.engine().weight_memory()));
+                       elastic::dp_weight_memory_from(spec.engine().weight_memory()), moves);
   struct active_set {  // the worker aborts these when the cluster's group ends
     actors::worker_context& ctx;
     ~active_set() { ctx.set_active(nullptr); }
@@ -393,7 +406,7 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
     std::vector<runtime::communicator*> cs{pool.get(), xfer.get()};
     if (m.active()) cs.push_back(&m.comm());
     ctx.set_active(cs);
-    ctx.set_loss_comms(m.active() ? m.members() : std::vector<int>{}, m.group_comms());
+    ctx.set_loss_comms(m.watched(), m.group_comms());
   };
   register_active();
   // A lost process (the supervisor keeps the group: actors/supervisor.h invariant 7) is never taken in

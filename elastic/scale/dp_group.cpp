@@ -752,7 +752,7 @@ bool dp_leader::loss_pending() const {
   if (!elastic_.lost || !elastic_.members) return false;
   const std::vector<int> lost = elastic_.lost();
   if (lost.empty()) return false;
-  for (int m : elastic_.members())
+  for (int m : elastic_.watched ? elastic_.watched() : elastic_.members())
     if (std::find(lost.begin(), lost.end(), m) != lost.end()) return true;
   return false;
 }
@@ -772,16 +772,39 @@ void dp_leader::recover() {
   const auto t0 = clk::now();
   TROUPE_CHECK(elastic_.plan_recovery && elastic_.recover && elastic_.control && elastic_.members, errc::unsupported,
                "serving group: a rank was lost and this group cannot recover (no dp_elastic recovery)");
+  std::vector<int> joiners;  // of a change given up (dp_member.h invariant 11): standby again
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::unique_lock<std::mutex> g(mu_);
     const bool committed = scale_.state == "moving" && scale_.epoch >= plan_.epoch();
-    TROUPE_CHECK(scale_.state != "moving" || committed, errc::unsupported,
-                 "serving group: a rank was lost while the weights of the change to {} ranks were moving; the group "
-                 "cannot recover from that",
-                 scale_.target);
     if (committed) {  // switched already: the loss came in its first iteration
       scale_.last_total_seconds = std::chrono::duration<double>(clk::now() - scale_requested_).count();
       scale_.state = "done";
+    } else if (scale_.state == "moving") {
+      TROUPE_CHECK(elastic_.abandon, errc::unsupported,
+                   "serving group: a rank was lost while the weights of the change to {} ranks were moving; this "
+                   "group cannot give the change up",
+                   scale_.target);
+      const std::vector<int> lost = elastic_.lost();
+      for (int m : plan_.to_members())
+        if (std::find(plan_.from_members().begin(), plan_.from_members().end(), m) == plan_.from_members().end() &&
+            std::find(lost.begin(), lost.end(), m) == lost.end())
+          joiners.push_back(m);
+      std::vector<int> lost_in_change;
+      for (int m : lost)
+        if (std::find(plan_.to_members().begin(), plan_.to_members().end(), m) != plan_.to_members().end() ||
+            std::find(plan_.from_members().begin(), plan_.from_members().end(), m) != plan_.from_members().end())
+          lost_in_change.push_back(m);
+      scale_.state = "failed";
+      scale_.error = fmt::format("abandoned: pool rank(s) {} were lost while the weights moved; the group is as "
+                                 "before the change, less what was lost",
+                                 fmt::join(lost_in_change, ", "));
+      scale_.epoch = plan_.epoch();  // the abandoned layout's number is not used again
+      ++scale_.abandoned;
+      g.unlock();
+      log::warn("serving group: the change to {} ranks (layout {}) is abandoned: pool rank(s) {} were lost while "
+                "the weights moved",
+                plan_.to_ranks(), plan_.epoch(), fmt::join(lost_in_change, ", "));
+      elastic_.abandon();
     }
   }
   const std::vector<int> members = elastic_.members(), lost_all = elastic_.lost();
@@ -810,6 +833,8 @@ void dp_leader::recover() {
     for (int k = 0; k < T.size(); ++k)
       if (T[k] == F[g]) old_to_new[static_cast<size_t>(g)] = k;
   runtime::communicator& ctl = *elastic_.control;
+  for (int j : joiners)  // dp_await_abandoned, or follower_recover on a joiner that had switched
+    ctl.send(tensor::from_vector(std::vector<int64_t>{-2}, {1}), j, tag_recover);
   const std::string body = plan.SerializeAsString();
   for (int k = 1; k < T.size(); ++k) {
     ctl.send(tensor::from_vector(std::vector<int64_t>{static_cast<int64_t>(body.size())}, {1}), T[k], tag_recover);
@@ -913,6 +938,10 @@ bool dp_leader::step() {
   try {
     if (target > 0) begin_scale(target);
     else if (moving && elastic_.ready()) {
+      if (elastic_.move_error && !elastic_.move_error().empty() && await_loss()) {
+        recover();  // the moves failed because a rank of the change was lost: it is given up
+        return true;
+      }
       commit_scale();
       committed = true;
     }
@@ -1181,10 +1210,12 @@ std::string dp_leader::metrics_text() const {
         "# HELP troupe_scale_lost_ranks_total Serving ranks lost.\n# TYPE troupe_scale_lost_ranks_total counter\n"
         "troupe_scale_lost_ranks_total {}\n"
         "# HELP troupe_scale_last_recovery_seconds The last recovery: rank 0 starting it to the group rebuilt.\n"
-        "# TYPE troupe_scale_last_recovery_seconds gauge\ntroupe_scale_last_recovery_seconds {:.6f}\n",
+        "# TYPE troupe_scale_last_recovery_seconds gauge\ntroupe_scale_last_recovery_seconds {:.6f}\n"
+        "# HELP troupe_scale_abandoned_total Changes given up because a rank of theirs was lost.\n"
+        "# TYPE troupe_scale_abandoned_total counter\ntroupe_scale_abandoned_total {}\n",
         s.pool_ranks, s.epoch, s.scale_ups, s.scale_downs, s.moved_samples, s.last_wait_seconds,
         s.last_move_seconds, s.last_switch_seconds, s.last_total_seconds, s.recoveries, s.lost_ranks,
-        s.last_recovery_seconds);
+        s.last_recovery_seconds, s.abandoned);
   }
   return out + eng_.expert_metrics_text();
 }
@@ -1214,7 +1245,7 @@ namespace {
 bool loss_in_group(const dp_elastic& el) {
   const std::vector<int> lost = el.lost();
   if (lost.empty()) return false;
-  for (int m : el.members())
+  for (int m : el.watched ? el.watched() : el.members())
     if (std::find(lost.begin(), lost.end(), m) != lost.end()) return true;
   return false;
 }
@@ -1239,6 +1270,7 @@ runtime::communicator* follower_recover(const dp_elastic& el, int64_t applied,
   ctl.recv(len, 0, tag_recover);
   const int64_t n = len.data<int64_t>()[0];
   TROUPE_CHECK(n != -1, errc::aborted, "serving group: pool rank {}: rank 0 could not recover the group", me);
+  if (n == -2) return nullptr;  // this rank joined in a change rank 0 gave up: standby again
   TROUPE_CHECK(n > 0 && n < (int64_t{1} << 30), errc::internal,
                "serving group: pool rank {}: a recovery plan of {} bytes from rank 0", me, n);
   tensor b = tensor::empty({n}, runtime::dtype::u8);
@@ -1380,8 +1412,8 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
         const auto lost = el.lost();
         if (std::find(lost.begin(), lost.end(), el.control->rank()) != lost.end()) throw;
       }
-      if (el.moving && el.moving()) throw;  // a change's weights are moving: no recovery (invariant 8)
       if (!follower_saw_loss(el)) throw;
+      if (el.abandon) el.abandon();  // a change prepared here and not committed is given up
       log::warn("serving group: pool rank {}: a group operation failed after iteration {} ({}); a member was lost, "
                 "waiting for rank 0's recovery plan",
                 el.control->rank(), current, e.what());
@@ -1391,6 +1423,12 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
       }
       comm = follower_recover(el, applied, unacked);
       unacked.clear();
+      if (comm == nullptr) {  // rank 0 gave up the change that took this rank in
+        eng.shutdown();
+        if (el.to_standby) el.to_standby();
+        res.left = true;
+        return res;
+      }
       continue;
     }
     if (next == follow_next::ended) return res;
@@ -1402,5 +1440,16 @@ dp_follow_result follow(engine& eng, runtime::communicator*& comm, const group_h
 }
 
 }  // namespace
+
+bool dp_saw_loss(const dp_elastic& el) { return follower_saw_loss(el); }
+
+void dp_await_abandoned(const dp_elastic& el) {
+  TROUPE_CHECK(el.control != nullptr, errc::internal, "serving group: no control communicator");
+  tensor len = tensor::zeros({1}, runtime::dtype::i64);
+  el.control->recv(len, 0, tag_recover);
+  TROUPE_CHECK(len.data<int64_t>()[0] == -2, errc::aborted,
+               "serving group: pool rank {}: rank 0 did not give up the change whose moves failed ({})",
+               el.control->rank(), len.data<int64_t>()[0]);
+}
 
 }  // namespace troupe::elastic

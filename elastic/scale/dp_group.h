@@ -123,7 +123,18 @@ struct dp_elastic {
   std::function<int()> pool_alive;            // processes of the pool still alive
   runtime::communicator* control = nullptr;   // rank = pool rank: a recovery's messages (bounded waits)
   std::function<bool()> moving;               // this rank's weights of a change are moving
+  // dp_member.h invariant 11: the pool ranks whose loss concerns this rank (its group's and, while a
+  // change is prepared, the change's); give up the prepared change; leave the group for standby (a
+  // joining rank whose change rank 0 abandoned after it switched).
+  std::function<std::vector<int>()> watched;
+  std::function<void()> abandon;
+  std::function<void()> to_standby;
 };
+
+// A joining rank whose change failed: whether a rank the change concerns was lost (waiting a while
+// for the notice), and then rank 0's word that it abandoned the change (errc::aborted otherwise).
+bool dp_saw_loss(const dp_elastic& el);
+void dp_await_abandoned(const dp_elastic& el);
 
 // request_scale's refusal; status() is the HTTP status that says why (400, 409, 501).
 class dp_scale_refused : public std::runtime_error {
@@ -144,6 +155,7 @@ struct dp_scale_status {
   int64_t scale_ups = 0, scale_downs = 0;
   int64_t moved_samples = 0;   // samples resumed on another rank, all changes
   int64_t recoveries = 0;      // losses survived (invariant 8)
+  int64_t abandoned = 0;       // changes given up because a rank of theirs was lost (dp_member.h invariant 11)
   int64_t lost_ranks = 0;      // serving ranks lost
   double last_recovery_seconds = 0;  // the failed iteration's start -> the group rebuilt
   double last_total_seconds = 0;   // request -> the first iteration on the new layout

@@ -67,17 +67,25 @@ dp_weight_memory dp_weight_memory_from(const std::string& name) {
 }
 
 dp_member::dp_member(runtime::communicator& pool, runtime::communicator& xfer, dp_comm_factory make_comm,
-                     ep::ep_options ep, dp_weight_memory memory)
-    : pool_(pool), xfer_(xfer), make_comm_(std::move(make_comm)), ep_(ep), memory_(memory) {
+                     ep::ep_options ep, dp_weight_memory memory, dp_moves_factory make_moves)
+    : pool_(pool),
+      xfer_(xfer),
+      make_comm_(std::move(make_comm)),
+      make_moves_(std::move(make_moves)),
+      ep_(ep),
+      memory_(memory) {
   TROUPE_CHECK(pool.size() == xfer.size() && pool.rank() == xfer.rank(), errc::invalid_argument,
                "dp_member: the pool ({} ranks) and its transfer communicator ({}) differ", pool.size(), xfer.size());
   for (int r = 0; r < pool.size(); ++r) pool_members_.push_back(r);
 }
 
-void dp_member::release_later(std::vector<tensor> given) {
+void dp_member::release_later(std::vector<tensor> given, std::unique_ptr<runtime::communicator> comm) {
   if (releasing_.joinable()) releasing_.join();
-  if (given.empty()) return;
-  releasing_ = std::thread([v = std::move(given)]() mutable { v.clear(); });
+  if (given.empty() && !comm) return;
+  releasing_ = std::thread([v = std::move(given), c = std::move(comm)]() mutable {
+    v.clear();
+    c.reset();
+  });
 }
 
 dp_member::~dp_member() {
@@ -127,7 +135,7 @@ void dp_member::load_shard(parallel::model_weights full, int ranks) {
   if (config_.is_moe() && ranks > 1) ep::ep_shard_weights(w_, ep::ep_placement{ranks, placement}, pool_.rank());
   if (memory_ == dp_weight_memory::shared)  // invariant 9: one tensor at a time, into a memfd of its own
     for (auto& p : w_.parameters()) p.value = runtime::shared_weights_copy(p.value);
-  make_comms(members, 1);
+  make_comms(xfer_, members, 1);
   install(members, placement, 1);
 }
 
@@ -228,9 +236,21 @@ runtime::communicator& dp_member::comm() {
 
 std::vector<runtime::communicator*> dp_member::group_comms() {
   std::vector<runtime::communicator*> out;
+  if (moves_) out.push_back(moves_.get());
   if (!active()) return out;
   if (tokens_) out.push_back(tokens_.get());
   if (borrowed_) out.push_back(borrowed_.get());
+  return out;
+}
+
+std::vector<int> dp_member::watched() const {
+  std::vector<int> out = members_;
+  if (change_) {
+    for (int m : change_->from_members())
+      if (index_of(out, m) < 0) out.push_back(m);
+    for (int m : change_->to_members())
+      if (index_of(out, m) < 0) out.push_back(m);
+  }
   return out;
 }
 
@@ -240,12 +260,12 @@ parallel::decoder& dp_member::decoder() {
 }
 
 // The layout's communicators (invariant 5): made collectively by the new group's ranks.
-void dp_member::make_comms(const std::vector<int>& members, int64_t layout) {
+void dp_member::make_comms(runtime::communicator& via, const std::vector<int>& members, int64_t layout) {
   const int me = index_of(members, pool_.rank());
   const int ranks = static_cast<int>(members.size());
   if (ranks > 1) {
-    next_tokens_ = make_comm_(members, fmt::format("serve.{}", layout));
-    if (config_.is_moe()) next_borrowed_ = make_comm_(members, fmt::format("serve_weights.{}", layout));
+    next_tokens_ = make_comm_(via, members, fmt::format("serve.{}", layout));
+    if (config_.is_moe()) next_borrowed_ = make_comm_(via, members, fmt::format("serve_weights.{}", layout));
   } else {
     next_tokens_ = std::move(runtime::make_inproc_group(1)[0]);
   }
@@ -291,6 +311,7 @@ void dp_member::install(const std::vector<int>& members, const std::vector<int>&
 // mapped, then the checksums and bytes of the others, in order.
 void dp_member::move_weights(const serve::DpScale& plan) {
   const int me = pool_.rank();
+  runtime::communicator& xfer = moves_ ? *moves_ : xfer_;
   const auto& F = plan.from_members();
   const auto& T = plan.to_members();
   struct item {
@@ -359,21 +380,21 @@ void dp_member::move_weights(const serve::DpScale& plan) {
             std::copy(row, row + 8, h + 8 * i);
             any = true;
           }
-      xfer_.send(heads, dst, tag_weights);
-      if (any) xfer_.recv(mapped, dst, tag_weights);
+      xfer.send(heads, dst, tag_weights);
+      if (any) xfer.recv(mapped, dst, tag_weights);
       std::vector<int64_t> sums;
       for (int64_t i = 0; i < n; ++i)
         if (m[i] != 1) sums.push_back(checksum_of(*mine[static_cast<size_t>(i)]->value));
-      if (!sums.empty()) xfer_.send(tensor::from_vector(sums, {static_cast<int64_t>(sums.size())}), dst, tag_weights);
+      if (!sums.empty()) xfer.send(tensor::from_vector(sums, {static_cast<int64_t>(sums.size())}), dst, tag_weights);
       for (int64_t i = 0; i < n; ++i) {
         if (m[i] == 1) continue;
         const tensor& t = *mine[static_cast<size_t>(i)]->value;  // read while the rank serves with it
-        xfer_.send(t, dst, tag_weights);
+        xfer.send(t, dst, tag_weights);
         stats_.bytes_sent += t.nbytes();
       }
       continue;
     }
-    xfer_.recv(heads, src, tag_weights);
+    xfer.recv(heads, src, tag_weights);
     bool any = false;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t* r = h + 8 * i;
@@ -397,18 +418,18 @@ void dp_member::move_weights(const serve::DpScale& plan) {
         ++stats_.tensors_received;
       }
     }
-    if (any) xfer_.send(mapped, src, tag_weights);
+    if (any) xfer.send(mapped, src, tag_weights);
     int64_t unmapped = 0;
     for (int64_t i = 0; i < n; ++i) unmapped += m[i] == 1 ? 0 : 1;
     tensor sums = tensor::zeros({std::max<int64_t>(unmapped, 1)}, runtime::dtype::i64);
-    if (unmapped > 0) xfer_.recv(sums, src, tag_weights);
+    if (unmapped > 0) xfer.recv(sums, src, tag_weights);
     int64_t k = 0;
     for (int64_t i = 0; i < n; ++i) {
       if (m[i] == 1) continue;
       item& it = *mine[static_cast<size_t>(i)];
       tensor& t = *it.value;
       if (!t.defined()) t = tensor::empty(it.shape);
-      xfer_.recv(t, src, tag_weights);
+      xfer.recv(t, src, tag_weights);
       const int64_t want = sums.data<int64_t>()[k++], got = checksum_of(t);
       TROUPE_CHECK(want == got, errc::io,
                    "{} from rank {} to rank {}: checksum (XXH3-64) {:016x} received, {:016x} computed", it.name, src,
@@ -448,7 +469,7 @@ void dp_member::prepare(const serve::DpScale& plan) {
   const int me = pool_.rank();
   check_plan(plan);
   TROUPE_CHECK(!moving_.joinable(), errc::internal, "pool rank {}: a change is under way already", me);
-  check_ranks(plan.to_ranks());
+  // (rank 0 checked the size against the pool when it planned; a loss since then gives the change up)
   stats_ = {};
   incoming_.clear();
   error_ = nullptr;
@@ -459,11 +480,16 @@ void dp_member::prepare(const serve::DpScale& plan) {
     dec_ = std::make_unique<parallel::decoder>(w_);  // so that its executor can be made while the weights move
   }
   const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
+  change_ = plan;
+  if (make_moves_) {  // invariant 11: registered (on_layout) before anything can wait on a peer
+    moves_ = make_moves_(fmt::format("moves.{}", plan.epoch()));
+    if (on_layout) on_layout();
+  }
   moving_ = std::thread([this, plan, to, me, layout = plan.epoch()] {
     const auto t0 = std::chrono::steady_clock::now();
     try {
       move_weights(plan);
-      if (index_of(to, me) >= 0) make_comms(to, layout);
+      if (index_of(to, me) >= 0) make_comms(moves_ ? *moves_ : xfer_, to, layout);
     } catch (...) {
       error_ = std::current_exception();
     }
@@ -502,6 +528,10 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   total_.tensors_mapped += stats_.tensors_mapped;
   total_.seconds += stats_.seconds;
   const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
+  // The change is this rank's layout now: its moves communicator is unregistered (by the on_layout
+  // below) before it goes, off this thread.
+  std::unique_ptr<runtime::communicator> old_moves = std::move(moves_);
+  change_.reset();
   if (index_of(to, me) < 0) {  // leaving: standby again (invariant 4)
     std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
     members_ = to;
@@ -513,6 +543,7 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
     old_tokens.reset();
     old_borrowed.reset();
     w_ = parallel::model_weights();
+    release_later({}, std::move(old_moves));
     log::info("rank {}: left the serving group (layout {}); {} bytes of weights sent", me, plan.epoch(),
               stats_.bytes_sent);
     return nullptr;
@@ -543,27 +574,65 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
     incoming_.clear();
   }
   install(to, std::vector<int>(plan.placement().begin(), plan.placement().end()), plan.epoch());
-  release_later(std::move(given));
+  release_later(std::move(given), std::move(old_moves));
   log::debug("rank {}: layout {} on {} ranks; {} bytes sent, {} received ({} tensors checked) in {:.3f} s", me,
              plan.epoch(), to.size(), stats_.bytes_sent, stats_.bytes_received, stats_.tensors_received,
              stats_.seconds);
   return tokens_.get();
 }
 
+// Invariant 11: what a change prepared goes; the layout is the one before it.
+void dp_member::discard_change() {
+  next_tokens_.reset();
+  next_borrowed_.reset();
+  incoming_.clear();
+  error_ = nullptr;
+  const bool joining = change_ && index_of(change_->from_members(), pool_.rank()) < 0;
+  change_.reset();
+  std::unique_ptr<runtime::communicator> old_moves = std::move(moves_);
+  if (joining) {  // nothing served with these yet
+    dec_.reset();
+    w_ = parallel::model_weights();
+  }
+  if (on_layout) on_layout();  // the moves communicator is no longer registered, before it goes
+  release_later({}, std::move(old_moves));
+}
+
+void dp_member::abandon() {
+  if (!change_ && !moving_.joinable()) return;
+  if (moves_) moves_->abort("the change was abandoned: a rank of it was lost");  // its moves end now
+  if (moving_.joinable()) moving_.join();
+  log::warn("rank {}: the change to layout {} was abandoned; the group is as before it", pool_.rank(),
+            change_ ? change_->epoch() : 0);
+  discard_change();
+}
+
+void dp_member::to_standby() {
+  abandon();
+  if (members_.empty()) return;
+  std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
+  members_.clear();
+  placement_.clear();
+  if (on_layout) on_layout();  // no serving communicator registered any more, before it goes
+  dec_.reset();
+  if (moe_) retired_.push_back(std::move(moe_));
+  old_tokens.reset();
+  old_borrowed.reset();
+  w_ = parallel::model_weights();
+  log::info("rank {}: standby again (the change that took it in was abandoned)", pool_.rank());
+}
+
 // A recovery (invariant 8): the survivors' communicators, the lost ranks' experts from the checkpoint.
 runtime::communicator* dp_member::recover(const serve::DpScale& plan) {
   const int me = pool_.rank();
   check_plan(plan);
-  TROUPE_CHECK(!moving_.joinable(), errc::unsupported,
-               "pool rank {}: a rank was lost while the weights of a change were moving; the group cannot recover "
-               "from that",
-               me);
+  abandon();  // invariant 11: a change under way is given up first
   const std::vector<int> to(plan.to_members().begin(), plan.to_members().end());
   TROUPE_CHECK(index_of(to, me) >= 0, errc::internal, "pool rank {} recovers a group it is not in", me);
   for (int r : plan.lost()) mark_lost(r);
   const auto t0 = std::chrono::steady_clock::now();
   stats_ = {};
-  make_comms(to, plan.epoch());
+  make_comms(xfer_, to, plan.epoch());
   if (config_.is_moe()) {
     const auto& F = plan.from_members();
     std::vector<std::pair<int64_t, int64_t>> wanted;  // (layer, expert)
@@ -669,6 +738,9 @@ dp_elastic dp_member::elastic() {
   el.pool_alive = [this] { return pool_alive(); };
   el.control = &xfer_;  // bounded waits; the moves' thread is idle whenever a recovery runs
   el.moving = [this] { return moving_.joinable() && !done_.load(); };
+  el.watched = [this] { return watched(); };
+  el.abandon = [this] { abandon(); };
+  el.to_standby = [this] { to_standby(); };
   el.prepare = [this](const serve::DpScale& p) { prepare(p); };
   el.ready = [this] { return ready(); };
   el.move_error = [this] { return move_error(); };
@@ -695,15 +767,29 @@ dp_follower_summary dp_serve_follower(dp_member& m, const parallel::text_tokeniz
   while (standby) {
     const auto plan = m.wait_standby();
     if (!plan) break;
-    el.prepare(*plan);  // nothing to serve meanwhile: its KV cache is made while the weights move
-    auto exec = std::make_unique<local_executor>(m.decoder(), plan->num_blocks(), opts.block_size);
-    runtime::communicator* c = el.commit(*plan);
+    std::unique_ptr<local_executor> exec;
+    runtime::communicator* c = nullptr;
+    try {
+      el.prepare(*plan);  // nothing to serve meanwhile: its KV cache is made while the weights move
+      exec = std::make_unique<local_executor>(m.decoder(), plan->num_blocks(), opts.block_size);
+      c = el.commit(*plan);
+    } catch (const std::exception& e) {  // invariant 11: a rank of the change was lost; rank 0 gives it up
+      exec.reset();
+      const std::vector<int> lost = m.lost();
+      if (std::find(lost.begin(), lost.end(), m.pool_rank()) != lost.end()) throw;  // this rank is the lost one
+      if (!dp_saw_loss(el)) throw;
+      log::warn("rank {}: the change that was taking it in failed ({}); a rank of it was lost", m.pool_rank(),
+                e.what());
+      m.abandon();
+      dp_await_abandoned(el);
+      continue;
+    }
     TROUPE_CHECK(c != nullptr, errc::internal, "a standby rank taken into a group of {} ranks got no communicator",
                  plan->to_ranks());
     ++out.joins;
-    log::info("rank {}: joined the serving group (layout {}, {} ranks); {} bytes of weights received, {} mapped from "
-              "a rank of this host, {} tensors checked, in {:.3f} s",
-              c->rank(), plan->epoch(), plan->to_ranks(), m.last_transfer().bytes_received,
+    log::info("pool rank {}: joined the serving group as rank {} (layout {}, {} ranks); {} bytes of weights "
+              "received, {} mapped from a rank of this host, {} tensors checked, in {:.3f} s",
+              m.pool_rank(), c->rank(), plan->epoch(), plan->to_ranks(), m.last_transfer().bytes_received,
               m.last_transfer().bytes_mapped, m.last_transfer().tensors_received, m.last_transfer().seconds);
     engine eng(*exec, tok, opts);
     const auto res = dp_follow(eng, *c, {}, el);

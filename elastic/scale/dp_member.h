@@ -48,8 +48,8 @@
 //   8. A lost pool rank (mark_lost, from any thread) is never planned into a group again. recover()
 //      is synchronous on every survivor: the survivors' communicators are made, each survivor keeps
 //      its dense weights, KV cache and experts, and reads the lost ranks' experts that it now owns
-//      from the checkpoint (the only time a rank reads weights from disk after loading). A loss
-//      while a change's weights move cannot be recovered (errc::unsupported).
+//      from the checkpoint (the only time a rank reads weights from disk after loading). A change
+//      under way is abandoned first (invariant 11).
 //   9. Weight memory (dp_weight_memory). shared: every weight this member holds is in a memfd of its
 //      own (runtime/shared_weights.h); a tensor moved to a rank of the same host goes as a handle
 //      that the receiver maps — the sender's very pages (same boot, same memfd by device and inode,
@@ -64,6 +64,14 @@
 //      names later: a process that joined the running service from outside (a pool that grows:
 //      runtime/communicator_ucx.h invariant 9). Planning takes standby ranks from it, lowest first;
 //      a rank that joined is met by the others when they first send to it.
+//  11. A loss while a change is under way (before rank 0 commits it) abandons the change. Its weights
+//      and new communicators go through a communicator of its own (dp_moves_factory) that the loss
+//      aborts on every rank of the change (watched(): the group and the change's ranks, for the
+//      worker's loss registration), so every moves' thread ends at once; abandon() then discards
+//      what was prepared — gained experts, new communicators, a joining rank's weights — and the
+//      group is as before the change, which rank 0 recovers as invariant 8 says. A joining rank
+//      that had switched already goes back to standby (to_standby()). Without a moves factory the
+//      moves use `xfer`, and a loss while they run is waited out to its timeout.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -87,10 +95,15 @@
 
 namespace troupe::elastic {
 
-// A communicator among `members` (pool ranks, group order), made collectively by the members; `name`
-// tells the layouts' groups apart ("serve.2").
-using dp_comm_factory =
-    std::function<std::unique_ptr<runtime::communicator>(const std::vector<int>& members, const std::string& name)>;
+// A communicator among `members` (pool ranks, group order), made collectively by the members (their
+// addresses exchanged over `via`, whose ranks are pool ranks); `name` tells the layouts' groups apart
+// ("serve.2").
+using dp_comm_factory = std::function<std::unique_ptr<runtime::communicator>(
+    runtime::communicator& via, const std::vector<int>& members, const std::string& name)>;
+// A change's own point-to-point communicator over the pool (ranks = pool ranks), made by each rank of
+// the change alone, with no collective (peers met on first use: runtime/communicator_ucx.h invariant
+// 9). Invariant 11: a loss aborts it, and with it the change, without touching the pool's.
+using dp_moves_factory = std::function<std::unique_ptr<runtime::communicator>(const std::string& name)>;
 
 struct dp_transfer_stats {
   size_t bytes_sent = 0, bytes_received = 0;  // copied over xfer
@@ -109,7 +122,8 @@ class dp_member {
   // pool: announcements and the standby wait; xfer: the weights and the new groups' bootstraps (the
   // same ranks; used by the moves' thread).
   dp_member(runtime::communicator& pool, runtime::communicator& xfer, dp_comm_factory make_comm,
-            parallel::ep::ep_options ep, dp_weight_memory memory = dp_weight_memory::shared);
+            parallel::ep::ep_options ep, dp_weight_memory memory = dp_weight_memory::shared,
+            dp_moves_factory make_moves = nullptr);
   ~dp_member();
   dp_member(const dp_member&) = delete;
   dp_member& operator=(const dp_member&) = delete;
@@ -133,6 +147,12 @@ class dp_member {
   void mark_lost(int pool_rank);
   std::vector<int> lost() const;
   int pool_alive() const;
+  // Invariant 11 (the stepping thread): the pool ranks whose loss concerns this rank — its group's,
+  // and while a change is prepared, the change's; abandon the prepared change; leave the group for
+  // standby (a joining rank whose change rank 0 abandoned after this rank switched).
+  std::vector<int> watched() const;
+  void abandon();
+  void to_standby();
   // Invariant 10 (any thread): a process that joined the pool later and waits as standby.
   void add_standby(int pool_rank);
   std::vector<int> pool_members() const;  // ascending, lost ones included
@@ -161,10 +181,13 @@ class dp_member {
     return std::find(members_.begin(), members_.end(), pool_.rank()) != members_.end();
   }
   int ranks() const { return static_cast<int>(members_.size()); }
+  int pool_rank() const { return pool_.rank(); }
   const std::vector<int>& members() const { return members_; }
   const std::vector<int>& placement() const { return placement_; }  // expert -> group rank
   runtime::communicator& comm();               // the group's serving communicator (active ranks)
-  std::vector<runtime::communicator*> group_comms();  // every communicator of the layout (none on standby)
+  // Every communicator of the layout (none on standby) and the change's moves communicator while one
+  // is prepared (invariant 11).
+  std::vector<runtime::communicator*> group_comms();
   parallel::decoder& decoder();                // active ranks, and a joining one from prepare() on
   const parallel::model_weights& weights() const { return w_; }
   const runtime::model_config& config() const { return config_; }
@@ -179,10 +202,12 @@ class dp_member {
  private:
   void load_shard(parallel::model_weights full, int ranks);
   void check_plan(const serve::DpScale& plan) const;
-  void make_comms(const std::vector<int>& members, int64_t layout);
+  void make_comms(runtime::communicator& via, const std::vector<int>& members, int64_t layout);
+  void discard_change();
   void install(const std::vector<int>& members, const std::vector<int>& placement, int64_t layout);
   void move_weights(const serve::DpScale& plan);
-  void release_later(std::vector<runtime::tensor> given);  // freed on a thread of their own (invariant 4)
+  // Freed on a thread of their own (invariant 4), with a change's moves communicator.
+  void release_later(std::vector<runtime::tensor> given, std::unique_ptr<runtime::communicator> comm = nullptr);
   void reload_experts(const std::vector<std::pair<int64_t, int64_t>>& wanted);
 
   struct incoming_expert {
@@ -194,6 +219,9 @@ class dp_member {
   runtime::communicator& pool_;
   runtime::communicator& xfer_;
   dp_comm_factory make_comm_;
+  dp_moves_factory make_moves_;
+  std::unique_ptr<runtime::communicator> moves_;  // the prepared change's (invariant 11)
+  std::optional<serve::DpScale> change_;           // the change prepared and not committed here
   parallel::ep::ep_options ep_;
   dp_weight_memory memory_;
   runtime::model_config config_;

@@ -35,7 +35,7 @@ struct inproc_factory {
   std::map<std::string, std::vector<std::unique_ptr<runtime::communicator>>> made;
   std::map<std::string, int> taken;
   dp_comm_factory bind(int pool_rank) {
-    return [this, pool_rank](const std::vector<int>& members, const std::string& name) {
+    return [this, pool_rank](runtime::communicator&, const std::vector<int>& members, const std::string& name) {
       std::lock_guard<std::mutex> g(mu);
       auto& v = made[name];
       if (v.empty()) v = runtime::make_inproc_group(static_cast<int>(members.size()), timeout_ms);
@@ -240,11 +240,12 @@ class corrupting_comm final : public runtime::communicator {
   bool done_ = false;
 };
 
-// A communicator that runs `before_broadcast` before each broadcast it joins.
+// A communicator that runs `before` before each broadcast it joins (and `before_send` before each send).
 class hooked_comm final : public runtime::communicator {
  public:
-  hooked_comm(std::unique_ptr<runtime::communicator> c, std::function<void(const runtime::tensor&)> before)
-      : c_(std::move(c)), before_(std::move(before)) {}
+  hooked_comm(std::unique_ptr<runtime::communicator> c, std::function<void(const runtime::tensor&)> before,
+              std::function<void(const runtime::tensor&)> before_send = nullptr)
+      : c_(std::move(c)), before_(std::move(before)), before_send_(std::move(before_send)) {}
   int rank() const override { return c_->rank(); }
   int size() const override { return c_->size(); }
   std::string backend() const override { return c_->backend(); }
@@ -261,14 +262,17 @@ class hooked_comm final : public runtime::communicator {
     before_(t);
     c_->broadcast(t, root);
   }
-  void send(const runtime::tensor& t, int peer, int tag) override { c_->send(t, peer, tag); }
+  void send(const runtime::tensor& t, int peer, int tag) override {
+    if (before_send_) before_send_(t);
+    c_->send(t, peer, tag);
+  }
   void recv(runtime::tensor& t, int peer, int tag) override { c_->recv(t, peer, tag); }
   void barrier() override { c_->barrier(); }
   void abort(const std::string& reason) override { c_->abort(reason); }
 
  private:
   std::unique_ptr<runtime::communicator> c_;
-  std::function<void(const runtime::tensor&)> before_;
+  std::function<void(const runtime::tensor&)> before_, before_send_;
 };
 
 TEST(DpScale, AWeightThatArrivesCorruptedFailsTheChangeNamingIt) {
@@ -497,6 +501,176 @@ void lose_a_rank_while_serving(loss_point when) {
   ASSERT_EQ(sent.size(), 20u);
   expect_every_answer_greedy(
       ref, out, sent, [](int64_t k) { return 12 + k % 5; }, [](int64_t k) { return k % 4 == 1 ? 2 : 1; });
+}
+
+// dp_member.h invariant 11: a rank lost while a change's weights move (copied: they take a while) gives the
+// change up. Each change's moves go through a communicator of its own (an in-process group of the pool
+// per change here), which the loss aborts on every rank, as the worker does on MemberLost. Either the
+// joining rank is lost (1 -> 2), or an old member while two ranks join (2 -> 4): the group goes on as
+// before the change, less what was lost; joining ranks that survive are standby again and are taken in
+// by a later change; every request still ends once with the tokens of generate_greedy.
+void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
+  const int W = 4;
+  auto pool = runtime::make_inproc_group(W, 30000), xfer = runtime::make_inproc_group(W, 30000);
+  // What the worker does on MemberLost, on every survivor: every communicator handed out for a group
+  // (a layout's or a change's) with the lost rank in it is aborted.
+  struct registry {
+    std::mutex mu;
+    std::vector<std::pair<runtime::communicator*, std::vector<int>>> live;
+    void abort_with(int rank, const std::string& why) {
+      std::lock_guard<std::mutex> g(mu);
+      for (auto& [c, ranks] : live)
+        if (std::find(ranks.begin(), ranks.end(), rank) != ranks.end()) c->abort(why);
+    }
+  } reg;
+  struct tracked final : runtime::communicator {  // registered while it lives
+    tracked(std::unique_ptr<runtime::communicator> c, registry& r, std::vector<int> ranks) : c_(std::move(c)), r_(r) {
+      std::lock_guard<std::mutex> g(r_.mu);
+      r_.live.emplace_back(this, std::move(ranks));
+    }
+    ~tracked() override {
+      std::lock_guard<std::mutex> g(r_.mu);
+      std::erase_if(r_.live, [this](const auto& e) { return e.first == this; });
+    }
+    int rank() const override { return c_->rank(); }
+    int size() const override { return c_->size(); }
+    std::string backend() const override { return c_->backend(); }
+    void all_reduce(runtime::tensor& t, runtime::reduce_op op) override { c_->all_reduce(t, op); }
+    void reduce_scatter(runtime::tensor& o, const runtime::tensor& i, runtime::reduce_op op) override {
+      c_->reduce_scatter(o, i, op);
+    }
+    void all_gather(runtime::tensor& o, const runtime::tensor& i) override { c_->all_gather(o, i); }
+    void all_to_all_v(runtime::tensor& r, const std::vector<int64_t>& rc, const runtime::tensor& sd,
+                      const std::vector<int64_t>& sc) override {
+      c_->all_to_all_v(r, rc, sd, sc);
+    }
+    void broadcast(runtime::tensor& t, int root) override { c_->broadcast(t, root); }
+    void send(const runtime::tensor& t, int peer, int tag) override { c_->send(t, peer, tag); }
+    void recv(runtime::tensor& t, int peer, int tag) override { c_->recv(t, peer, tag); }
+    void barrier() override { c_->barrier(); }
+    void abort(const std::string& reason) override { c_->abort(reason); }
+    std::unique_ptr<runtime::communicator> c_;
+    registry& r_;
+  };
+  inproc_factory factory;
+  std::map<int, std::vector<int>> layout_members;  // what each layout's groups connect: set below
+  factory.wrap = [&](std::unique_ptr<runtime::communicator> c, int) -> std::unique_ptr<runtime::communicator> {
+    std::vector<int> all;  // a layout's group: the lost rank is in it or not; it is aborted with the group
+    for (int i = 0; i < W; ++i) all.push_back(i);
+    return std::make_unique<tracked>(std::move(c), reg, all);
+  };
+  std::mutex mm;
+  std::map<std::string, std::vector<std::unique_ptr<runtime::communicator>>> moves_made;
+  std::function<void()> lose_now;  // armed by rank 0, fired before the first weight it sends
+  auto moves_for = [&](int r) -> dp_moves_factory {
+    return [&, r](const std::string& name) -> std::unique_ptr<runtime::communicator> {
+      std::lock_guard<std::mutex> g(mm);
+      auto& v = moves_made[name];
+      if (v.empty()) v = runtime::make_inproc_group(W, 30000);
+      std::vector<int> all;
+      for (int i = 0; i < W; ++i) all.push_back(i);
+      std::unique_ptr<runtime::communicator> c = std::make_unique<tracked>(std::move(v[static_cast<size_t>(r)]), reg, all);
+      if (r != 0) return c;
+      return std::make_unique<hooked_comm>(std::move(c), [](const runtime::tensor&) {}, [&](const runtime::tensor& t) {
+        if (t.dtype() != runtime::dtype::f32 || !lose_now) return;
+        auto f = std::move(lose_now);
+        lose_now = nullptr;
+        f();
+      });
+    };
+  };
+  const std::string dir = fixture("mixtral_moe");
+  const parallel::model_weights ref_w = parallel::model_weights::load(dir);
+  const parallel::decoder ref(ref_w);
+  const int64_t V = ref_w.config().vocab_size;
+  outcome out;
+  std::mutex mu;
+  std::vector<dp_member*> members(W, nullptr);
+  std::string lost_error;
+  dp_scale_status abandoned, last;
+  std::vector<int> joins(W, 0);
+  std::vector<std::pair<std::string, std::vector<int32_t>>> sent;
+  const auto errors = run_ranks(W, pool, nullptr, [&](int r) {
+    dp_member m(*pool[static_cast<size_t>(r)], *xfer[static_cast<size_t>(r)], factory.bind(r), llep(),
+                dp_weight_memory::copy, moves_for(r));
+    {
+      std::lock_guard<std::mutex> g(mu);
+      members[static_cast<size_t>(r)] = &m;
+    }
+    parallel::byte_text_tokenizer bt;
+    engine_options o;
+    o.block_size = 4;
+    o.max_batch_tokens = 16;
+    const int64_t blocks = 48;
+    if (r != 0) {
+      if (r < first) m.load(dir, first);
+      else m.start_standby_from(dir, ref_w.config());
+      try {
+        joins[static_cast<size_t>(r)] = dp_serve_follower(m, bt, o, blocks, m.elastic()).joins;
+      } catch (const std::exception& e) {
+        if (r != lost_rank) throw;
+        m.abandon();  // its moves' thread ends here, as it would with the process (which aborts nothing)
+        std::lock_guard<std::mutex> g(mu);
+        lost_error = e.what();  // the lost rank leaves; the pool stays up for the others
+      }
+      return;
+    }
+    m.load(dir, first);
+    o.group_member = true;
+    local_executor exec(m.decoder(), blocks, o.block_size);
+    engine eng(exec, bt, o);
+    lose_now = [&] {
+      {
+        std::lock_guard<std::mutex> g(mu);
+        for (dp_member* x : members) x->mark_lost(lost_rank);
+      }
+      reg.abort_with(lost_rank, fmt::format("rank {} was lost", lost_rank));
+    };
+    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", first, o.block_size), {}, m.elastic());
+    int next = 0;
+    auto submit = [&](int count) {
+      for (int k = 0; k < count; ++k, ++next)
+        submit_greedy(lead, out, mu, sent, fmt::format("q{}", next), ids(5 + next % 7, next + 3, V), 12 + next % 5,
+                      next % 4 == 1 ? 2 : 1);
+    };
+    submit(8);
+    for (int i = 0; i < 3; ++i) lead.step();
+    for (bool all = false; !all; std::this_thread::yield()) {  // every rank can be told of the loss
+      std::lock_guard<std::mutex> g(mu);
+      all = std::find(members.begin(), members.end(), nullptr) == members.end();
+    }
+    lead.request_scale(target);
+    for (int i = 0; i < 2000 && lead.scale_status().recoveries == 0; ++i) lead.step();
+    abandoned = lead.scale_status();
+    submit(4);
+    lead.request_scale(2);  // into a standby rank that survived
+    for (int i = 0; i < 2000 && lead.scale_status().state != "done"; ++i) lead.step();
+    for (int i = 0; i < 400 && (eng.has_work() || lead.inbox_pending()); ++i) lead.step();
+    last = lead.scale_status();
+    lead.shutdown();
+  });
+  for (int r = 0; r < W; ++r) EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  EXPECT_NE(lost_error.find(fmt::format("rank {} was lost", lost_rank)), std::string::npos) << lost_error;
+  EXPECT_EQ(abandoned.state, "failed");
+  EXPECT_NE(abandoned.error.find(fmt::format("abandoned: pool rank(s) {} were lost while the weights moved", lost_rank)),
+            std::string::npos)
+      << abandoned.error;
+  EXPECT_EQ(abandoned.abandoned, 1);
+  EXPECT_EQ(abandoned.recoveries, 1);
+  EXPECT_EQ(abandoned.ranks, lost_rank < first ? first - 1 : first) << "the group before the change, less the lost";
+  EXPECT_EQ(abandoned.pool_ranks, W - 1);
+  EXPECT_EQ(last.state, "done");
+  EXPECT_EQ(last.ranks, 2);
+  EXPECT_EQ(joins[2], 1) << "rank 2 (standby again if it was joining) was taken in by the later change";
+  ASSERT_EQ(sent.size(), 12u);
+  expect_every_answer_greedy(
+      ref, out, sent, [](int64_t k) { return 12 + k % 5; }, [](int64_t k) { return k % 4 == 1 ? 2 : 1; });
+}
+
+TEST(DpScale, AJoiningRankLostWhileTheWeightsMoveGivesTheChangeUp) { lose_a_rank_while_the_weights_move(1, 2, 1); }
+
+TEST(DpScale, AnOldMemberLostWhileTheWeightsMoveGivesTheChangeUpAndTheJoinersWaitAgain) {
+  lose_a_rank_while_the_weights_move(2, 4, 1);
 }
 
 TEST(DpScale, ARankLostBetweenIterationsIsSurvivedAndEveryAnswerStaysEqualToGenerateGreedy) {
