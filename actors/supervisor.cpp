@@ -100,7 +100,8 @@ void send_command_to_group(sup_actor self) {
   st.cmd.cmd.set_epoch(st.epoch);
   st.cmd.reports.clear();
   st.balancer.reset(st.epoch, static_cast<int>(st.group.size()), st.cmd.cmd.id());
-  for (int r : st.group) self->send(st.members[r].handle, st.cmd.cmd);
+  for (int r : everyone(st))  // late members too (invariant 8): each one's report is waited for
+    if (st.members[r].alive) self->send(st.members[r].handle, st.cmd.cmd);
 }
 
 void end_exchanges(sup_actor self, const std::string& why) {
@@ -195,7 +196,8 @@ void lose(sup_actor self, int rank, const std::string& reason) {
     s.set_exit_code(exit_group_torn_down);
     s.set_failed_rank(rank);
     self->send(it->second.handle, s);
-    end_exchanges(self, what);
+    if (std::find(st.group.begin(), st.group.end(), rank) != st.group.end())
+      end_exchanges(self, what);  // a late member takes part in none (invariant 8)
     if (st.cmd.active) complete_command(self);
     return;
   }
@@ -300,6 +302,7 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
       },
       [=](wait_group_atom, bool) { form_group(self); },
       [=](late_join_atom, int rank) {
+        if (self->current_sender() != caf::actor_cast<caf::strong_actor_ptr>(self)) return;  // its own note only
         auto& st = self->state;
         auto it = st.members.find(rank);
         if (it == st.members.end() || !it->second.alive || st.failed) return;
@@ -358,6 +361,10 @@ caf::behavior supervisor_actor(sup_actor self, supervisor_options o) {
         auto& st = self->state;
         const int r = sender_rank(self);
         if (r < 0 || !st.cmd.active || rep.command_id() != st.cmd.cmd.id() || rep.epoch() != st.epoch) return;
+        if (!rep.ok() && std::find(st.late.begin(), st.late.end(), r) != st.late.end() && !st.stopping) {
+          // invariant 8: a late member that could not run the command leaves (its slot is free again)
+          return lose(self, r, "its command failed: " + rep.error());
+        }
         rep.set_rank(r);
         st.cmd.reports[r] = std::move(rep);
         complete_command(self);

@@ -38,7 +38,9 @@
 //      any other and comes after the group in members order (its group rank is its place there),
 //      gets that group as a Scale of the current epoch and the running command; the group's
 //      members are not told (they learn of it through what it publishes, invariant 9). A late
-//      member takes part in no Exchange: it finds the others through Lookup.
+//      member takes part in no Exchange: it finds the others through Lookup. A command is sent to
+//      the late members too, and one whose report says it failed is let go as a lost member (its
+//      slot is free again; the others get MemberLost; the command does not fail for it).
 //   9. Publish{key, blob} from a member is kept per (key, rank) and forwarded to every other
 //      member alive as Published; Lookup{key, rank} is answered once that rank published the key,
 //      and fails when the rank is lost (or was never a member).

@@ -37,10 +37,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <iterator>
 #include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -327,7 +329,7 @@ constexpr int tag_group_boot = 20113;  // a new layout's communicator addresses,
 // What the pool's members publish through the supervisor (actors/supervisor.h invariant 9), so that a
 // process joining from outside finds them and rank 0 learns it may take it in.
 constexpr const char* key_pool = "serve.pool";        // a member's two pool worker addresses
-constexpr const char* key_blocks = "serve.kv_blocks";  // rank 0: KV blocks per rank in this group
+constexpr const char* key_blocks = "serve.kv_blocks";  // rank 0: KV blocks per rank, the model's fingerprint
 constexpr const char* key_standby = "serve.standby";   // a joined process waits as standby
 
 std::string pack_addresses(const std::string& a, const std::string& b) {
@@ -435,17 +437,32 @@ void run_serve_elastic(actors::worker_context& ctx, control::StatsReport& rep, c
   const size_t kv_bytes = kv > 0 ? static_cast<size_t>(kv) : auto_kv_bytes(r.local_world_size);
   const int64_t bs = spec.engine().block_size();
   const int64_t mine = parallel::paged_kv_store::blocks_for_budget(mc, bs, kv_bytes);
+  // What rank 0 serves: the model's config.json, fingerprinted (FNV-1a 64): a joiner with another
+  // model is refused before any weight moves.
+  std::string config_text;
+  {
+    std::ifstream in(spec.model() + "/config.json", std::ios::binary);
+    config_text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  uint64_t fnv = 1469598103934665603ull;
+  for (unsigned char ch : config_text) fnv = (fnv ^ ch) * 1099511628211ull;
+  const std::string fingerprint = fmt::format("{:016x}", fnv);
   int64_t blocks = 0;
   if (late) {  // the group's ranks all hold as many blocks; this process must hold as many
-    const std::string b = ctx.lookup(key_blocks, 0, 60000);
-    blocks = std::atoll(b.c_str());
+    std::istringstream b(ctx.lookup(key_blocks, 0, 60000));
+    std::string theirs;
+    b >> blocks >> theirs;
+    TROUPE_CHECK(theirs == fingerprint, errc::invalid_argument,
+                 "rank {}: {}/config.json (fingerprint {}) is not the model the running group serves (fingerprint "
+                 "{}): start this process with the group's serve file and model",
+                 rank, spec.model(), fingerprint, theirs);
     TROUPE_CHECK(mine >= blocks, errc::invalid_argument,
                  "rank {}: its KV cache budget ({} bytes) holds {} blocks of {} tokens, but every rank of the group "
                  "holds {}: raise engine.kv_cache_memory on this host",
                  rank, kv_bytes, mine, bs, blocks);
   } else {  // every process of the pool may serve: the group's KV cache is the pool's minimum
     blocks = elastic::agree_num_blocks(*pool, mine);
-    if (rank == 0) ctx.publish(key_blocks, std::to_string(blocks));
+    if (rank == 0) ctx.publish(key_blocks, fmt::format("{} {}", blocks, fingerprint));
   }
   TROUPE_CHECK(blocks >= 1, errc::invalid_argument,
                "rank {}: some rank's KV cache budget holds no block of {} tokens; raise engine.kv_cache_memory", rank,

@@ -108,9 +108,10 @@ pid_t spawn(const launch_options& o, int rank, const std::string& supervisor, co
   if (o.join.empty()) {
     ::setenv("TROUPE_RANK", r.c_str(), 1);
     ::setenv("TROUPE_WORLD_SIZE", n.c_str(), 1);
-  } else {  // invariant 6
-    ::unsetenv("TROUPE_RANK");
-    ::unsetenv("TROUPE_WORLD_SIZE");
+    ::unsetenv("TROUPE_JOIN");
+  } else {  // invariant 6: the running group's settings are its own
+    for (const char* k : {"TROUPE_RANK", "TROUPE_WORLD_SIZE", "TROUPE_MIN_RANKS", "TROUPE_MAX_RANKS", "TROUPE_OPEN_SLOTS"})
+      ::unsetenv(k);
     ::setenv("TROUPE_JOIN", "1", 1);
   }
   ::setenv("TROUPE_LOCAL_RANK", r.c_str(), 1);
@@ -220,11 +221,16 @@ launch_result run_local(const launch_options& o) {
                                  : o.supervisor.empty() ? fmt::format("127.0.0.1:{}", pick_free_port())
                                                         : o.supervisor;
   const std::string token = given.empty() ? random_token() : given;
-  if (o.open_slots > 0)
+  if (o.open_slots > 0) {
+    const bool loopback = supervisor.rfind("127.", 0) == 0 || supervisor.rfind("localhost:", 0) == 0;
     write_all(STDERR_FILENO,
               fmt::format("troupe-launch: {} open slot(s): add processes with\n  TROUPE_CLUSTER_TOKEN={} troupe-launch "
-                          "--join {} -n N -- <the same command>\n",
-                          o.open_slots, given.empty() ? token : "<the token you set>", supervisor));
+                          "--join {} -n N -- <the same command>\n{}",
+                          o.open_slots, given.empty() ? token : "<the token you set>", supervisor,
+                          loopback ? "  (from this host only: --supervisor HOST:PORT listens where other hosts "
+                                     "reach it)\n"
+                                   : ""));
+  }
 
   struct sigaction sa{}, old_int{}, old_term{}, old_hup{};
   sa.sa_handler = on_signal;
@@ -341,6 +347,10 @@ launch_result run_local(const launch_options& o) {
   ::sigaction(SIGINT, &old_int, nullptr);
   ::sigaction(SIGTERM, &old_term, nullptr);
   ::sigaction(SIGHUP, &old_hup, nullptr);
+  if (!o.join.empty() && res.first_failed < 0 && !res.lost.empty() && res.lost.size() == kids.size()) {
+    res.first_failed = res.lost.front();  // invariant 6: not one process joined and stayed
+    res.lost.clear();
+  }
   if (res.first_failed >= 0) {
     res.summary = fmt::format("rank {} failed: {}", res.first_failed,
                               res.ranks[static_cast<size_t>(res.first_failed)].reason());

@@ -26,7 +26,10 @@
 //      join the group from outside (TROUPE_OPEN_SLOTS); the launcher prints the address and how.
 //   6. join (host:port of a running group's rank 0): the nprocs processes get TROUPE_JOIN=1,
 //      TROUPE_SUPERVISOR and the cluster token instead of ranks (the supervisor gives them theirs);
-//      each is on its own, so one that fails is reported as lost and the others go on.
+//      each is on its own, so one that fails is reported as lost and the others go on; when every
+//      one of them failed, the launch failed (the first one's exit code). The running group's
+//      TROUPE_MIN_RANKS / MAX_RANKS / OPEN_SLOTS are not passed on; a launch that is not a join
+//      clears an inherited TROUPE_JOIN.
 //   7. The cluster token is cluster_token, else TROUPE_CLUSTER_TOKEN from the environment, else
 //      random (not with join: a joiner must know the group's token).
 #pragma once

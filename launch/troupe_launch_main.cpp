@@ -65,6 +65,11 @@ int main(int argc, char** argv) {
     troupe::runtime::log::error("troupe-launch: give -n N, or --max-ranks M for an elastic serving group");
     return 2;
   }
+  if (!hosts.empty() && (!o.join.empty() || o.open_slots > 0)) {
+    troupe::runtime::log::error("troupe-launch: --join and --open-slots start local processes; run troupe-launch "
+                                "--join on each host instead of --hosts");
+    return 2;
+  }
   try {
     if (!hosts.empty()) {
       std::vector<std::string> hs;

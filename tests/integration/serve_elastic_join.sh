@@ -40,8 +40,17 @@ scale() {
 pid_of() { sed -n "s/.*supervisor: rank $1 joined the running group late (pid \([0-9]*\) .*/\1/p" "$tmp/server.log"; }
 
 TROUPE_CLUSTER_TOKEN=wrong "$launch" --join "$sup" -n 1 -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/wrong.log" 2>&1
+code=$?
 grep -q "wrong cluster token" "$tmp/wrong.log" || fail "a join with the wrong token: $(tail -5 "$tmp/wrong.log")"
-echo "a join with the wrong token is refused"
+[ "$code" = 5 ] || fail "a refused join's launcher exited $code, not 5"
+echo "a join with the wrong token is refused (its launcher exits 5)"
+sed "s|$fixtures/mixtral_moe|$fixtures/qwen2_moe|" "$tmp/serve.yaml" >"$tmp/other.yaml"
+"$launch" --join "$sup" -n 1 -- "$troupe" serve "$tmp/other.yaml" >"$tmp/other.log" 2>&1
+code=$?
+grep -q "is not the model the running group serves" "$tmp/other.log" || fail "a joiner with another model: $(tail -5 "$tmp/other.log")"
+[ "$code" != 0 ] || fail "a joiner with another model: its launcher exited 0"
+grep -q "rank 1 .* lost: its command failed" "$tmp/server.log" || fail "the supervisor kept the refused joiner's slot"
+echo "a joiner with another model is refused before any weight moves (its launcher exits $code; its slot is free again)"
 
 start_clients
 sleep 1
@@ -49,18 +58,18 @@ sleep 1
 joins+=($!)
 wait_field pool_ranks 2
 scale 2
-echo "a process joined from outside (rank 1, pid $(pid_of 1)) and was taken in: the group serves on 2 ranks"
+echo "a process joined from outside (rank 2, pid $(pid_of 2)) and was taken in: the group serves on 2 ranks"
 sleep 1.5
 "$launch" --join "$sup" -n 2 -- "$troupe" serve "$tmp/serve.yaml" >"$tmp/join2.log" 2>&1 &
 joins+=($!)
 wait_field pool_ranks 3
 for _ in $(seq 1 100); do grep -q "open slot(s) are taken" "$tmp/join2.log" && break; sleep 0.1; done
 grep -q "all 2 open slot(s) are taken" "$tmp/join2.log" || fail "a join past the open slots: $(tail -5 "$tmp/join2.log")"
-kill -9 "$(pid_of 1)"
+kill -9 "$(pid_of 2)"
 wait_field ranks 1
-echo "two more processes came: one took the last slot (rank 2), one was refused; rank 1 killed: the group recovered on 1 rank"
+echo "two more processes came: one took the last slot (rank 3), one was refused; rank 2 killed: the group recovered on 1 rank"
 scale 2
-echo "and grew into rank 2: 2 ranks"
+echo "and grew into rank 3: 2 ranks"
 sleep 1.5
 stop_clients
 check_answers
@@ -78,8 +87,8 @@ for j in "${joins[@]}"; do
   wait "$j"; codes+=($?)
 done
 joins=()
-[ "${codes[*]}" = "0 0" ] || fail "the joining launchers exited with ${codes[*]}, not 0 0"
+[ "${codes[*]}" = "137 0" ] || fail "the joining launchers exited with ${codes[*]}, not 137 (its one process killed) and 0"
 grep -q "joined process 0 lost: killed by signal 9" "$tmp/join1.log" || fail "the first joining launcher does not report its killed process: $(tail -3 "$tmp/join1.log")"
 grep -q "the other rank(s) exited with code 0; rank(s) [01] lost on the way" "$tmp/join2.log" \
   || fail "the process on the last slot did not stop cleanly: $(tail -5 "$tmp/join2.log")"
-echo "SIGTERM: every process stopped; the joined one on the last slot with code 0, both joining launchers with 0"
+echo "SIGTERM: every process stopped; the joined one on the last slot with code 0 (its launcher too; the first one's exits 137: its one process was killed)"

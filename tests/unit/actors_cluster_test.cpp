@@ -83,8 +83,8 @@ void loss_command(const Command&, actors::worker_context& ctx, control::StatsRep
                             fmt::join(ctx.lost_members(), ","), aborted, ctx.epoch(), ctx.group_over()));
 }
 
-// Publishes "a<rank>" under "addr". The first members wait (up to 10 s) to hear rank 2 publish and
-// then look it up; rank 2, a late member, looks up ranks 0 and 1.
+// Publishes "a<rank>" under "addr". The first members wait (up to 10 s) to hear ranks 2 and 3 publish
+// and then look rank 2 up; the late members (2, 3) look up ranks 0 and 1.
 void publish_command(const Command&, actors::worker_context& ctx, control::StatsReport& rep) {
   std::mutex mu;
   std::vector<std::string> heard;
@@ -98,7 +98,9 @@ void publish_command(const Command&, actors::worker_context& ctx, control::Stats
     for (int i = 0; i < 2000; ++i) {
       {
         std::lock_guard<std::mutex> g(mu);
-        if (std::find(heard.begin(), heard.end(), "addr:2=a2") != heard.end()) break;
+        if (std::find(heard.begin(), heard.end(), "addr:2=a2") != heard.end() &&
+            std::find(heard.begin(), heard.end(), "addr:3=a3") != heard.end())
+          break;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
@@ -107,9 +109,13 @@ void publish_command(const Command&, actors::worker_context& ctx, control::Stats
     looked = ctx.lookup("addr", 0, 10000) + "," + ctx.lookup("addr", 1, 10000);
   }
   std::lock_guard<std::mutex> g(mu);
-  rep.add_lines(fmt::format("rank {} = {} of {} in epoch {}; heard rank 2: {}; looked up {}", ctx.rank(),
-                            ctx.group_rank(), ctx.group_size(), ctx.epoch(),
-                            std::find(heard.begin(), heard.end(), "addr:2=a2") != heard.end(), looked));
+  if (ctx.rank() >= 2)
+    rep.add_lines(fmt::format("rank {} = {} of {} in epoch {}; looked up {}", ctx.rank(), ctx.group_rank(),
+                              ctx.group_size(), ctx.epoch(), looked));
+  else
+    rep.add_lines(fmt::format("rank {} = {} of {} in epoch {}; heard rank 2: {}; looked up {}", ctx.rank(),
+                              ctx.group_rank(), ctx.group_size(), ctx.epoch(),
+                              std::find(heard.begin(), heard.end(), "addr:2=a2") != heard.end(), looked));
 }
 
 void register_handlers(actors::cluster_node& node) {
@@ -313,27 +319,32 @@ TEST(ActorsCluster, WithKeepMembersALostRankIsNamedToTheSurvivorsAndTheGroupGoes
 TEST(ActorsCluster, WithOpenSlotsAProcessJoinsTheRunningGroupLateAndFindsTheOthers) {
   auto o = opts(0, 2, 0);
   o.keep_members = true;
-  o.open_slots = 1;
+  o.open_slots = 2;
   actors::cluster_node sup(o);
   register_handlers(sup);
   auto workers = start_workers(2, sup.supervisor_port());
   sup.start();
   sup.driver().wait_for_group(20000);
   const int port = sup.supervisor_port();
-  std::atomic<int> late_code{-1}, late_rank{-1};
-  std::thread late([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the command is running by then
-    auto lo = opts(0, 0, port);
-    lo.late_join = true;
-    actors::cluster_node node(lo);
-    register_handlers(node);
-    node.start();
-    late_rank = node.rank();
-    late_code = node.wait();
-  });
+  std::atomic<int> late_code[2] = {-1, -1}, late_rank[2] = {-1, -1};
+  auto late_node = [&](int k, int delay_ms) {
+    return std::thread([&, k, delay_ms] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+      auto lo = opts(0, 0, port);
+      lo.late_join = true;
+      actors::cluster_node node(lo);
+      register_handlers(node);
+      node.start();
+      late_rank[k] = node.rank();
+      late_code[k] = node.wait();
+    });
+  };
+  std::thread early = late_node(0, 0);  // joins before the command starts: the command reaches it too
+  while (late_rank[0] < 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  std::thread during = late_node(1, 200);  // joins while the command runs: it is sent the command then
   std::string refused_slot, refused_token;
   std::thread refused([&] {
-    while (late_rank < 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    while (late_rank[1] < 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     for (const std::string token : {"s3cret-token", "wrong"}) {
       auto lo = opts(0, 0, port, token);
       lo.late_join = true;
@@ -350,20 +361,24 @@ TEST(ActorsCluster, WithOpenSlotsAProcessJoinsTheRunningGroupLateAndFindsTheOthe
   c.set_kind(Command::TRAIN);
   const auto reports = sup.driver().run(c, 30000);
   refused.join();
-  ASSERT_EQ(reports.size(), 3u);
+  ASSERT_EQ(reports.size(), 4u);
   for (const auto& rep : reports) ASSERT_TRUE(rep.ok()) << rep.error();
   EXPECT_EQ(reports[0].lines(0), "rank 0 = 0 of 2 in epoch 1; heard rank 2: true; looked up a2");
   EXPECT_EQ(reports[1].lines(0), "rank 1 = 1 of 2 in epoch 1; heard rank 2: true; looked up a2");
   EXPECT_EQ(reports[2].rank(), 2);
-  EXPECT_EQ(reports[2].lines(0), "rank 2 = 2 of 3 in epoch 1; heard rank 2: false; looked up a0,a1");
-  EXPECT_NE(refused_slot.find("all 1 open slot(s) are taken"), std::string::npos) << refused_slot;
+  EXPECT_EQ(reports[2].lines(0), "rank 2 = 2 of 3 in epoch 1; looked up a0,a1");
+  EXPECT_EQ(reports[3].lines(0), "rank 3 = 3 of 4 in epoch 1; looked up a0,a1");
+  EXPECT_NE(refused_slot.find("all 2 open slot(s) are taken"), std::string::npos) << refused_slot;
   EXPECT_NE(refused_token.find("wrong cluster token"), std::string::npos) << refused_token;
   sup.driver().shutdown("test done", 0);
   EXPECT_EQ(sup.wait(), 0);
   for (auto& w : workers) w->t.join();
-  late.join();
-  EXPECT_EQ(late_rank, 2);
-  EXPECT_EQ(late_code, 0);
+  early.join();
+  during.join();
+  EXPECT_EQ(late_rank[0], 2);
+  EXPECT_EQ(late_rank[1], 3);
+  EXPECT_EQ(late_code[0], 0);
+  EXPECT_EQ(late_code[1], 0);
 }
 
 TEST(ActorsCluster, AGroupWithoutOpenSlotsRefusesALateJoin) {
