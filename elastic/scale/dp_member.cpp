@@ -533,16 +533,8 @@ runtime::communicator* dp_member::commit(const serve::DpScale& plan) {
   std::unique_ptr<runtime::communicator> old_moves = std::move(moves_);
   change_.reset();
   if (index_of(to, me) < 0) {  // leaving: standby again (invariant 4)
-    std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
-    members_ = to;
-    placement_.assign(plan.placement().begin(), plan.placement().end());
     layout_ = plan.epoch();
-    if (on_layout) on_layout();  // no serving communicator registered any more, before it goes
-    dec_.reset();
-    if (moe_) retired_.push_back(std::move(moe_));
-    old_tokens.reset();
-    old_borrowed.reset();
-    w_ = parallel::model_weights();
+    leave_group(to, std::vector<int>(plan.placement().begin(), plan.placement().end()));
     release_later({}, std::move(old_moves));
     log::info("rank {}: left the serving group (layout {}); {} bytes of weights sent", me, plan.epoch(),
               stats_.bytes_sent);
@@ -610,16 +602,22 @@ void dp_member::abandon() {
 void dp_member::to_standby() {
   abandon();
   if (members_.empty()) return;
+  leave_group({}, {});
+  log::info("rank {}: standby again (the change that took it in was abandoned)", pool_.rank());
+}
+
+// This rank serves no more: the group's new members and placement (without it) are set and the
+// layout's communicators unregistered (on_layout) before they go, with its weights.
+void dp_member::leave_group(std::vector<int> members, std::vector<int> placement) {
   std::unique_ptr<runtime::communicator> old_tokens = std::move(tokens_), old_borrowed = std::move(borrowed_);
-  members_.clear();
-  placement_.clear();
-  if (on_layout) on_layout();  // no serving communicator registered any more, before it goes
+  members_ = std::move(members);
+  placement_ = std::move(placement);
+  if (on_layout) on_layout();
   dec_.reset();
   if (moe_) retired_.push_back(std::move(moe_));
   old_tokens.reset();
   old_borrowed.reset();
   w_ = parallel::model_weights();
-  log::info("rank {}: standby again (the change that took it in was abandoned)", pool_.rank());
 }
 
 // A recovery (invariant 8): the survivors' communicators, the lost ranks' experts from the checkpoint.

@@ -204,6 +204,7 @@ class dp_member {
   void check_plan(const serve::DpScale& plan) const;
   void make_comms(runtime::communicator& via, const std::vector<int>& members, int64_t layout);
   void discard_change();
+  void leave_group(std::vector<int> members, std::vector<int> placement);
   void install(const std::vector<int>& members, const std::vector<int>& placement, int64_t layout);
   void move_weights(const serve::DpScale& plan);
   // Freed on a thread of their own (invariant 4), with a change's moves communicator.
