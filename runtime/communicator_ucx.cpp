@@ -246,6 +246,7 @@ class ucx_comm final : public ucx_communicator {
     TROUPE_CHECK(options_.resolve_peer != nullptr, errc::invalid_argument,
                  "ucx communicator: rank {} joins a group that exists, so it needs ucx_options::resolve_peer", rank_);
     start_worker();
+    grown_ = true;
     for (int r = 0; r < rank_; ++r) slot(r).resolved = false;
     log::debug("ucx: rank {} joined (UCX_TLS '{}')", rank_, options_.transports);
   }
@@ -392,7 +393,7 @@ class ucx_comm final : public ucx_communicator {
 
   // --- collectives ------------------------------------------------------------------
   void barrier() override {
-    enter("barrier");
+    enter_collective("barrier");
     const uint64_t seq = coll_seq_++;
     // Dissemination: in round k, signal rank + 2^k and hear from rank - 2^k.
     char dummy = 0;
@@ -405,7 +406,7 @@ class ucx_comm final : public ucx_communicator {
 
   void all_reduce(tensor& t, reduce_op op) override {
     const char* name = "all_reduce";
-    enter(name);
+    enter_collective(name);
     check_buffer(name, "t", t);
     check_reducible(name, t.dtype());
     const uint64_t seq = coll_seq_++;
@@ -442,7 +443,7 @@ class ucx_comm final : public ucx_communicator {
 
   void reduce_scatter(tensor& out_t, const tensor& in_t, reduce_op op) override {
     const char* name = "reduce_scatter";
-    enter(name);
+    enter_collective(name);
     check_buffer(name, "in", in_t);
     check_buffer(name, "out", out_t);
     const int64_t n = out_t.numel();
@@ -468,7 +469,7 @@ class ucx_comm final : public ucx_communicator {
 
   void all_gather(tensor& out_t, const tensor& in_t) override {
     const char* name = "all_gather";
-    enter(name);
+    enter_collective(name);
     check_buffer(name, "in", in_t);
     check_buffer(name, "out", out_t);
     TROUPE_CHECK(out_t.numel() == in_t.numel() * size_ && in_t.dtype() == out_t.dtype(), errc::invalid_argument,
@@ -489,7 +490,7 @@ class ucx_comm final : public ucx_communicator {
   void all_to_all_v(tensor& recv_t, const std::vector<int64_t>& recv_counts, const tensor& send_t,
                     const std::vector<int64_t>& send_counts) override {
     const char* name = "all_to_all_v";
-    enter(name);
+    enter_collective(name);
     check_buffer(name, "send", send_t);
     check_buffer(name, "recv", recv_t);
     const size_t P = static_cast<size_t>(size_);
@@ -527,7 +528,7 @@ class ucx_comm final : public ucx_communicator {
 
   void broadcast(tensor& t, int root) override {
     const char* name = "broadcast";
-    enter(name);
+    enter_collective(name);
     check_buffer(name, "t", t);
     TROUPE_CHECK(root >= 0 && root < size_, errc::invalid_argument, "{}: root {} not in [0, {})", name, root, size_);
     const uint64_t seq = coll_seq_++;
@@ -565,7 +566,7 @@ class ucx_comm final : public ucx_communicator {
 
   std::vector<remote_region> exchange_regions(const memory_region& mine) override {
     const char* name = "exchange_regions";
-    enter(name);
+    enter_collective(name);
     const uint64_t seq = coll_seq_++;
     // Blob: address (8) | nbytes (8) | packed rkey.
     std::string blob(16, '\0');
@@ -688,6 +689,7 @@ class ucx_comm final : public ucx_communicator {
     if (peer < size_) return;
     std::string addr;
     if (connect_now) addr = resolve(peer);
+    grown_ = true;
     while (size_ <= peer) {
       slots_.emplace_back();
       slots_.back().peer = size_;
@@ -702,6 +704,15 @@ class ucx_comm final : public ucx_communicator {
     return addr;
   }
   bool may_grow_to(int peer) const { return options_.resolve_peer != nullptr && peer >= 0 && peer < max_ranks; }
+
+  // Invariant 9: a group that grew is not the same on every rank, so it runs no collective.
+  void enter_collective(const char* op) {
+    enter(op);
+    TROUPE_CHECK(!grown_, errc::invalid_argument,
+                 "{}: rank {}: this communicator grows as ranks join (it has met {} so far, maybe not the same as "
+                 "the others): it does point-to-point only",
+                 op, rank_, size_);
+  }
 
   void check_alive(const char* op, int peer) {
     peer_slot& s = slot(peer);
@@ -933,6 +944,7 @@ class ucx_comm final : public ucx_communicator {
 
   const int rank_;
   int size_;  // grows as later ranks are met (invariant 9)
+  bool grown_ = false;  // joined alone, or met a later rank: no collectives (invariant 9)
   const ucx_options options_;
   std::string address_;  // this worker's
   std::shared_ptr<ucx_context> ctx_;

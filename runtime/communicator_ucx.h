@@ -40,7 +40,8 @@
 //      joins later is made by make_ucx_joining_communicator at its rank, with no collective; the
 //      others learn its worker address from resolve_peer when they first send to it, and a
 //      receive from it needs no address at all. size() is one more than the highest rank this
-//      side has met, so it may differ between ranks: such a group does point-to-point only.
+//      side has met, so it may differ between ranks: such a group does point-to-point only (a
+//      collective on it is errc::invalid_argument; before it grows it runs them as any other).
 //      Only the endpoint to a peer is made lazily; resolve_peer runs on the owning thread.
 #pragma once
 #include <cstddef>

@@ -434,6 +434,9 @@ TEST_P(GrowingUcx, RanksThatJoinLaterReachAndAreReachedByEveryone) {
           EXPECT_NE(e.message().find("rank 9"), std::string::npos) << e.what();
           EXPECT_EQ(c->size(), 4);
         }
+        const error coll = expect_error([&] { c->barrier(); });  // not the same group on every rank
+        EXPECT_EQ(coll.code(), errc::invalid_argument) << coll.what();
+        EXPECT_NE(coll.message().find("point-to-point only"), std::string::npos) << coll.what();
         done.arrive_and_wait();  // the endpoints close together, as the ranks of a service do
       } catch (...) {
         errors[static_cast<size_t>(r)] = std::current_exception();
