@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <condition_variable>
+
 #include <functional>
 #include <map>
 #include <mutex>
@@ -561,7 +563,14 @@ void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
   };
   std::mutex mm;
   std::map<std::string, std::vector<std::unique_ptr<runtime::communicator>>> moves_made;
-  std::function<void()> lose_now;  // armed by rank 0, fired before the first weight it sends
+  // The loss comes while rank 0's moves run: its moves' thread asks for it before the first weight it
+  // sends and waits; rank 0's stepping thread makes it after its next model step or iteration
+  // (in-process collectives read their peers' buffers, so rank 0 may not be inside one when the lost
+  // rank's thread leaves).
+  std::function<void()> lose_now;
+  std::mutex lm;
+  std::condition_variable lcv;
+  bool loss_asked = false, loss_done = false;
   auto moves_for = [&](int r) -> dp_moves_factory {
     return [&, r](const std::string& name) -> std::unique_ptr<runtime::communicator> {
       std::lock_guard<std::mutex> g(mm);
@@ -572,10 +581,11 @@ void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
       std::unique_ptr<runtime::communicator> c = std::make_unique<tracked>(std::move(v[static_cast<size_t>(r)]), reg, all);
       if (r != 0) return c;
       return std::make_unique<hooked_comm>(std::move(c), [](const runtime::tensor&) {}, [&](const runtime::tensor& t) {
-        if (t.dtype() != runtime::dtype::f32 || !lose_now) return;
-        auto f = std::move(lose_now);
-        lose_now = nullptr;
-        f();
+        if (t.dtype() != runtime::dtype::f32) return;
+        std::unique_lock<std::mutex> l(lm);
+        if (loss_asked) return;
+        loss_asked = true;
+        lcv.wait(l, [&] { return loss_done; });
       });
     };
   };
@@ -626,7 +636,16 @@ void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
       }
       reg.abort_with(lost_rank, fmt::format("rank {} was lost", lost_rank));
     };
-    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", first, o.block_size), {}, m.elastic());
+    auto lose_if_asked = [&] {
+      std::lock_guard<std::mutex> l(lm);
+      if (!loss_asked || loss_done) return;
+      lose_now();
+      loss_done = true;
+      lcv.notify_all();
+    };
+    group_hooks hooks;
+    hooks.after_step = [&](int64_t) { lose_if_asked(); };  // after a model step, or between two iterations
+    dp_leader lead(eng, m.comm(), make_dp_dispatch("round_robin", first, o.block_size), hooks, m.elastic());
     int next = 0;
     auto submit = [&](int count) {
       for (int k = 0; k < count; ++k, ++next)
@@ -640,7 +659,10 @@ void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
       all = std::find(members.begin(), members.end(), nullptr) == members.end();
     }
     lead.request_scale(target);
-    for (int i = 0; i < 2000 && lead.scale_status().recoveries == 0; ++i) lead.step();
+    for (int i = 0; i < 2000 && lead.scale_status().recoveries == 0; ++i) {
+      lead.step();
+      lose_if_asked();
+    }
     abandoned = lead.scale_status();
     submit(4);
     lead.request_scale(2);  // into a standby rank that survived
