@@ -206,10 +206,12 @@ TEST(DpScale, GrowAndShrinkWhileServingKeepsEveryAnswerEqualToGenerateGreedy) {
       ref, out, sent, [](int64_t k) { return 14 + k % 5; }, [](int64_t k) { return k % 5 == 3 ? 2 : 1; });
 }
 
-// A pool communicator whose first weight message (dp_member's tag) arrives with one byte flipped.
-class corrupting_comm final : public runtime::communicator {
+// Forwards every operation to another communicator (owned, or borrowed): the tests' wrappers override
+// the operations they watch.
+class forwarding_comm : public runtime::communicator {
  public:
-  explicit corrupting_comm(runtime::communicator& c) : c_(c) {}
+  explicit forwarding_comm(runtime::communicator& c) : c_(c) {}
+  explicit forwarding_comm(std::unique_ptr<runtime::communicator> c) : owned_(std::move(c)), c_(*owned_) {}
   int rank() const override { return c_.rank(); }
   int size() const override { return c_.size(); }
   std::string backend() const override { return c_.backend(); }
@@ -223,6 +225,20 @@ class corrupting_comm final : public runtime::communicator {
     c_.all_to_all_v(r, rc, s, sc);
   }
   void broadcast(runtime::tensor& t, int root) override { c_.broadcast(t, root); }
+  void send(const runtime::tensor& t, int peer, int tag) override { c_.send(t, peer, tag); }
+  void recv(runtime::tensor& t, int peer, int tag) override { c_.recv(t, peer, tag); }
+  void barrier() override { c_.barrier(); }
+  void abort(const std::string& reason) override { c_.abort(reason); }
+
+ protected:
+  std::unique_ptr<runtime::communicator> owned_;
+  runtime::communicator& c_;
+};
+
+// A pool communicator whose first weight message (dp_member's tag) arrives with one byte flipped.
+class corrupting_comm final : public forwarding_comm {
+ public:
+  using forwarding_comm::forwarding_comm;
   void send(const runtime::tensor& t, int peer, int tag) override {
     if (tag == 20112 && !done_ && t.dtype() == runtime::dtype::f32) {  // the first weight's bytes, not the headers
       done_ = true;
@@ -233,47 +249,27 @@ class corrupting_comm final : public runtime::communicator {
     }
     c_.send(t, peer, tag);
   }
-  void recv(runtime::tensor& t, int peer, int tag) override { c_.recv(t, peer, tag); }
-  void barrier() override { c_.barrier(); }
-  void abort(const std::string& reason) override { c_.abort(reason); }
 
  private:
-  runtime::communicator& c_;
   bool done_ = false;
 };
 
 // A communicator that runs `before` before each broadcast it joins (and `before_send` before each send).
-class hooked_comm final : public runtime::communicator {
+class hooked_comm final : public forwarding_comm {
  public:
   hooked_comm(std::unique_ptr<runtime::communicator> c, std::function<void(const runtime::tensor&)> before,
               std::function<void(const runtime::tensor&)> before_send = nullptr)
-      : c_(std::move(c)), before_(std::move(before)), before_send_(std::move(before_send)) {}
-  int rank() const override { return c_->rank(); }
-  int size() const override { return c_->size(); }
-  std::string backend() const override { return c_->backend(); }
-  void all_reduce(runtime::tensor& t, runtime::reduce_op op) override { c_->all_reduce(t, op); }
-  void reduce_scatter(runtime::tensor& o, const runtime::tensor& i, runtime::reduce_op op) override {
-    c_->reduce_scatter(o, i, op);
-  }
-  void all_gather(runtime::tensor& o, const runtime::tensor& i) override { c_->all_gather(o, i); }
-  void all_to_all_v(runtime::tensor& r, const std::vector<int64_t>& rc, const runtime::tensor& s,
-                    const std::vector<int64_t>& sc) override {
-    c_->all_to_all_v(r, rc, s, sc);
-  }
+      : forwarding_comm(std::move(c)), before_(std::move(before)), before_send_(std::move(before_send)) {}
   void broadcast(runtime::tensor& t, int root) override {
     before_(t);
-    c_->broadcast(t, root);
+    c_.broadcast(t, root);
   }
   void send(const runtime::tensor& t, int peer, int tag) override {
     if (before_send_) before_send_(t);
-    c_->send(t, peer, tag);
+    c_.send(t, peer, tag);
   }
-  void recv(runtime::tensor& t, int peer, int tag) override { c_->recv(t, peer, tag); }
-  void barrier() override { c_->barrier(); }
-  void abort(const std::string& reason) override { c_->abort(reason); }
 
  private:
-  std::unique_ptr<runtime::communicator> c_;
   std::function<void(const runtime::tensor&)> before_, before_send_;
 };
 
@@ -525,8 +521,9 @@ void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
         if (std::find(ranks.begin(), ranks.end(), rank) != ranks.end()) c->abort(why);
     }
   } reg;
-  struct tracked final : runtime::communicator {  // registered while it lives
-    tracked(std::unique_ptr<runtime::communicator> c, registry& r, std::vector<int> ranks) : c_(std::move(c)), r_(r) {
+  struct tracked final : forwarding_comm {  // registered while it lives
+    tracked(std::unique_ptr<runtime::communicator> c, registry& r, std::vector<int> ranks)
+        : forwarding_comm(std::move(c)), r_(r) {
       std::lock_guard<std::mutex> g(r_.mu);
       r_.live.emplace_back(this, std::move(ranks));
     }
@@ -534,24 +531,6 @@ void lose_a_rank_while_the_weights_move(int first, int target, int lost_rank) {
       std::lock_guard<std::mutex> g(r_.mu);
       std::erase_if(r_.live, [this](const auto& e) { return e.first == this; });
     }
-    int rank() const override { return c_->rank(); }
-    int size() const override { return c_->size(); }
-    std::string backend() const override { return c_->backend(); }
-    void all_reduce(runtime::tensor& t, runtime::reduce_op op) override { c_->all_reduce(t, op); }
-    void reduce_scatter(runtime::tensor& o, const runtime::tensor& i, runtime::reduce_op op) override {
-      c_->reduce_scatter(o, i, op);
-    }
-    void all_gather(runtime::tensor& o, const runtime::tensor& i) override { c_->all_gather(o, i); }
-    void all_to_all_v(runtime::tensor& r, const std::vector<int64_t>& rc, const runtime::tensor& sd,
-                      const std::vector<int64_t>& sc) override {
-      c_->all_to_all_v(r, rc, sd, sc);
-    }
-    void broadcast(runtime::tensor& t, int root) override { c_->broadcast(t, root); }
-    void send(const runtime::tensor& t, int peer, int tag) override { c_->send(t, peer, tag); }
-    void recv(runtime::tensor& t, int peer, int tag) override { c_->recv(t, peer, tag); }
-    void barrier() override { c_->barrier(); }
-    void abort(const std::string& reason) override { c_->abort(reason); }
-    std::unique_ptr<runtime::communicator> c_;
     registry& r_;
   };
   inproc_factory factory;
